@@ -1,0 +1,76 @@
+"""Token Merging (ToMe) for pretrained Vision Transformers, without retraining.
+
+    import timm, tokenmerge
+    model = timm.create_model("vit_small_patch16_224", pretrained=True).eval()
+    tokenmerge.apply(model, r=13)   # merge 13 tokens in every block
+    tokenmerge.remove(model)        # back to the original model, exactly
+"""
+from __future__ import annotations
+
+from typing import Optional, TypeVar
+
+import torch
+
+from . import schedule
+from .adapters import find_adapter
+from .schedule import Linear, Schedule
+from .state import MergeState
+
+__all__ = ["apply", "remove", "is_applied", "get_state", "token_counts", "Linear", "MergeState", "schedule"]
+__version__ = "0.1.0"
+
+ModelT = TypeVar("ModelT", bound=torch.nn.Module)
+
+
+def apply(model: ModelT, r: Schedule, *, prop_attn: bool = True, trace_source: bool = False) -> ModelT:
+    """Patch ``model`` in place to merge tokens, and return it.
+
+    ``r`` is the number of tokens each block merges: an int, one int per block, or a
+    :class:`tokenmerge.Linear` schedule. ``prop_attn`` turns on proportional attention
+    (keys weighted by the number of patches they stand for); ``trace_source`` records
+    which input patches each output token covers (see :func:`get_state`).
+    Applying to a patched model only updates its settings.
+    """
+    adapter = find_adapter(model)
+    if is_applied(model):
+        state = get_state(model)
+        candidate = MergeState(state.depth, r, prop_attn, trace_source)  # validates before changing anything
+        state.r, state.prop_attn, state.trace_source = candidate.r, candidate.prop_attn, candidate.trace_source
+        return model
+    adapter.check(model)
+    adapter.patch(model, MergeState(adapter.depth(model), r, prop_attn, trace_source))
+    return model
+
+
+def remove(model: ModelT) -> ModelT:
+    """Undo :func:`apply`: same classes, same forward, same state dict as before."""
+    if not is_applied(model):
+        raise ValueError(f"{type(model).__name__} has no token merging applied; nothing to remove")
+    find_adapter(model).unpatch(model)
+    return model
+
+
+def is_applied(model: torch.nn.Module) -> bool:
+    """Whether :func:`apply` has patched ``model``."""
+    return isinstance(getattr(model, "_tokenmerge_state", None), MergeState)
+
+
+def get_state(model: torch.nn.Module) -> MergeState:
+    """The settings of a patched model (assign ``r`` to change it) and the sizes and
+    source maps of its last forward pass."""
+    if not is_applied(model):
+        raise ValueError(f"{type(model).__name__} has no token merging applied; call tokenmerge.apply first")
+    return model._tokenmerge_state
+
+
+def token_counts(
+    model: torch.nn.Module, r: Optional[Schedule] = None, img_size: Optional[tuple[int, int]] = None
+) -> list[int]:
+    """Tokens left after every block of ``model`` (protected tokens included) for
+    schedule ``r`` (default: the model's current one) at ``img_size`` (default: the
+    model's own)."""
+    adapter = find_adapter(model)
+    if r is None:
+        r = get_state(model).r
+    num_tokens, num_protected = adapter.token_layout(model, img_size)
+    return schedule.token_counts(num_tokens, schedule.resolve(r, adapter.depth(model)), num_protected)

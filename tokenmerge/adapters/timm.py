@@ -1,0 +1,152 @@
+"""timm: ``VisionTransformer`` and ``VisionTransformerDistilled`` built from ``Block``
+and ``Attention``, with every feature those classes offer (LayerScale, q/k-norm,
+scale norms, drop path, gated attention, class/distillation/register tokens,
+``token``/``avg``/``avgmax``/``max``/``map`` pooling, dynamic image size,
+gradient checkpointing)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from timm.layers import Attention, AttentionPoolLatent
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import Tensor
+
+from ..attention import log_size_bias, proportional_attention
+from ..state import MergeState, restore_class, swap_class
+
+SUPPORTED = (
+    "timm VisionTransformer and VisionTransformerDistilled with timm.models.vision_transformer.Block "
+    "and timm.layers.Attention blocks, pooling token, avg, avgmax, max or map"
+)
+SUPPORTED_MODELS = (VisionTransformer, VisionTransformerDistilled)
+SUPPORTED_POOLS = ("token", "avg", "avgmax", "max", "")
+
+
+def check(model: torch.nn.Module) -> None:
+    if type(model) not in SUPPORTED_MODELS:
+        raise TypeError(f"tokenmerge does not support timm's {type(model).__name__}. Supported: {SUPPORTED}")
+    for index, block in enumerate(model.blocks):
+        if type(block) is not Block:
+            raise TypeError(
+                f"tokenmerge does not support block class {type(block).__name__} (blocks.{index}). "
+                f"Supported: {SUPPORTED}"
+            )
+        if type(block.attn) is not Attention:
+            raise TypeError(
+                f"tokenmerge does not support attention class {type(block.attn).__name__} "
+                f"(blocks.{index}.attn). Supported: {SUPPORTED}"
+            )
+    if model.attn_pool is not None:
+        if type(model.attn_pool) is not AttentionPoolLatent:
+            raise TypeError(
+                f"tokenmerge does not support pooling module {type(model.attn_pool).__name__}. Supported: {SUPPORTED}"
+            )
+        if model.attn_pool.pos_embed is not None:
+            raise TypeError(
+                "tokenmerge does not support AttentionPoolLatent with its own position embedding "
+                "(pos_embed='abs'): it needs an unmerged token grid"
+            )
+    elif model.global_pool not in SUPPORTED_POOLS:
+        raise TypeError(f"tokenmerge does not support global_pool={model.global_pool!r}. Supported: {SUPPORTED}")
+
+
+def depth(model: torch.nn.Module) -> int:
+    return len(model.blocks)
+
+
+def token_layout(model: torch.nn.Module, img_size: Optional[tuple[int, int]] = None) -> tuple[int, int]:
+    embed = model.patch_embed
+    if img_size is None:
+        num_patches = embed.num_patches
+    else:
+        height, width = embed.dynamic_feat_size(img_size)
+        num_patches = height * width
+    return num_patches + model.num_prefix_tokens, model.num_prefix_tokens
+
+
+def patch(model: torch.nn.Module, state: MergeState) -> None:
+    for index, block in enumerate(model.blocks):
+        block._tokenmerge_state, block._tokenmerge_index = state, index
+        swap_class(block, MergingBlock)
+    model._tokenmerge_state = state
+    swap_class(model, MergingVisionTransformer)
+
+
+def unpatch(model: torch.nn.Module) -> None:
+    for block in model.blocks:
+        restore_class(block)
+        del block._tokenmerge_state, block._tokenmerge_index
+    restore_class(model)
+    del model._tokenmerge_state
+
+
+def attention_with_keys(attn: Attention, x: Tensor, size: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """timm ``Attention.forward`` with proportional attention; also returns the keys
+    averaged over heads (B, N, head_dim), the similarity metric for merging."""
+    B, N, _ = x.shape
+    gate = attn.gate(x).sigmoid() if attn.gate is not None else None
+    q, k, v = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    out = proportional_attention(
+        q, k, v, size, dropout_p=attn.attn_drop.p if attn.training else 0.0, scale=attn.scale
+    )
+    out = attn.norm(out.transpose(1, 2).reshape(B, N, attn.attn_dim))
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out)), k.mean(dim=1)
+
+
+class MergingBlock:
+    """timm ``Block`` that merges tokens between its attention and MLP branches."""
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError("tokenmerge does not support attn_mask or is_causal in timm blocks")
+        state: MergeState = self._tokenmerge_state
+        index = self._tokenmerge_index
+        out, keys = attention_with_keys(self.attn, self.norm1(x), state.attention_size(index))
+        x = x + self.drop_path1(self.ls1(out))
+        x = state.merge(index, x, keys)
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class MergingVisionTransformer:
+    """timm ``VisionTransformer`` whose pooling takes token sizes into account."""
+
+    def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        self._tokenmerge_state.begin(self.num_prefix_tokens)
+        return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
+
+    def forward_intermediates(self, *args, **kwargs):
+        state: MergeState = self._tokenmerge_state
+        if state.merges_anything():
+            raise NotImplementedError(
+                "forward_intermediates returns token grids, which merged tokens no longer form; "
+                "use forward_features, or set r=0"
+            )
+        state.begin(self.num_prefix_tokens)
+        return super().forward_intermediates(*args, **kwargs)
+
+    def pool(self, x: Tensor, pool_type: Optional[str] = None) -> Tensor:
+        state: MergeState = self._tokenmerge_state
+        size = state.size
+        pool_type = self.global_pool if pool_type is None else pool_type
+        if size is None or (self.attn_pool is None and pool_type in ("", "token", "max")):
+            return super().pool(x, pool_type)
+        if not self.pool_include_prefix:
+            x, size = x[:, self.num_prefix_tokens:], size[:, self.num_prefix_tokens:]
+        if self.attn_pool is not None:
+            return self.attn_pool(x, attn_mask=log_size_bias(size, x.dtype) if state.prop_attn else None)
+        mean = _weighted_mean(x, size)
+        if pool_type == "avg":
+            return mean
+        if pool_type == "avgmax":
+            return 0.5 * (x.amax(dim=1) + mean)
+        raise NotImplementedError(f"tokenmerge does not support global_pool={pool_type!r}")
+
+
+def _weighted_mean(x: Tensor, size: Tensor) -> Tensor:
+    """Mean over tokens in which each token counts as many times as the patches it holds."""
+    return ((x.float() * size).sum(dim=1) / size.sum(dim=1)).to(x.dtype)

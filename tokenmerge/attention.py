@@ -1,0 +1,32 @@
+"""Proportional attention: softmax(QK^T / sqrt(d) + log s).
+
+A key that stands for s merged patches gets the attention weight of s identical
+keys. The bias goes to ``F.scaled_dot_product_attention`` as a float mask, so the
+fused kernels stay in use; before the first merge no mask is passed at all.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def log_size_bias(size: Tensor, dtype) -> Tensor:
+    """The additive attention bias for token sizes (B, N, 1): (B, 1, 1, N), in ``dtype``."""
+    return size.log().to(dtype).transpose(1, 2).unsqueeze(1)
+
+
+def proportional_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    size: Tensor | None = None,
+    *,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+) -> Tensor:
+    """Multi-head attention over (B, H, N, D) tensors in which key j counts ``size[j]`` times.
+
+    With ``size=None`` this is exactly ``F.scaled_dot_product_attention``.
+    """
+    mask = None if size is None else log_size_bias(size, q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)

@@ -1,0 +1,136 @@
+"""r schedules (how many tokens each block merges) and the token counts they give.
+
+A schedule is one of:
+
+* an ``int``: the same r in every block (the paper's constant schedule);
+* a sequence of ints: one r per block, exactly as many as the model has blocks;
+* a :class:`Linear` schedule: r changes linearly over depth around a mean, like the
+  paper's decreasing ("inflection") schedule.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Union
+
+from .merge import max_merges
+
+
+@dataclass(frozen=True)
+class Linear:
+    """r varying linearly over the blocks with mean ``r``.
+
+    ``slope`` in [-1, 1] sets the tilt: 0 is constant, 1 goes linearly from 2r in the
+    first block down to 0 in the last (merging early, the fastest for a given mean),
+    -1 from 0 up to 2r. Per-block values are rounded to whole tokens.
+    """
+
+    r: float
+    slope: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, (int, float)) or self.r < 0:
+            raise ValueError(f"Linear schedule needs a mean r >= 0, got {self.r!r}")
+        if isinstance(self.slope, bool) or not isinstance(self.slope, (int, float)) or not -1 <= self.slope <= 1:
+            raise ValueError(f"Linear schedule needs a slope in [-1, 1], got {self.slope!r}")
+
+    def per_block(self, depth: int) -> list[int]:
+        if depth == 1:
+            return [round(self.r)]
+        return [
+            round(self.r * (1 + self.slope * (1 - 2 * i / (depth - 1))))
+            for i in range(depth)
+        ]
+
+
+Schedule = Union[int, Sequence[int], Linear]
+
+
+def describe(schedule: Schedule) -> str:
+    """A short text for a schedule, the inverse of :func:`parse`."""
+    if isinstance(schedule, Linear):
+        return f"linear:{schedule.r:g}:{schedule.slope:g}"
+    if isinstance(schedule, int):
+        return str(schedule)
+    return ",".join(str(r) for r in schedule)
+
+
+def parse(text: str) -> Schedule:
+    """Read a schedule from text: ``"13"``, ``"8,8,4,..."`` (one per block),
+    ``"linear:13"`` or ``"linear:13:0.5"`` (mean r, slope), ``"decreasing:13"``
+    (slope 1) or ``"increasing:13"`` (slope -1)."""
+    text = text.strip()
+    name, _, rest = text.partition(":")
+    try:
+        if name in ("linear", "decreasing", "increasing"):
+            fields = rest.split(":") if rest else []
+            if name == "linear" and len(fields) in (1, 2):
+                return Linear(float(fields[0]), float(fields[1]) if len(fields) == 2 else 1.0)
+            if name != "linear" and len(fields) == 1:
+                return Linear(float(fields[0]), 1.0 if name == "decreasing" else -1.0)
+        elif "," in text:
+            return [int(field) for field in text.split(",")]
+        else:
+            return int(text)
+    except ValueError as error:
+        raise ValueError(f"cannot read r schedule {text!r}: {error}") from None
+    raise ValueError(
+        f"cannot read r schedule {text!r}; use an int ('13'), one int per block ('8,8,4'), "
+        "'linear:R[:SLOPE]', 'decreasing:R' or 'increasing:R'"
+    )
+
+
+def resolve(schedule: Schedule, depth: int) -> list[int]:
+    """Validate a schedule and return one r per block for a model of ``depth`` blocks."""
+    if isinstance(schedule, Linear):
+        return schedule.per_block(depth)
+    if isinstance(schedule, bool) or isinstance(schedule, (str, bytes)):
+        raise TypeError(_type_message(schedule))
+    if isinstance(schedule, int):
+        _check_non_negative(schedule)
+        return [schedule] * depth
+    if isinstance(schedule, Sequence):
+        values = list(schedule)
+        for value in values:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"every r in a per-block schedule must be an int, got {value!r}")
+            _check_non_negative(value)
+        if len(values) != depth:
+            raise ValueError(
+                f"a per-block r schedule needs exactly one r per block: the model has {depth} "
+                f"blocks but the schedule has {len(values)} entries"
+            )
+        return values
+    raise TypeError(_type_message(schedule))
+
+
+def _check_non_negative(r: int) -> None:
+    if r < 0:
+        raise ValueError(f"r is the number of tokens merged per block and must be >= 0, got {r}")
+
+
+def _type_message(schedule: object) -> str:
+    return (
+        f"r must be an int, a list of ints (one per block) or a tokenmerge.schedule.Linear, "
+        f"got {type(schedule).__name__} {schedule!r}"
+        + ("; use tokenmerge.schedule.parse() for text" if isinstance(schedule, str) else "")
+    )
+
+
+def capped(r_per_block: Sequence[int], num_tokens: int, num_protected: int) -> list[int]:
+    """The r each block actually merges: never more than half of its mergeable tokens."""
+    effective = []
+    for r in r_per_block:
+        r = min(r, max_merges(num_tokens, num_protected))
+        effective.append(r)
+        num_tokens -= r
+    return effective
+
+
+def token_counts(num_tokens: int, r_per_block: Sequence[int], num_protected: int = 0) -> list[int]:
+    """Tokens left after every block (protected tokens included), caps applied."""
+    counts = []
+    for r in capped(r_per_block, num_tokens, num_protected):
+        num_tokens -= r
+        counts.append(num_tokens)
+    return counts
