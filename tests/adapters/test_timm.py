@@ -1,0 +1,309 @@
+"""timm integration: exactness, invariants, gradients, restore, errors (random weights)."""
+import copy
+import warnings
+
+import pytest
+import timm
+import torch
+from timm.models.vision_transformer import ResPostBlock, VisionTransformer
+
+import tokenmerge
+from tokenmerge.adapters import find_adapter
+from tokenmerge.merge import unmerge
+
+# (id, model name, create_model kwargs, input size)
+VARIANTS = [
+    ("vit_tiny", "vit_tiny_patch16_224", {}, (224, 224)),
+    ("vit_small", "vit_small_patch16_224", {}, (224, 224)),
+    ("vit_base", "vit_base_patch16_224", {}, (224, 224)),
+    ("layerscale_deit3", "deit3_small_patch16_224", {}, (224, 224)),
+    ("dinov2", "vit_small_patch14_dinov2", {"img_size": 224}, (224, 224)),
+    ("dinov2_registers", "vit_small_patch14_reg4_dinov2", {"img_size": 224}, (224, 224)),
+    ("registers_gap", "vit_medium_patch16_reg4_gap_256", {}, (256, 256)),
+    ("deit_distilled", "deit_tiny_distilled_patch16_224", {}, (224, 224)),
+    ("qk_norm", "vit_tiny_patch16_224", {"qk_norm": True}, (224, 224)),
+    ("scale_norms", "vit_tiny_patch16_224", {"scale_attn_norm": True, "scale_mlp_norm": True}, (224, 224)),
+    ("avg_pool", "vit_tiny_patch16_224", {"global_pool": "avg", "class_token": False}, (224, 224)),
+    ("avgmax_pool", "vit_tiny_patch16_224", {"global_pool": "avgmax"}, (224, 224)),
+    ("map_pool", "vit_tiny_patch16_224", {"global_pool": "map", "class_token": False}, (224, 224)),
+    ("img_size_160", "vit_tiny_patch16_224", {"img_size": 160}, (160, 160)),
+    ("dynamic_img_size", "vit_tiny_patch16_224", {"dynamic_img_size": True}, (192, 256)),
+]
+IDS = [v[0] for v in VARIANTS]
+
+
+def make_model(name, kwargs):
+    """A randomly initialised model in eval mode, with LayerScale and norm weights far
+    from their neutral init so that dropping any of them changes the outputs."""
+    model = timm.create_model(name, **kwargs).eval()
+    with torch.no_grad():
+        for module_name, param in model.named_parameters():
+            if "gamma" in module_name or "norm" in module_name and module_name.endswith("weight"):
+                param.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture(scope="module", params=VARIANTS, ids=IDS)
+def variant(request):
+    _, name, kwargs, size = request.param
+    torch.manual_seed(0)
+    return make_model(name, kwargs), size
+
+
+def test_r0_matches_unpatched_model(variant):
+    model, size = variant
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        expected = model(x)
+        tokenmerge.apply(model, r=0)
+        try:
+            actual = model(x)
+        finally:
+            tokenmerge.remove(model)
+        restored = model(x)
+    assert (actual - expected).abs().max() <= 1e-5
+    assert torch.equal(restored, expected)
+
+
+def paired_input(model, size, batch=2):
+    """Images whose patch columns come in identical pairs (2j, 2j+1), for a model whose
+    position embedding is made to repeat the same way: every patch token then has an
+    exact twin, the one it is matched with in the alternate A/B split."""
+    patch = model.patch_embed.patch_size[0]
+    grid_h, grid_w = size[0] // patch, size[1] // patch
+    x = torch.randn(batch, 3, *size)
+    for j in range(0, grid_w, 2):
+        x[..., (j + 1) * patch:(j + 2) * patch] = x[..., j * patch:(j + 1) * patch]
+    if model.pos_embed is not None:
+        offset = 0 if model.no_embed_class else model.num_prefix_tokens
+        with torch.no_grad():
+            grid = model.pos_embed[:, offset:].view(1, -1, model.embed_dim)
+            pos = model.patch_embed.grid_size
+            grid = grid.view(1, pos[0], pos[1], -1)
+            grid[:, :, 1::2] = grid[:, :, 0::2]
+    return x
+
+
+@pytest.mark.parametrize("fraction", [2, 4])
+def test_merging_exact_twins_changes_nothing(variant, fraction):
+    """Merged with proportional attention, two identical tokens behave like one of
+    size 2: a model whose first block merges only exact twins must reproduce the
+    unmerged outputs. This fails for any patch that skips part of a block (LayerScale,
+    q/k-norm, scale norms) or mishandles sizes in attention or pooling."""
+    model, size = variant
+    model = copy.deepcopy(model)
+    x = paired_input(model, size)
+    num_tokens, num_protected = find_adapter(model).token_layout(model, size)
+    num_patches = num_tokens - num_protected
+    r = [num_patches // fraction] + [0] * (len(model.blocks) - 1)
+    with torch.no_grad():
+        expected = model(x)
+        tokenmerge.apply(model, r=r, trace_source=True)
+        actual = model(x)
+        state = tokenmerge.get_state(model)
+    assert state.size.shape[1] == num_tokens - r[0]
+    torch.testing.assert_close(actual, expected, atol=2e-4, rtol=1e-4)
+    # and every merge joined two twins: sources in the same column pair and row
+    source = state.source[:, num_protected:] - num_protected
+    patch_index = torch.arange(num_patches)
+    for b in range(x.shape[0]):
+        for token in source[b].unique():
+            members = patch_index[source[b] == token]
+            assert len(members) <= 2 and (members // 2).unique().numel() == 1
+
+
+def test_token_counts_are_fixed_per_block_for_any_content(variant):
+    model, size = variant
+    model = copy.deepcopy(model)
+    tokenmerge.apply(model, r=5)
+    counts = []
+    hooks = [block.register_forward_hook(lambda m, i, o: counts.append(o.shape[1])) for block in model.blocks]
+    with torch.no_grad():
+        for x in [torch.zeros(2, 3, *size), torch.randn(3, 3, *size), torch.rand(1, 3, *size) * 10]:
+            counts.clear()
+            model(x)
+            assert counts == tokenmerge.token_counts(model, img_size=size)
+    for hook in hooks:
+        hook.remove()
+    assert counts[-1] == counts[0] - 5 * (len(counts) - 1)
+
+
+def test_sizes_sum_to_token_count_and_protected_tokens_are_never_merged(variant):
+    model, size = variant
+    model = copy.deepcopy(model)
+    tokenmerge.apply(model, r=9, trace_source=True)
+    with torch.no_grad():
+        model(torch.randn(3, 3, *size))
+    state = tokenmerge.get_state(model)
+    num_tokens, p = state.num_input_tokens, state.num_protected
+    assert p == model.num_prefix_tokens
+    assert torch.equal(state.size.sum(1).flatten(), torch.full((3,), float(num_tokens)))
+    assert torch.equal(state.size[:, :p], torch.ones(3, p, 1))
+    assert torch.equal(state.source[:, :p], torch.arange(p).expand(3, -1))
+    assert (state.source[:, p:] >= p).all()
+    for b in range(3):
+        counts = torch.bincount(state.source[b], minlength=state.size.shape[1]).float()
+        assert torch.equal(counts, state.size[b, :, 0])
+
+
+def test_pooling_sees_sizes(variant):
+    """Pooling merged tokens equals pooling them spread back over their patches: the
+    size-weighted mean for avg, the log-size bias for attention pooling."""
+    model, size = variant
+    model = copy.deepcopy(model)
+    tokenmerge.apply(model, r=8, trace_source=True)
+    with torch.no_grad():
+        features = model.forward_features(torch.randn(2, 3, *size))
+        pooled = model.forward_head(features, pre_logits=True)
+        spread = unmerge(features, tokenmerge.get_state(model).source)
+        original_head = type(model)._tokenmerge_original.forward_head
+        tokenmerge.get_state(model).begin(model.num_prefix_tokens)  # no sizes: the unpatched head
+        expected = original_head(model, spread, pre_logits=True)
+    torch.testing.assert_close(pooled, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_an_image_gives_the_same_output_alone_and_in_a_batch(variant):
+    model, size = variant
+    model = copy.deepcopy(model)
+    tokenmerge.apply(model, r=8)
+    x = torch.randn(4, 3, *size)
+    with torch.no_grad():
+        batched = model(x)
+        alone = torch.cat([model(x[i:i + 1]) for i in range(4)])
+    torch.testing.assert_close(batched, alone, atol=1e-4, rtol=1e-4)
+
+
+def test_remove_restores_classes_state_and_attributes():
+    model = make_model("deit3_small_patch16_224", {})
+    classes = {name: type(m) for name, m in model.named_modules()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    attributes = {name: set(vars(m)) for name, m in model.named_modules()}
+    tokenmerge.apply(model, r=8)
+    assert type(model) is not VisionTransformer and isinstance(model, VisionTransformer)
+    assert model.state_dict().keys() == state.keys()
+    tokenmerge.remove(model)
+    assert {name: type(m) for name, m in model.named_modules()} == classes
+    assert {name: set(vars(m)) for name, m in model.named_modules()} == attributes
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert not tokenmerge.is_applied(model)
+    with pytest.raises(ValueError, match="no token merging applied"):
+        tokenmerge.remove(model)
+
+
+def test_applying_twice_updates_settings_and_r_changes_take_effect():
+    model = make_model("vit_tiny_patch16_224", {})
+    x = torch.randn(1, 3, 224, 224)
+    tokenmerge.apply(model, r=4)
+    block_class = type(model.blocks[0])
+    tokenmerge.apply(model, r=8, prop_attn=False)
+    assert type(model.blocks[0]) is block_class
+    assert sum(cls.__name__.startswith("TokenMerge") for cls in type(model).__mro__) == 1
+    state = tokenmerge.get_state(model)
+    assert (state.r, state.prop_attn) == (8, False)
+    with torch.no_grad():
+        assert model.forward_features(x).shape[1] == 197 - 8 * 12
+        state.r = 2
+        assert model.forward_features(x).shape[1] == 197 - 2 * 12
+        state.r = [16] + [0] * 11
+        assert model.forward_features(x).shape[1] == 197 - 16
+    with pytest.raises(ValueError):
+        state.r = -1
+    assert state.r == [16] + [0] * 11
+    with pytest.raises(ValueError):
+        tokenmerge.apply(model, r=[1] * 13)
+    assert state.r == [16] + [0] * 11
+
+
+def test_forward_features_and_head_compose_to_forward():
+    model = make_model("vit_tiny_patch16_224", {"global_pool": "avg"})
+    tokenmerge.apply(model, r=8)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(model.forward_head(model.forward_features(x)), model(x))
+
+
+def test_forward_intermediates_refuses_merged_grids_but_works_at_r0():
+    model = make_model("vit_tiny_patch16_224", {})
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        expected = model.forward_intermediates(x, indices=2)
+        tokenmerge.apply(model, r=0)
+        actual = model.forward_intermediates(x, indices=2)
+        tokenmerge.apply(model, r=4)
+        with pytest.raises(NotImplementedError, match="forward_intermediates"):
+            model.forward_intermediates(x, indices=2)
+    torch.testing.assert_close(actual[1], expected[1], atol=1e-5, rtol=0)
+
+
+def test_gradients_flow_through_merged_blocks_in_training():
+    torch.manual_seed(0)
+    reference = make_model("deit3_small_patch16_224", {"drop_path_rate": 0.1}).train()
+    merged = copy.deepcopy(reference)
+    tokenmerge.apply(merged, r=12)
+    x = torch.randn(2, 3, 224, 224)
+    for model in (reference, merged):
+        model(x).logsumexp(-1).sum().backward()
+    for (name, p_ref), (_, p) in zip(reference.named_parameters(), merged.named_parameters()):
+        assert (p.grad is None) == (p_ref.grad is None), name
+    assert merged.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = make_model("vit_tiny_patch16_224", {})
+    tokenmerge.apply(model, r=10)
+    checkpointed = copy.deepcopy(model)
+    checkpointed.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 224, 224)
+    losses = []
+    for m in (model, checkpointed):
+        loss = m(x).square().mean()
+        loss.backward()
+        losses.append(loss.detach())
+    assert torch.equal(losses[0], losses[1])
+    for (name, p), (_, q) in zip(model.named_parameters(), checkpointed.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_too_large_r_is_capped_with_one_warning():
+    model = make_model("vit_tiny_patch16_224", {})
+    tokenmerge.apply(model, r=60)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(torch.randn(1, 3, 224, 224))
+        model(torch.randn(1, 3, 224, 224))
+    messages = [str(w.message) for w in caught if "more than block" in str(w.message)]
+    assert len(messages) == 1 and "merging" in messages[0]
+    assert tokenmerge.get_state(model).size.shape[1] == tokenmerge.token_counts(model)[-1] == 2
+
+
+@pytest.mark.parametrize(
+    "r, error, message",
+    [(-3, ValueError, ">= 0"), (1.5, TypeError, "must be an int"), ("big", TypeError, "must be an int"),
+     ([2] * 13, ValueError, "12 blocks"), ({"r": 8}, TypeError, "must be an int")],
+)
+def test_bad_r_is_a_clear_error_and_leaves_the_model_alone(r, error, message):
+    model = make_model("vit_tiny_patch16_224", {})
+    with pytest.raises(error, match=message):
+        tokenmerge.apply(model, r=r)
+    assert not tokenmerge.is_applied(model) and type(model) is VisionTransformer
+
+
+@pytest.mark.parametrize(
+    "build, name",
+    [
+        (lambda: timm.create_model("resnet10t"), "ResNet"),
+        (lambda: timm.create_model("eva02_tiny_patch14_224"), "Eva"),
+        (lambda: VisionTransformer(depth=2, embed_dim=64, num_heads=2, block_fn=ResPostBlock), "ResPostBlock"),
+        (lambda: timm.create_model("vit_tiny_patch16_224", global_pool="prr"), "AttentionPoolPrr"),
+        (lambda: torch.nn.Linear(3, 3), "Linear"),
+    ],
+)
+def test_unsupported_models_are_refused_by_name(build, name):
+    with pytest.raises(TypeError, match=name) as info:
+        tokenmerge.apply(build(), r=4)
+    assert "Supported" in str(info.value)
+
+
+def test_not_a_module_is_refused():
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        tokenmerge.apply("vit_tiny_patch16_224", r=4)

@@ -1,0 +1,66 @@
+import pytest
+
+from tokenmerge import schedule
+from tokenmerge.schedule import Linear
+
+
+def test_constant_and_per_block():
+    assert schedule.resolve(8, 4) == [8, 8, 8, 8]
+    assert schedule.resolve([1, 2, 3], 3) == [1, 2, 3]
+    assert schedule.resolve((0, 0), 2) == [0, 0]
+
+
+def test_linear_schedules_keep_the_mean_and_direction():
+    decreasing = schedule.resolve(Linear(8, 1.0), 12)
+    assert decreasing[0] == 16 and decreasing[-1] == 0
+    assert decreasing == sorted(decreasing, reverse=True)
+    increasing = schedule.resolve(Linear(8, -1.0), 12)
+    assert increasing == decreasing[::-1]
+    assert abs(sum(decreasing) / 12 - 8) <= 0.5
+    assert schedule.resolve(Linear(8, 0.0), 5) == [8] * 5
+
+
+def test_parse_round_trips():
+    for text in ["13", "1,2,3", "linear:13:0.5", "linear:8:-1"]:
+        assert schedule.describe(schedule.parse(text)) == text
+    assert schedule.parse("decreasing:8") == Linear(8, 1.0)
+    assert schedule.parse("increasing:8") == Linear(8, -1.0)
+
+
+@pytest.mark.parametrize("text", ["", "abc", "linear:", "linear:1:2:3", "decreasing:x", "1,,2"])
+def test_parse_rejects_nonsense(text):
+    with pytest.raises(ValueError, match="r schedule"):
+        schedule.parse(text)
+
+
+@pytest.mark.parametrize(
+    "bad, error, message",
+    [
+        (-1, ValueError, ">= 0"),
+        ([1, -2], ValueError, ">= 0"),
+        (2.5, TypeError, "must be an int"),
+        ("8", TypeError, "schedule.parse"),
+        (True, TypeError, "must be an int"),
+        ([1, 2.0], TypeError, "must be an int"),
+        ([1] * 13, ValueError, "12 blocks but the schedule has 13"),
+        ([1] * 11, ValueError, "12 blocks but the schedule has 11"),
+        (None, TypeError, "must be an int"),
+    ],
+)
+def test_bad_schedules_say_what_to_do(bad, error, message):
+    with pytest.raises(error, match=message):
+        schedule.resolve(bad, 12)
+
+
+def test_bad_linear_parameters():
+    with pytest.raises(ValueError, match="slope"):
+        Linear(8, 2.0)
+    with pytest.raises(ValueError, match="mean r"):
+        Linear(-1)
+
+
+def test_token_counts_apply_caps():
+    assert schedule.token_counts(197, [8] * 3, 1) == [189, 181, 173]
+    # 11 tokens, 1 protected: at most 5, then 2 (5 mergeable), then 1, then 1.
+    assert schedule.token_counts(11, [9, 9, 9, 9], 1) == [6, 4, 3, 2]
+    assert schedule.capped([9, 9, 9, 9], 11, 1) == [5, 2, 1, 1]
