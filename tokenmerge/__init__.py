@@ -14,9 +14,11 @@ import torch
 from . import schedule
 from .adapters import find_adapter
 from .schedule import Linear, Schedule
-from .state import MergeState
+from .state import CappedRWarning, MergeState
 
-__all__ = ["apply", "remove", "is_applied", "get_state", "token_counts", "Linear", "MergeState", "schedule"]
+__all__ = [
+    "apply", "remove", "is_applied", "get_state", "token_counts", "Linear", "MergeState", "CappedRWarning", "schedule",
+]
 __version__ = "0.1.0"
 
 ModelT = TypeVar("ModelT", bound=torch.nn.Module)

@@ -3,7 +3,8 @@
 A schedule is one of:
 
 * an ``int``: the same r in every block (the paper's constant schedule);
-* a sequence of ints: one r per block, exactly as many as the model has blocks;
+* a sequence of ints: one r per block, exactly as many as the model has blocks
+  (``"16/16/8/..."`` as text);
 * a :class:`Linear` schedule: r changes linearly over depth around a mean, like the
   paper's decreasing ("inflection") schedule.
 """
@@ -52,11 +53,11 @@ def describe(schedule: Schedule) -> str:
         return f"linear:{schedule.r:g}:{schedule.slope:g}"
     if isinstance(schedule, int):
         return str(schedule)
-    return ",".join(str(r) for r in schedule)
+    return "/".join(str(r) for r in schedule)
 
 
 def parse(text: str) -> Schedule:
-    """Read a schedule from text: ``"13"``, ``"8,8,4,..."`` (one per block),
+    """Read a schedule from text: ``"13"``, ``"8/8/4/..."`` (one per block),
     ``"linear:13"`` or ``"linear:13:0.5"`` (mean r, slope), ``"decreasing:13"``
     (slope 1) or ``"increasing:13"`` (slope -1)."""
     text = text.strip()
@@ -68,14 +69,14 @@ def parse(text: str) -> Schedule:
                 return Linear(float(fields[0]), float(fields[1]) if len(fields) == 2 else 1.0)
             if name != "linear" and len(fields) == 1:
                 return Linear(float(fields[0]), 1.0 if name == "decreasing" else -1.0)
-        elif "," in text:
-            return [int(field) for field in text.split(",")]
+        elif "/" in text:
+            return [int(field) for field in text.split("/")]
         else:
             return int(text)
     except ValueError as error:
         raise ValueError(f"cannot read r schedule {text!r}: {error}") from None
     raise ValueError(
-        f"cannot read r schedule {text!r}; use an int ('13'), one int per block ('8,8,4'), "
+        f"cannot read r schedule {text!r}; use an int ('13'), one int per block ('8/8/4'), "
         "'linear:R[:SLOPE]', 'decreasing:R' or 'increasing:R'"
     )
 

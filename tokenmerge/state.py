@@ -19,6 +19,10 @@ from . import schedule as schedules
 from .merge import bipartite_soft_matching, initial_source, max_merges, merge_source, merge_weighted
 
 
+class CappedRWarning(UserWarning):
+    """r asked a block to merge more than half of its mergeable tokens; it merged fewer."""
+
+
 class MergeState:
     """Token merging settings of one patched model, and what its last forward pass merged.
 
@@ -88,7 +92,8 @@ class MergeState:
                     f"r={r} is more than block {block} can merge from {num_tokens} tokens "
                     f"({self.num_protected} protected); merging {limit} there instead. "
                     "Lower r to silence this warning.",
-                    stacklevel=4,
+                    CappedRWarning,
+                    stacklevel=2,
                 )
                 self._warned_cap = True
             r = limit

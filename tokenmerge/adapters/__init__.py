@@ -8,6 +8,7 @@ Every adapter module provides:
   one it understands;
 * ``depth(model)``: the number of blocks that merge;
 * ``patch(model, state)`` / ``unpatch(model)``: patch in place and restore exactly;
+* ``input_size(model)``: the (height, width) the model is configured for;
 * ``token_layout(model, img_size)``: (tokens entering the first block, protected tokens).
 """
 from __future__ import annotations

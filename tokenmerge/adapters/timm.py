@@ -56,6 +56,10 @@ def depth(model: torch.nn.Module) -> int:
     return len(model.blocks)
 
 
+def input_size(model: torch.nn.Module) -> tuple[int, int]:
+    return tuple(model.patch_embed.img_size)
+
+
 def token_layout(model: torch.nn.Module, img_size: Optional[tuple[int, int]] = None) -> tuple[int, int]:
     embed = model.patch_embed
     if img_size is None:

@@ -1,0 +1,48 @@
+"""The real ViT-Ti AugReg checkpoint on 500 real ImageNet photographs."""
+import pytest
+import torch
+
+import tokenmerge
+from tests.conftest import CHECKPOINT, IMAGENET_SAMPLE, require_shared
+
+MODEL = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+
+
+@pytest.fixture(scope="module")
+def pretrained():
+    require_shared()
+    import timm
+    from torch.utils.data import DataLoader
+
+    from tokenmerge.data import ImageFiles, synset_samples
+
+    model = timm.create_model(MODEL, pretrained=True, pretrained_cfg_overlay=dict(file=str(CHECKPOINT))).eval()
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    loader = DataLoader(ImageFiles(synset_samples(IMAGENET_SAMPLE), transform), batch_size=100, num_workers=2)
+    images, labels = zip(*loader)
+    return model, torch.cat(images), torch.cat(labels)
+
+
+def predict(model, images):
+    with torch.no_grad():
+        return torch.cat([model(batch).argmax(-1) for batch in images.split(100)])
+
+
+def test_accuracy_on_the_shared_sample(pretrained):
+    model, images, labels = pretrained
+    assert len(labels) == 500
+    plain = predict(model, images)
+    rows = [("timm", plain)]
+    for r in (0, 8, 13):
+        tokenmerge.apply(model, r=r)
+        rows.append((f"r={r}", predict(model, images)))
+    tokenmerge.remove(model)
+    top1 = {name: (pred == labels).float().mean().item() * 100 for name, pred in rows}
+    print("\nViT-Ti AugReg on the 500-image ImageNet sample")
+    print(f"{'setting':>8} | {'tokens left':>11} | {'top-1 %':>7}")
+    for name, _ in rows:
+        r = 0 if name == "timm" else int(name[2:])
+        print(f"{name:>8} | {tokenmerge.token_counts(model, r=r)[-1]:>11} | {top1[name]:7.1f}")
+    assert torch.equal(rows[1][1], plain), "r=0 must predict exactly what plain timm predicts"
+    assert top1["timm"] == pytest.approx(82.6, abs=0.05)
+    assert top1["timm"] - top1["r=8"] <= 1.5

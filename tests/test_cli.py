@@ -1,0 +1,58 @@
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import CHECKPOINT, require_shared
+from tokenmerge.cli import main
+
+FAST = ["--runs", "2", "--warmup", "0", "--batch-size", "1"]
+
+
+def test_bench_prints_a_row_per_setting(capsys):
+    assert main(["bench", "--model", "vit_tiny_patch16_224", "--r", "0,8,decreasing:4", *FAST]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert "vit_tiny_patch16_224, batch 1" in lines[0] and "threads" in lines[0]
+    rows = {line.split()[0]: line.split() for line in lines[3:]}
+    assert set(rows) == {"unpatched", "r=0", "r=8", "r=linear:4:1"}
+    assert rows["unpatched"][1] == rows["r=0"][1] == "197"
+    assert rows["r=8"][1] == "101"
+    assert rows["unpatched"][-1] == "1.00x"
+    assert float(rows["r=8"][2]) < float(rows["r=0"][2])
+
+
+def test_bench_runs_as_a_module():
+    result = subprocess.run(
+        [sys.executable, "-m", "tokenmerge", "bench", "--model", "vit_tiny_patch16_224", "--r", "4", *FAST],
+        capture_output=True, text=True, check=True,
+    )
+    assert "r=4" in result.stdout and "speed-up" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "vit_tiniest_patch16_224"], "timm has no model named 'vit_tiniest_patch16_224'"),
+        (["--model", "vit_tiny_patch16_224", "--r", "0,-1"], ">= 0"),
+        (["--model", "vit_tiny_patch16_224", "--r", "1/2/3"], "12 blocks"),
+        (["--model", "resnet18"], "does not support timm's ResNet"),
+        (["--model", "vit_tiny_patch16_224", "--checkpoint", "missing.safetensors"], "does not exist"),
+    ],
+)
+def test_bench_errors_say_what_is_wrong(args, message, capsys):
+    assert main(["bench", *args, *FAST]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unreadable_r_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--r", "eight"])
+    assert info.value.code == 2
+    assert "cannot read r schedule 'eight'" in capsys.readouterr().err
+
+
+def test_checkpoint_that_does_not_fit_the_model(capsys):
+    require_shared()
+    assert main(["bench", "--model", "vit_small_patch16_224", "--checkpoint", str(CHECKPOINT), *FAST]) == 2
+    assert "does not fit model vit_small_patch16_224" in capsys.readouterr().err
