@@ -100,13 +100,14 @@ class MergeState:
         return r
 
     def merge(self, block: int, x: Tensor, keys: Tensor) -> Tensor:
-        """Merge block ``block``'s tokens ``x`` (B, N, C) by the similarity of ``keys`` (B, N, D)."""
+        """Merge block ``block``'s tokens ``x`` (B, N, C) by the similarity of its attention
+        ``keys`` (B, heads, N, D), averaged over heads."""
         if block == 0:
             self.num_input_tokens = x.shape[1]
         size, source = self.sizes.get(block), self.sources.get(block)
         r = self.block_r(block, x.shape[1])
         if r > 0:
-            matching = bipartite_soft_matching(keys, r, self.num_protected)
+            matching = bipartite_soft_matching(keys.mean(dim=1), r, self.num_protected)
             if self.trace_source:
                 if source is None:
                     source = initial_source(x.shape[0], x.shape[1], x.device)

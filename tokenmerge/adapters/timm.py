@@ -88,7 +88,7 @@ def unpatch(model: torch.nn.Module) -> None:
 
 def attention_with_keys(attn: Attention, x: Tensor, size: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """timm ``Attention.forward`` with proportional attention; also returns the keys
-    averaged over heads (B, N, head_dim), the similarity metric for merging."""
+    (B, heads, N, head_dim), from which merging takes its similarity."""
     B, N, _ = x.shape
     gate = attn.gate(x).sigmoid() if attn.gate is not None else None
     q, k, v = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
@@ -99,7 +99,7 @@ def attention_with_keys(attn: Attention, x: Tensor, size: Optional[Tensor]) -> t
     out = attn.norm(out.transpose(1, 2).reshape(B, N, attn.attn_dim))
     if gate is not None:
         out = out * gate
-    return attn.proj_drop(attn.proj(out)), k.mean(dim=1)
+    return attn.proj_drop(attn.proj(out)), k
 
 
 class MergingBlock:
