@@ -23,6 +23,7 @@ VARIANTS = [
     ("deit_distilled", "deit_tiny_distilled_patch16_224", {}, (224, 224)),
     ("qk_norm", "vit_tiny_patch16_224", {"qk_norm": True}, (224, 224)),
     ("scale_norms", "vit_tiny_patch16_224", {"scale_attn_norm": True, "scale_mlp_norm": True}, (224, 224)),
+    ("gated_attention", "vit_tiny_patch16_224", {"gated": True}, (224, 224)),
     ("avg_pool", "vit_tiny_patch16_224", {"global_pool": "avg", "class_token": False}, (224, 224)),
     ("avgmax_pool", "vit_tiny_patch16_224", {"global_pool": "avgmax"}, (224, 224)),
     ("map_pool", "vit_tiny_patch16_224", {"global_pool": "map", "class_token": False}, (224, 224)),
@@ -35,7 +36,12 @@ IDS = [v[0] for v in VARIANTS]
 def make_model(name, kwargs):
     """A randomly initialised model in eval mode, with LayerScale and norm weights far
     from their neutral init so that dropping any of them changes the outputs."""
+    kwargs = dict(kwargs)
+    gated = kwargs.pop("gated", False)
     model = timm.create_model(name, **kwargs).eval()
+    if gated:  # timm's Attention supports a sigmoid output gate; no registered model uses it yet
+        for block in model.blocks:
+            block.attn.gate = torch.nn.Linear(model.embed_dim, block.attn.attn_dim)
     with torch.no_grad():
         for module_name, param in model.named_parameters():
             if "gamma" in module_name or "norm" in module_name and module_name.endswith("weight"):
