@@ -313,3 +313,30 @@ def test_unsupported_models_are_refused_by_name(build, name):
 def test_not_a_module_is_refused():
     with pytest.raises(TypeError, match="torch.nn.Module"):
         tokenmerge.apply("vit_tiny_patch16_224", r=4)
+
+
+def test_patched_model_pickles_and_stays_patched():
+    import pickle
+
+    model = make_model("vit_tiny_patch16_224", {})
+    tokenmerge.apply(model, r=8)
+    x = torch.randn(1, 3, 224, 224)
+    copy_ = pickle.loads(pickle.dumps(model))
+    assert tokenmerge.get_state(copy_).r == 8
+    with torch.no_grad():
+        assert torch.equal(copy_(x), model(x))
+    tokenmerge.remove(copy_)
+    assert type(copy_) is VisionTransformer
+
+
+def test_bfloat16_autocast_merges_without_overflow():
+    model = make_model("vit_tiny_patch16_224", {"global_pool": "avg"})
+    tokenmerge.apply(model, r=12)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            actual = model(x)
+    assert tokenmerge.get_state(model).size.dtype == torch.float32
+    assert torch.isfinite(actual).all()
+    assert torch.nn.functional.cosine_similarity(actual.float(), expected).min() > 0.95
