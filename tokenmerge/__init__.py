@@ -24,23 +24,28 @@ __version__ = "0.1.0"
 ModelT = TypeVar("ModelT", bound=torch.nn.Module)
 
 
-def apply(model: ModelT, r: Schedule, *, prop_attn: bool = True, trace_source: bool = False) -> ModelT:
+def apply(
+    model: ModelT, r: Schedule, *, prop_attn: bool = True, trace_source: bool = False, method: str = "tome"
+) -> ModelT:
     """Patch ``model`` in place to merge tokens, and return it.
 
     ``r`` is the number of tokens each block merges: an int, one int per block, or a
     :class:`tokenmerge.Linear` schedule. ``prop_attn`` turns on proportional attention
     (keys weighted by the number of patches they stand for); ``trace_source`` records
-    which input patches each output token covers (see :func:`get_state`).
+    which input patches each output token covers (see :func:`get_state`). ``method``
+    picks what blocks do to reduce tokens: ``"tome"`` merges (the default);
+    ``"cut"`` drops the last r tokens unseen, as a zero-overhead speed reference.
     Applying to a patched model only updates its settings.
     """
     adapter = find_adapter(model)
     if is_applied(model):
         state = get_state(model)
-        candidate = MergeState(state.depth, r, prop_attn, trace_source)  # validates before changing anything
-        state.r, state.prop_attn, state.trace_source = candidate.r, candidate.prop_attn, candidate.trace_source
+        candidate = MergeState(state.depth, r, prop_attn, trace_source, method)  # validates first
+        state.r, state.prop_attn = candidate.r, candidate.prop_attn
+        state.trace_source, state.method = candidate.trace_source, candidate.method
         return model
     adapter.check(model)
-    adapter.patch(model, MergeState(adapter.depth(model), r, prop_attn, trace_source))
+    adapter.patch(model, MergeState(adapter.depth(model), r, prop_attn, trace_source, method))
     return model
 
 

@@ -2,7 +2,7 @@
 the sizes and source maps of the tokens as they leave every block.
 
 Adapters call :meth:`MergeState.begin` when a forward pass starts and
-:meth:`MergeState.merge` in every block between the attention and MLP branches.
+:meth:`MergeState.reduce` in every block between the attention and MLP branches.
 Entries are keyed by block index, so a block recomputed by gradient checkpointing
 reads the same sizes it read the first time.
 """
@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from . import schedule as schedules
-from .merge import bipartite_soft_matching, initial_source, max_merges, merge_source, merge_weighted
+from . import methods
+from .merge import initial_source, max_merges
 
 
 class CappedRWarning(UserWarning):
@@ -33,9 +34,17 @@ class MergeState:
     (``None`` before the first merge: every token stands for itself).
     """
 
-    def __init__(self, depth: int, r: schedules.Schedule = 0, prop_attn: bool = True, trace_source: bool = False):
+    def __init__(
+        self,
+        depth: int,
+        r: schedules.Schedule = 0,
+        prop_attn: bool = True,
+        trace_source: bool = False,
+        method: str = "tome",
+    ):
         self.depth = depth
         self.r = r
+        self.method = method
         self.prop_attn = prop_attn
         self.trace_source = trace_source
         self.begin(0)
@@ -49,6 +58,15 @@ class MergeState:
         self.r_per_block = schedules.resolve(value, self.depth)
         self._r = value
         self._warned_cap = False
+
+    @property
+    def method(self) -> str:
+        return self._method
+
+    @method.setter
+    def method(self, value: str) -> None:
+        self._reduce = methods.resolve(value)
+        self._method = value
 
     @property
     def prop_attn(self) -> bool:
@@ -99,20 +117,17 @@ class MergeState:
             r = limit
         return r
 
-    def merge(self, block: int, x: Tensor, keys: Tensor) -> Tensor:
-        """Merge block ``block``'s tokens ``x`` (B, N, C) by the similarity of its attention
-        ``keys`` (B, heads, N, D), averaged over heads."""
+    def reduce(self, block: int, x: Tensor, keys: Tensor) -> Tensor:
+        """Reduce block ``block``'s tokens ``x`` (B, N, C) by its r, with the method set
+        (merging by default), given the block's attention ``keys`` (B, heads, N, D)."""
         if block == 0:
             self.num_input_tokens = x.shape[1]
         size, source = self.sizes.get(block), self.sources.get(block)
         r = self.block_r(block, x.shape[1])
         if r > 0:
-            matching = bipartite_soft_matching(keys.mean(dim=1), r, self.num_protected)
-            if self.trace_source:
-                if source is None:
-                    source = initial_source(x.shape[0], x.shape[1], x.device)
-                source = merge_source(source, matching, x.shape[1])
-            x, size = merge_weighted(x, size, matching)
+            if self.trace_source and source is None:
+                source = initial_source(x.shape[0], x.shape[1], x.device)
+            x, size, source = self._reduce(x, keys, size, source, r, self.num_protected)
         self.sizes[block + 1], self.sources[block + 1] = size, source
         self.size, self.source = size, source
         return x

@@ -112,7 +112,7 @@ class MergingBlock:
         index = self._tokenmerge_index
         out, keys = attention_with_keys(self.attn, self.norm1(x), state.attention_size(index))
         x = x + self.drop_path1(self.ls1(out))
-        x = state.merge(index, x, keys)
+        x = state.reduce(index, x, keys)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
