@@ -131,3 +131,37 @@ def format_table(rows: Sequence[BenchRow]) -> str:
             f"{row.iqr_percent:>6.1f}% {row.speedup:>7.2f}x"
         )
     return "\n".join(lines)
+
+
+def add_parser(subparsers) -> None:
+    from .cli import SWEEP_HELP, add_model_arguments, parse_sweep
+
+    parser = subparsers.add_parser(
+        "bench",
+        help="throughput and GFLOPs for a sweep of r against the unpatched model",
+        description="Measure tokens left, GFLOPs per image, images per second and speed-up over the "
+        "unpatched model, all in one interleaved run.",
+    )
+    add_model_arguments(parser)
+    parser.add_argument("--r", default="0,8,13,16", type=parse_sweep, help=SWEEP_HELP + " (default: 0,8,13,16)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--runs", type=int, default=8, help="timed rounds per setting (default: 8)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default: 2)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> None:
+    from .models import create_timm_model
+    from .report import describe_environment, environment
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = create_timm_model(args.model, args.checkpoint)
+    print(
+        f"{args.model}, batch {args.batch_size}, float32; {args.runs} timed rounds after {args.warmup} warm-up, "
+        f"medians; {describe_environment(environment())}",
+        flush=True,
+    )
+    rows = benchmark(model, args.r, batch_size=args.batch_size, runs=args.runs, warmup=args.warmup)
+    print(format_table(rows))

@@ -1,17 +1,20 @@
-"""The ``tokenmerge`` command."""
+"""The ``tokenmerge`` command: ``bench``, ``eval`` and ``visualize``.
+
+Each subcommand lives in its own module, which provides ``add_parser(subparsers)``;
+the parser it adds sets ``run`` to the function that carries it out.
+"""
 from __future__ import annotations
 
 import argparse
-import platform
+import importlib
 import sys
 from typing import Optional, Sequence
-
-import torch
 
 from . import __version__
 from . import schedule as schedules
 
 DEFAULT_MODEL = "vit_small_patch16_224"
+SUBCOMMAND_MODULES = ("tokenmerge.bench", "tokenmerge.evaluate", "tokenmerge.visualize")
 
 
 def parse_sweep(text: str) -> list[schedules.Schedule]:
@@ -22,50 +25,34 @@ def parse_sweep(text: str) -> list[schedules.Schedule]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def add_bench_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "bench",
-        help="throughput and GFLOPs for a sweep of r against the unpatched model",
-        description="Measure tokens left, GFLOPs per image, images per second and speed-up over the "
-        "unpatched model, all in one interleaved run.",
-    )
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"timm model name (default: {DEFAULT_MODEL})")
-    parser.add_argument("--checkpoint", help="local weights file for the model (default: random weights)")
-    parser.add_argument("--r", default="0,8,13,16", type=parse_sweep,
-                        help="comma-separated schedules: ints, 'decreasing:R', 'increasing:R', 'linear:R:SLOPE' "
-                        "or per-block lists '8/8/4/...' (default: 0,8,13,16)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--runs", type=int, default=8, help="timed rounds per setting (default: 8)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default: 2)")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    parser.set_defaults(run=run_bench)
+def parse_schedule(text: str) -> schedules.Schedule:
+    """One schedule: ``"13"``, ``"decreasing:13"``, ``"8/8/4/..."``."""
+    try:
+        return schedules.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def run_bench(args: argparse.Namespace) -> None:
-    from .bench import benchmark, format_table
-    from .models import create_timm_model
+SWEEP_HELP = (
+    "comma-separated schedules: ints, 'decreasing:R', 'increasing:R', 'linear:R:SLOPE' "
+    "or per-block lists '8/8/4/...'"
+)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = create_timm_model(args.model, args.checkpoint)
-    import timm
 
-    print(
-        f"{args.model}, batch {args.batch_size}, float32 on cpu, {torch.get_num_threads()} threads; "
-        f"{args.runs} timed rounds after {args.warmup} warm-up, medians; "
-        f"tokenmerge {__version__}, torch {torch.__version__}, timm {timm.__version__}, "
-        f"python {platform.python_version()}",
-        flush=True,
-    )
-    rows = benchmark(model, args.r, batch_size=args.batch_size, runs=args.runs, warmup=args.warmup)
-    print(format_table(rows))
+def add_model_arguments(parser: argparse.ArgumentParser, default_model: Optional[str] = DEFAULT_MODEL) -> None:
+    """``--model`` and ``--checkpoint``, the same in every subcommand."""
+    parser.add_argument("--model", default=default_model, required=default_model is None,
+                        help="timm model name" + (f" (default: {default_model})" if default_model else ""))
+    parser.add_argument("--checkpoint", help="local weights file for the model, loaded through timm's pretrained "
+                        "config (default: random weights)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmerge", description="Token Merging for Vision Transformers")
     parser.add_argument("--version", action="version", version=f"tokenmerge {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    add_bench_parser(subparsers)
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).add_parser(subparsers)
     return parser
 
 

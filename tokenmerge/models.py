@@ -25,3 +25,11 @@ def create_timm_model(name: str, checkpoint: Optional[str | Path] = None) -> tor
     except RuntimeError as error:
         raise ValueError(f"checkpoint {checkpoint} does not fit model {name}: {error}") from None
     return model.eval()
+
+
+def timm_transform(model: torch.nn.Module):
+    """The evaluation transform from the model's own timm data config (resize, crop,
+    normalisation), as timm's users build it."""
+    import timm
+
+    return timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
