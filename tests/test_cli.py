@@ -1,3 +1,5 @@
+import csv
+import json
 import subprocess
 import sys
 
@@ -9,17 +11,37 @@ from tokenmerge.cli import main
 FAST = ["--runs", "2", "--warmup", "0", "--batch-size", "1"]
 
 
+def table_rows(out):
+    lines = out.splitlines()
+    return {line.split()[0]: line.split() for line in lines[3:] if line.strip() and not line.startswith("wrote")}
+
+
 def test_bench_prints_a_row_per_setting(capsys):
     assert main(["bench", "--model", "vit_tiny_patch16_224", "--r", "0,8,decreasing:4", *FAST]) == 0
     out = capsys.readouterr().out
-    lines = out.splitlines()
-    assert "vit_tiny_patch16_224, batch 1" in lines[0] and "threads" in lines[0]
-    rows = {line.split()[0]: line.split() for line in lines[3:]}
+    assert "vit_tiny_patch16_224, batch 1" in out.splitlines()[0] and "threads" in out.splitlines()[0]
+    rows = table_rows(out)
     assert set(rows) == {"unpatched", "r=0", "r=8", "r=linear:4:1"}
     assert rows["unpatched"][1] == rows["r=0"][1] == "197"
     assert rows["r=8"][1] == "101"
-    assert rows["unpatched"][-1] == "1.00x"
+    assert rows["unpatched"][-1] == "1.00"
     assert float(rows["r=8"][2]) < float(rows["r=0"][2])
+
+
+def test_bench_limit_rows_outputs_and_dtypes(tmp_path, capsys):
+    json_path, csv_path = tmp_path / "bench.json", tmp_path / "bench.csv"
+    args = ["bench", "--model", "vit_tiny_patch16_224", "--r", "0,8", "--limit", "--per-block", *FAST]
+    assert main([*args, "--output", str(json_path)]) == 0
+    out = capsys.readouterr().out
+    assert "cut r=8" in out and "of limit" in out and "189 181 173" in out
+    report = json.loads(json_path.read_text())
+    assert [row["setting"] for row in report["rows"]] == ["unpatched", "r=0", "r=8", "cut r=8"]
+    assert report["rows"][2]["tokens_per_block"][-1] == 101 and report["rows"][2]["of_limit"] > 0
+    assert report["environment"]["threads"] >= 1 and report["environment"]["timm"]
+    assert main(["bench", "--model", "vit_tiny_patch16_224", "--r", "4", "--dtype", "bfloat16",
+                 "--output", str(csv_path), *FAST]) == 0
+    with csv_path.open() as handle:
+        assert [row["setting"] for row in csv.DictReader(handle)] == ["unpatched", "r=4"]
 
 
 def test_bench_runs_as_a_module():
@@ -38,6 +60,7 @@ def test_bench_runs_as_a_module():
         (["--model", "vit_tiny_patch16_224", "--r", "1/2/3"], "12 blocks"),
         (["--model", "resnet18"], "does not support timm's ResNet"),
         (["--model", "vit_tiny_patch16_224", "--checkpoint", "missing.safetensors"], "does not exist"),
+        (["--model", "vit_tiny_patch16_224", "--output", "bench.txt"], "use a .json or .csv"),
     ],
 )
 def test_bench_errors_say_what_is_wrong(args, message, capsys):

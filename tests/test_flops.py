@@ -1,3 +1,4 @@
+import pytest
 import timm
 import torch
 
@@ -25,3 +26,22 @@ def test_counts_attention_and_follows_merging():
     expected = vit_flops(list(zip(counts[:-1], counts[1:])), dim, patch_flops, 1000)
     matching = sum(2 * ((n - 1 + 1) // 2) * ((n - 1) // 2) * 64 for n in counts[:-1])  # A x B cosine products
     assert count_flops(model, x) == expected + matching
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, tolerance",
+    [
+        ("vit_tiny_patch16_224", {}, 0.0),
+        ("deit3_small_patch16_224", {}, 0.0),
+        ("deit_tiny_distilled_patch16_224", {}, 0.0),
+        ("vit_small_patch14_reg4_dinov2", {"img_size": 112}, 0.0),
+        ("vit_tiny_patch16_224", {"global_pool": "map"}, 0.02),  # the attention-pooling head is not modelled
+    ],
+)
+@pytest.mark.parametrize("r", [0, 13, "decreasing:8"])
+def test_analytic_flops_agree_with_the_counter(name, kwargs, tolerance, r):
+    model = timm.create_model(name, **kwargs).eval()
+    r = tokenmerge.schedule.parse(str(r))
+    tokenmerge.apply(model, r=r)
+    counted = count_flops(model, torch.randn(1, 3, *model.patch_embed.img_size))
+    assert abs(tokenmerge.flops_per_image(model) - counted) <= tolerance * counted

@@ -17,7 +17,7 @@ from .schedule import Linear, Schedule
 from .state import CappedRWarning, MergeState
 
 __all__ = [
-    "apply", "remove", "is_applied", "get_state", "token_counts", "Linear", "MergeState", "CappedRWarning", "schedule",
+    "apply", "remove", "is_applied", "get_state", "token_counts", "flops_per_image", "Linear", "MergeState", "CappedRWarning", "schedule",
 ]
 __version__ = "0.1.0"
 
@@ -81,3 +81,25 @@ def token_counts(
         r = get_state(model).r
     num_tokens, num_protected = adapter.token_layout(model, img_size)
     return schedule.token_counts(num_tokens, schedule.resolve(r, adapter.depth(model)), num_protected)
+
+
+def flops_per_image(
+    model: torch.nn.Module,
+    r: Optional[Schedule] = None,
+    img_size: Optional[tuple[int, int]] = None,
+    method: Optional[str] = None,
+) -> int:
+    """FLOPs per image of ``model`` for schedule ``r`` (default: the model's current
+    one, 0 if unpatched) at ``img_size``, computed from the token counts; a
+    multiply-add counts two, as in ``torch.utils.flop_counter``."""
+    from .flops import analytic_flops
+
+    adapter = find_adapter(model)
+    state = get_state(model) if is_applied(model) else None
+    if r is None:
+        r = state.r if state else 0
+    if method is None:
+        method = state.method if state else "tome"
+    num_tokens, num_protected = adapter.token_layout(model, img_size)
+    r_per_block = schedule.resolve(r, adapter.depth(model))
+    return analytic_flops(adapter.flop_shape(model, img_size), num_tokens, r_per_block, num_protected, method)

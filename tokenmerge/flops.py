@@ -1,8 +1,14 @@
-"""Counting the floating-point operations of a forward pass."""
+"""Floating-point operations of a forward pass: counted by PyTorch, or computed from
+the token counts a schedule gives."""
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from .schedule import capped
 
 _aten = torch.ops.aten
 
@@ -19,6 +25,44 @@ _EXTRA_FORMULAS = {_aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flop
 def count_flops(model: torch.nn.Module, inputs: torch.Tensor) -> int:
     """FLOPs of ``model(inputs)`` as PyTorch's FlopCounterMode counts them (a
     multiply-add is two), including attention on the CPU."""
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as counter:
+    # Gradients stay enabled: the counter's module tracker fails on parameters that
+    # are expanded under no_grad (timm's attention-pooling latent).
+    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as counter:
         model(inputs)
     return counter.get_total_flops()
+
+
+@dataclass(frozen=True)
+class FlopShape:
+    """What the FLOPs of a ViT forward pass depend on, per image. Linear layers count
+    two FLOPs per multiply-add, like ``FlopCounterMode``; norms and activations are
+    not counted."""
+
+    stem: int  # patch embedding
+    head: int  # classifier
+    attention_linear: tuple[int, ...]  # per block, per token: qkv, output projection, gate
+    mlp_linear: tuple[int, ...]  # per block, per token
+    attention_width: tuple[int, ...]  # per block: heads x head size, for QK^T and AV
+    key_size: tuple[int, ...]  # per block: head size, for the matching similarities
+
+
+def linear_flops_per_token(module: torch.nn.Module) -> int:
+    """FLOPs that the ``nn.Linear`` layers inside ``module`` spend on one token."""
+    return sum(2 * m.in_features * m.out_features for m in module.modules() if isinstance(m, torch.nn.Linear))
+
+
+def analytic_flops(
+    shape: FlopShape, num_tokens: int, r_per_block: Sequence[int], num_protected: int, method: str = "tome"
+) -> int:
+    """FLOPs per image from the token counts alone: attention on the tokens entering a
+    block, the MLP on the tokens left after the block's reduction, plus the similarity
+    products of bipartite matching when the method is ``tome``."""
+    total = shape.stem + shape.head
+    for block, r in enumerate(capped(r_per_block, num_tokens, num_protected)):
+        total += num_tokens * shape.attention_linear[block] + 4 * num_tokens * num_tokens * shape.attention_width[block]
+        if r and method == "tome":
+            mergeable = num_tokens - num_protected
+            total += 2 * ((mergeable + 1) // 2) * (mergeable // 2) * shape.key_size[block]
+        num_tokens -= r
+        total += num_tokens * shape.mlp_linear[block]
+    return total

@@ -41,6 +41,14 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
     return "\n".join(lines)
 
 
+def check_output_path(path: str | Path | None) -> None:
+    """Fail before a long run, not after it, on a file name that cannot be written."""
+    if path is not None and Path(path).suffix not in (".json", ".csv"):
+        raise ValueError(f"cannot write {path}: use a .json or .csv file name")
+    if path is not None and not Path(path).resolve().parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: its folder does not exist")
+
+
 def write_rows(path: str | Path, rows: Sequence[dict[str, Any]], env: dict[str, Any] | None = None) -> None:
     """Write result rows as JSON (with the environment) or CSV, chosen by the suffix."""
     path = Path(path)

@@ -9,7 +9,8 @@ Every adapter module provides:
 * ``depth(model)``: the number of blocks that merge;
 * ``patch(model, state)`` / ``unpatch(model)``: patch in place and restore exactly;
 * ``input_size(model)``: the (height, width) the model is configured for;
-* ``token_layout(model, img_size)``: (tokens entering the first block, protected tokens).
+* ``token_layout(model, img_size)``: (tokens entering the first block, protected tokens);
+* ``flop_shape(model, img_size)``: a :class:`tokenmerge.flops.FlopShape`.
 """
 from __future__ import annotations
 

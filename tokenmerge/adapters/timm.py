@@ -14,6 +14,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor
 
 from ..attention import log_size_bias, proportional_attention
+from ..flops import FlopShape, linear_flops_per_token
 from ..state import MergeState, restore_class, swap_class
 
 SUPPORTED = (
@@ -68,6 +69,19 @@ def token_layout(model: torch.nn.Module, img_size: Optional[tuple[int, int]] = N
         height, width = embed.dynamic_feat_size(img_size)
         num_patches = height * width
     return num_patches + model.num_prefix_tokens, model.num_prefix_tokens
+
+
+def flop_shape(model: torch.nn.Module, img_size: Optional[tuple[int, int]] = None) -> FlopShape:
+    num_patches = token_layout(model, img_size)[0] - model.num_prefix_tokens
+    heads = [model.head] + ([model.head_dist] if hasattr(model, "head_dist") else [])
+    return FlopShape(
+        stem=num_patches * 2 * model.patch_embed.proj.weight[0].numel() * model.embed_dim,
+        head=sum(linear_flops_per_token(head) for head in heads),
+        attention_linear=tuple(linear_flops_per_token(block.attn) for block in model.blocks),
+        mlp_linear=tuple(linear_flops_per_token(block.mlp) for block in model.blocks),
+        attention_width=tuple(block.attn.attn_dim for block in model.blocks),
+        key_size=tuple(block.attn.head_dim for block in model.blocks),
+    )
 
 
 def patch(model: torch.nn.Module, state: MergeState) -> None:
