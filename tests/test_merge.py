@@ -94,3 +94,18 @@ def test_half_precision_merge_keeps_range():
     assert merged.dtype == torch.float16 and torch.isfinite(merged).all()
     torch.testing.assert_close(merged.float(), torch.full(merged.shape, 60000.0), rtol=2e-3, atol=0)
     assert size.dtype == torch.float32 and size.max() >= 4
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_both_merge_formulations_agree(first, monkeypatch):
+    import tokenmerge.merge as merge
+
+    x = torch.randn(3, 41, 16, dtype=torch.float64)
+    size = None if first else torch.randint(1, 5, (3, 41, 1)).double().float()
+    m = bipartite_soft_matching(x, 10, num_protected=1)
+    few = merge._merge_scaled_sums(x, size, m)
+    many = merge._merge_corrections(x, size, m)
+    torch.testing.assert_close(few[0], many[0])
+    assert torch.equal(few[1], many[1])
+    monkeypatch.setattr(merge, "FEW_VALUES", 0)
+    torch.testing.assert_close(merge_weighted(x, size, m)[0], many[0], rtol=0, atol=0)

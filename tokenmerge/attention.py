@@ -12,7 +12,8 @@ from torch import Tensor
 
 def log_size_bias(size: Tensor, dtype) -> Tensor:
     """The additive attention bias for token sizes (B, N, 1): (B, 1, 1, N), in ``dtype``."""
-    return size.log().to(dtype).transpose(1, 2).unsqueeze(1)
+    bias = size.view(size.shape[0], 1, 1, -1).log()
+    return bias if bias.dtype == dtype else bias.to(dtype)
 
 
 def proportional_attention(

@@ -35,13 +35,14 @@ class Matching:
         self.num_protected, self.num_tokens = num_protected, num_tokens
         grid = _row_grid(order.shape[0], num_tokens, num_protected, r, order.device)
         a_rows = torch.add(grid.a_offset, order, alpha=2)
+        merged = order[:, :r]
         #: (B * (N - r),) input row of every output token before merged tokens are
         #: added in: protected tokens, kept A tokens, then all B tokens.
         self.output_rows = torch.cat([grid.protected_rows, a_rows[:, r:], grid.b_rows], dim=1).view(-1)
         #: (B * r,) input row of every merged A token.
         self.merged_rows = a_rows[:, :r].reshape(-1)
         #: (B * r,) output row that every merged A token is added into.
-        self.destination_rows = (partner + grid.destination_offset).gather(1, order[:, :r]).view(-1)
+        self.destination_rows = partner.gather(1, merged).add_(grid.destination_offset).view(-1)
 
     @property
     def kept(self) -> Tensor:
@@ -108,9 +109,9 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int = 0) -> M
             f"r={r} cannot be merged from {num_tokens} tokens with {num_protected} protected; "
             f"at most {max_merges(num_tokens, num_protected)} per block"
         )
-    mergeable = metric[:, num_protected:]
-    mergeable = mergeable / torch.linalg.vector_norm(mergeable, dim=-1, keepdim=True).clamp_min_(1e-12)
-    similarity = torch.bmm(mergeable[:, 0::2], mergeable[:, 1::2].mT)
+    p = num_protected
+    metric = metric / torch.linalg.vector_norm(metric, dim=-1, keepdim=True).clamp_min_(1e-12)
+    similarity = torch.bmm(metric[:, p::2], metric[:, p + 1::2].mT)
     best_score, partner = similarity.max(dim=-1)
     order = best_score.argsort(dim=-1, descending=True, stable=True)
     return Matching(order, partner, r, num_protected, num_tokens)
@@ -128,31 +129,58 @@ def merge_sum(x: Tensor, matching: Matching) -> Tensor:
     return out.view(x.shape[0], -1, x.shape[-1])
 
 
+# Below this many feature values a merge is bound by the number of operations, above
+# it by memory traffic (measured on the CPU; on a GPU both paths are cheap).
+FEW_VALUES = 1 << 18
+
+
 def merge_weighted(x: Tensor, size: Tensor | None, matching: Matching) -> tuple[Tensor, Tensor]:
     """Merge features as size-weighted averages; returns the new features and sizes.
 
     ``size`` is (B, N, 1), the number of input patches each token stands for, or
-    ``None`` when every token still stands for one.
-
-    A destination token b that receives tokens a_m becomes
-    ``b + sum_m (a_m - b) * s_m / S``, with S its merged size: the same size-weighted
-    average, computed as one gather of the output plus work on the r merged rows
-    only, so that x is read and written once. Sizes are float32, and the corrections
-    of half-precision features are computed in float32.
+    ``None`` when every token still stands for one. Sizes are float32, and
+    half-precision features are weighed in float32. Two exact formulations of the
+    same average: for small inputs the one with the fewest operations, for large
+    ones the one that reads and writes the features only once.
     """
-    batch, num_tokens, channels = x.shape
+    if x.numel() < FEW_VALUES:
+        return _merge_scaled_sums(x, size, matching)
+    return _merge_corrections(x, size, matching)
+
+
+def merged_sizes(size: Tensor | None, matching: Matching, batch: int) -> tuple[Tensor, Tensor]:
+    """(sizes of the merged A tokens, all sizes after the merge), both flat (rows, 1)."""
     if size is None:
-        merged_size = _ones(batch * matching.r, x.device)
-        new_size = _ones(batch * (num_tokens - matching.r), x.device).index_put(
-            (matching.destination_rows,), merged_size, accumulate=True
-        )
-    else:
-        size = size.reshape(-1, 1)
-        merged_size = size.index_select(0, matching.merged_rows)
-        new_size = size.index_select(0, matching.output_rows).index_put_(
-            (matching.destination_rows,), merged_size, accumulate=True
-        )
-    weight = merged_size / new_size.index_select(0, matching.destination_rows)
+        moved = _ones(batch * matching.r, matching.order.device)
+        kept = _ones(batch * (matching.num_tokens - matching.r), matching.order.device)
+        return moved, kept.index_put((matching.destination_rows,), moved, accumulate=True)
+    size = size.reshape(-1, 1)
+    moved = size.index_select(0, matching.merged_rows)
+    new_size = size.index_select(0, matching.output_rows).index_put_(
+        (matching.destination_rows,), moved, accumulate=True
+    )
+    return moved, new_size
+
+
+def _merge_scaled_sums(x: Tensor, size: Tensor | None, matching: Matching) -> tuple[Tensor, Tensor]:
+    """Sum size-scaled features, divide by the summed sizes."""
+    batch, _, channels = x.shape
+    _, new_size = merged_sizes(size, matching, batch)
+    scaled = _flat(x).to(torch.promote_types(x.dtype, torch.float32))
+    if size is not None:
+        scaled = scaled * size.reshape(-1, 1)
+    out = scaled.index_select(0, matching.output_rows)
+    out.index_put_((matching.destination_rows,), scaled.index_select(0, matching.merged_rows), accumulate=True)
+    return out.div_(new_size).to(x.dtype).view(batch, -1, channels), new_size.view(batch, -1, 1)
+
+
+def _merge_corrections(x: Tensor, size: Tensor | None, matching: Matching) -> tuple[Tensor, Tensor]:
+    """A destination token b that receives tokens a_m becomes
+    ``b + sum_m (a_m - b) * s_m / S``, with S its merged size: one gather of the
+    output plus work on the r merged rows only."""
+    batch, _, channels = x.shape
+    moved_size, new_size = merged_sizes(size, matching, batch)
+    weight = moved_size / new_size.index_select(0, matching.destination_rows)
     flat = _flat(x)
     out = flat.index_select(0, matching.output_rows)
     moved = flat.index_select(0, matching.merged_rows)
