@@ -166,7 +166,9 @@ def _merge_scaled_sums(x: Tensor, size: Tensor | None, matching: Matching) -> tu
     """Sum size-scaled features, divide by the summed sizes."""
     batch, _, channels = x.shape
     _, new_size = merged_sizes(size, matching, batch)
-    scaled = _flat(x).to(torch.promote_types(x.dtype, torch.float32))
+    scaled = _flat(x)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        scaled = scaled.float()
     if size is not None:
         scaled = scaled * size.reshape(-1, 1)
     out = scaled.index_select(0, matching.output_rows)

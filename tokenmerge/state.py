@@ -117,6 +117,21 @@ class MergeState:
             r = limit
         return r
 
+    def passes_through(self, block: int) -> bool:
+        """Whether block ``block`` computes exactly what it computes unpatched: it merges
+        nothing and its attention needs no sizes. Such a block runs its own forward."""
+        if block < len(self.r_per_block) and self.r_per_block[block]:
+            return False
+        return not self.prop_attn or self.sizes.get(block) is None
+
+    def pass_through(self, block: int, x: Tensor) -> Tensor:
+        """Record that block ``block`` left the tokens as they were; returns ``x``."""
+        if block == 0:
+            self.num_input_tokens = x.shape[1]
+        self.sizes[block + 1], self.sources[block + 1] = self.sizes.get(block), self.sources.get(block)
+        self.size, self.source = self.sizes[block + 1], self.sources[block + 1]
+        return x
+
     def reduce(self, block: int, x: Tensor, keys: Tensor) -> Tensor:
         """Reduce block ``block``'s tokens ``x`` (B, N, C) by its r, with the method set
         (merging by default), given the block's attention ``keys`` (B, heads, N, D)."""

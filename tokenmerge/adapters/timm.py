@@ -124,6 +124,8 @@ class MergingBlock:
             raise NotImplementedError("tokenmerge does not support attn_mask or is_causal in timm blocks")
         state: MergeState = self._tokenmerge_state
         index = self._tokenmerge_index
+        if state.passes_through(index):
+            return state.pass_through(index, super().forward(x))
         out, keys = attention_with_keys(self.attn, self.norm1(x), state.attention_size(index))
         x = x + self.drop_path1(self.ls1(out))
         x = state.reduce(index, x, keys)

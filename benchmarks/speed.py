@@ -1,0 +1,91 @@
+"""How close merging comes to its zero-overhead limit, and that r=0 costs nothing.
+
+For each batch size, times interleaved in one run (unpatched, r=0, and for every r the
+merged model and the same model with tokens cut instead of merged, which has the same
+token counts per block at no cost) and prints a Markdown table of medians:
+
+    python benchmarks/speed.py                      # vit_small_patch16_224, batch 32 and 1
+    python benchmarks/speed.py --batch-sizes 1 --runs 100
+
+"of limit" is the merged model's throughput over the cut model's; "speed-up" is over
+the unpatched model.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import warnings
+
+import timm
+import torch
+
+from tokenmerge.bench import Setting, interquartile_range, prepare_runners, time_interleaved
+from tokenmerge.report import describe_environment, environment
+from tokenmerge.state import CappedRWarning
+
+
+def settings_for(rs: list[int]) -> list[Setting]:
+    settings = [Setting("unpatched"), Setting("r=0", 0)]
+    for r in rs:
+        settings += [Setting(f"r={r}", r), Setting(f"cut r={r}", r, "cut")]
+    return settings
+
+
+def measure(model: torch.nn.Module, batch_size: int, rs: list[int], runs: int, warmup: int) -> list[dict]:
+    settings = settings_for(rs)
+    inputs = torch.randn(batch_size, 3, *model.patch_embed.img_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CappedRWarning)
+        times = time_interleaved(prepare_runners(model, settings, False), inputs, runs, warmup,
+                                 description=f"batch {batch_size}")
+    median = {name: statistics.median(values) for name, values in times.items()}
+    rows = []
+    for setting in settings:
+        if setting.method == "cut":
+            continue
+        limit = median.get(f"cut {setting.name}")
+        rows.append({
+            "batch": batch_size,
+            "setting": setting.name,
+            "img/s": batch_size / median[setting.name],
+            "IQR %": 100 * interquartile_range(times[setting.name]) / median[setting.name],
+            "speed-up": median["unpatched"] / median[setting.name],
+            "limit img/s": batch_size / limit if limit else None,
+            "of limit": limit / median[setting.name] if limit else None,
+        })
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| batch | setting | img/s | IQR % | speed-up | limit img/s | of limit |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        limit = "" if row["limit img/s"] is None else f"{row['limit img/s']:.1f}"
+        share = "" if row["of limit"] is None else f"{100 * row['of limit']:.1f}%"
+        lines.append(f"| {row['batch']} | {row['setting']} | {row['img/s']:.1f} | {row['IQR %']:.1f} | "
+                     f"{row['speed-up']:.2f}x | {limit} | {share} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="vit_small_patch16_224")
+    parser.add_argument("--r", default="8,13,16", help="comma-separated r values (default: 8,13,16)")
+    parser.add_argument("--batch-sizes", default="32,1", help="comma-separated (default: 32,1)")
+    parser.add_argument("--runs", type=int, help="timed rounds (default: 10 at batch > 1, 80 at batch 1)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = timm.create_model(args.model).eval()
+    rs = [int(r) for r in args.r.split(",")]
+    print(f"{args.model}, float32, random weights; {describe_environment(environment())}\n")
+    rows = []
+    for batch_size in (int(b) for b in args.batch_sizes.split(",")):
+        runs = args.runs or (80 if batch_size == 1 else 10)
+        rows += measure(model, batch_size, rs, runs, args.warmup)
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
