@@ -29,7 +29,9 @@ def create_timm_model(name: str, checkpoint: Optional[str | Path] = None) -> tor
 
 def timm_transform(model: torch.nn.Module):
     """The evaluation transform from the model's own timm data config (resize, crop,
-    normalisation), as timm's users build it."""
+    normalisation), as timm's users build it, at the size the model was built for
+    (which can differ from its pretrained config's, e.g. a model made with img_size=112)."""
     import timm
 
-    return timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    size = tuple(model.patch_embed.img_size)
+    return timm.data.create_transform(**timm.data.resolve_data_config({"input_size": (3, *size)}, model=model))
