@@ -1,13 +1,41 @@
-"""Image folders for evaluation: ImageNet synset folders mapped to ImageNet-1k indices."""
+"""Image folders for evaluation: ImageNet synset folders mapped to ImageNet-1k
+indices, or class folders mapped to indices by a class map, and a dataset that
+reports unreadable files instead of failing on them."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
+import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+CLASS_MAP_HELP = "a class map: a text file with one class name per line, the line number (from 0) being the class index"
+
+
+def class_folders(root: str | Path) -> list[Path]:
+    """The sub-folders of ``root``, sorted; a missing ``root`` is an error."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def images_in(folder: Path) -> list[Path]:
+    """The image files directly inside ``folder``, sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def labelled_samples(root: str | Path, folders: Sequence[Path], index: dict[str, int]) -> list[tuple[Path, int]]:
+    """(image path, index of its folder's name) for every image in ``folders``;
+    finding no image at all is an error, since there is nothing to evaluate."""
+    samples = [(path, index[folder.name]) for folder in folders for path in images_in(folder)]
+    if not samples:
+        raise ValueError(f"no images found in {root}: expected <class folder>/<image> files "
+                         f"with one of the suffixes {', '.join(sorted(IMAGE_SUFFIXES))}")
+    return samples
 
 
 def synset_samples(root: str | Path) -> list[tuple[Path, int]]:
@@ -16,23 +44,53 @@ def synset_samples(root: str | Path) -> list[tuple[Path, int]]:
     synsets are an error, since numbering them 0..K-1 would silently mislabel them."""
     from timm.data import ImageNetInfo
 
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist")
+    folders = class_folders(root)
     info = ImageNetInfo()
     index = {info.index_to_label_name(i): i for i in range(info.num_classes())}
-    samples = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+    for folder in folders:
         if folder.name not in index:
-            raise ValueError(f"{folder} is not named by an ImageNet-1k synset (like n01440764)")
-        samples += [
-            (path, index[folder.name])
-            for path in sorted(folder.iterdir())
-            if path.suffix.lower() in IMAGE_SUFFIXES
-        ]
-    if not samples:
-        raise ValueError(f"no images found in {root}")
-    return samples
+            raise ValueError(f"{folder} is not named by an ImageNet-1k synset (like n01440764); "
+                             f"for other class folders give {CLASS_MAP_HELP}")
+    return labelled_samples(root, folders, index)
+
+
+def read_class_map(path: str | Path) -> list[str]:
+    """The class names of a class map in timm's convention, a ``.txt`` file with one
+    class name per line, in order: the position of a name is its class index."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"class map {path} does not exist")
+    if path.suffix.lower() != ".txt":
+        raise ValueError(f"cannot read class map {path}: expected {CLASS_MAP_HELP} (.txt)")
+    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    if not any(names):
+        raise ValueError(f"class map {path} is empty: expected {CLASS_MAP_HELP}")
+    return names
+
+
+def class_map_samples(root: str | Path, class_map: str | Path) -> list[tuple[Path, int]]:
+    """(image path, class index) for a folder of ``<class name>/<image>`` files, the
+    index of every class name read from ``class_map`` (see :func:`read_class_map`).
+    A folder whose name the map lacks, or names on more than one line, is an error
+    rather than a silently wrong label."""
+    folders = class_folders(root)
+    lines_of: dict[str, list[int]] = {}
+    for line, name in enumerate(read_class_map(class_map)):
+        lines_of.setdefault(name, []).append(line)
+    lines = {folder.name: lines_of.get(folder.name, []) for folder in folders}
+    missing = [name for name, found in lines.items() if not found]
+    if missing:
+        raise ValueError(f"class map {class_map} has no line for the class folders {', '.join(missing)} in {root}")
+    ambiguous = [f"{name} (lines {', '.join(map(str, found))})" for name, found in lines.items() if len(found) > 1]
+    if ambiguous:
+        raise ValueError(f"class map {class_map} names {', '.join(ambiguous)} more than once")
+    return labelled_samples(root, folders, {name: found[0] for name, found in lines.items()})
+
+
+def folder_samples(root: str | Path, class_map: Optional[str | Path] = None) -> list[tuple[Path, int]]:
+    """The labelled images of an image folder: through ``class_map`` when given,
+    otherwise as ImageNet synset folders."""
+    return synset_samples(root) if class_map is None else class_map_samples(root, class_map)
 
 
 class ImageFiles(Dataset):
@@ -50,3 +108,46 @@ class ImageFiles(Dataset):
         with Image.open(path) as image:
             image = image.convert("RGB")
         return (self.transform(image) if self.transform else image), label
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """An image file that could not be decoded, and why."""
+
+    path: str
+    reason: str
+
+
+#: What Pillow raises on files that are not images, are truncated or are corrupt.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class TolerantImageFiles(ImageFiles):
+    """:class:`ImageFiles` that return an :class:`Unreadable` marker for a file that
+    fails to decode, so that one bad file does not end a long evaluation;
+    :func:`collate_readable` drops the markers from the batch and passes them on."""
+
+    def __getitem__(self, index: int):
+        try:
+            return super().__getitem__(index)
+        except DECODE_ERRORS as error:
+            return Unreadable(str(self.samples[index][0]), f"{type(error).__name__}: {error}")
+
+
+class Batch(NamedTuple):
+    """The readable images of a batch (``None`` if there are none), their labels,
+    and the files of the batch that could not be read."""
+
+    images: Optional[torch.Tensor]
+    labels: torch.Tensor
+    unreadable: list[Unreadable]
+
+
+def collate_readable(items: Sequence) -> Batch:
+    """Stack the (image, label) items of a batch and set the :class:`Unreadable` apart."""
+    readable = [item for item in items if not isinstance(item, Unreadable)]
+    unreadable = [item for item in items if isinstance(item, Unreadable)]
+    if not readable:
+        return Batch(None, torch.empty(0, dtype=torch.long), unreadable)
+    images, labels = default_collate(readable)
+    return Batch(images, torch.as_tensor(labels), unreadable)
