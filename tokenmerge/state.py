@@ -1,8 +1,9 @@
 """What the patched modules of one model share: the settings, and per forward pass
 the sizes and source maps of the tokens as they leave every block.
 
-Adapters call :meth:`MergeState.begin` when a forward pass starts and
-:meth:`MergeState.reduce` in every block between the attention and MLP branches.
+Adapters call :meth:`MergeState.begin` when a forward pass starts; in every block
+:meth:`MergeState.plan` as soon as the attention keys exist and
+:meth:`MergeState.reduce` between the attention and MLP branches.
 Entries are keyed by block index, so a block recomputed by gradient checkpointing
 reads the same sizes it read the first time.
 """
@@ -65,7 +66,7 @@ class MergeState:
 
     @method.setter
     def method(self, value: str) -> None:
-        self._reduce = methods.resolve(value)
+        self._method_steps = methods.resolve(value)
         self._method = value
 
     @property
@@ -132,17 +133,23 @@ class MergeState:
         self.size, self.source = self.sizes[block + 1], self.sources[block + 1]
         return x
 
-    def reduce(self, block: int, x: Tensor, keys: Tensor) -> Tensor:
-        """Reduce block ``block``'s tokens ``x`` (B, N, C) by its r, with the method set
-        (merging by default), given the block's attention ``keys`` (B, heads, N, D)."""
+    def plan(self, block: int, keys: Tensor) -> Optional[object]:
+        """What block ``block`` will do with its tokens, decided from its attention
+        ``keys`` (B, heads, N, D) by the method set (merging by default); None when
+        it merges nothing."""
+        r = self.block_r(block, keys.shape[2])
+        return self._method_steps.plan(keys, r, self.num_protected) if r > 0 else None
+
+    def reduce(self, block: int, x: Tensor, plan: Optional[object]) -> Tensor:
+        """Apply the ``plan`` of block ``block`` to its tokens ``x`` (B, N, C), keeping
+        track of sizes and sources; returns the reduced tokens."""
         if block == 0:
             self.num_input_tokens = x.shape[1]
         size, source = self.sizes.get(block), self.sources.get(block)
-        r = self.block_r(block, x.shape[1])
-        if r > 0:
+        if plan is not None:
             if self.trace_source and source is None:
                 source = initial_source(x.shape[0], x.shape[1], x.device)
-            x, size, source = self._reduce(x, keys, size, source, r, self.num_protected)
+            x, size, source = self._method_steps.reduce(x, size, source, plan)
         self.sizes[block + 1], self.sources[block + 1] = size, source
         self.size, self.source = size, source
         return x

@@ -5,7 +5,8 @@ scale norms, drop path, gated attention, class/distillation/register tokens,
 gradient checkpointing)."""
 from __future__ import annotations
 
-from typing import Optional
+from functools import partial
+from typing import Callable, Optional, TypeVar
 
 import torch
 from timm.layers import Attention, AttentionPoolLatent
@@ -16,6 +17,8 @@ from torch import Tensor
 from ..attention import log_size_bias, proportional_attention
 from ..flops import FlopShape, linear_flops_per_token
 from ..state import MergeState, restore_class, swap_class
+
+T = TypeVar("T")
 
 SUPPORTED = (
     "timm VisionTransformer and VisionTransformerDistilled with timm.models.vision_transformer.Block "
@@ -100,20 +103,23 @@ def unpatch(model: torch.nn.Module) -> None:
     del model._tokenmerge_state
 
 
-def attention_with_keys(attn: Attention, x: Tensor, size: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """timm ``Attention.forward`` with proportional attention; also returns the keys
-    (B, heads, N, head_dim), from which merging takes its similarity."""
+def attention_with_plan(
+    attn: Attention, x: Tensor, size: Optional[Tensor], plan: Callable[[Tensor], T]
+) -> tuple[Tensor, T]:
+    """timm ``Attention.forward`` with proportional attention; also returns what
+    ``plan`` makes of the keys (B, heads, N, head_dim), called as soon as they exist."""
     B, N, _ = x.shape
     gate = attn.gate(x).sigmoid() if attn.gate is not None else None
     q, k, v = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
+    planned = plan(k)
     out = proportional_attention(
         q, k, v, size, dropout_p=attn.attn_drop.p if attn.training else 0.0, scale=attn.scale
     )
     out = attn.norm(out.transpose(1, 2).reshape(B, N, attn.attn_dim))
     if gate is not None:
         out = out * gate
-    return attn.proj_drop(attn.proj(out)), k
+    return attn.proj_drop(attn.proj(out)), planned
 
 
 class MergingBlock:
@@ -126,9 +132,11 @@ class MergingBlock:
         index = self._tokenmerge_index
         if state.passes_through(index):
             return state.pass_through(index, super().forward(x))
-        out, keys = attention_with_keys(self.attn, self.norm1(x), state.attention_size(index))
+        out, plan = attention_with_plan(
+            self.attn, self.norm1(x), state.attention_size(index), partial(state.plan, index)
+        )
         x = x + self.drop_path1(self.ls1(out))
-        x = state.reduce(index, x, keys)
+        x = state.reduce(index, x, plan)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
