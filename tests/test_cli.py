@@ -38,6 +38,9 @@ def test_bench_limit_rows_outputs_and_dtypes(tmp_path, capsys):
     assert [row["setting"] for row in report["rows"]] == ["unpatched", "r=0", "r=8", "cut r=8"]
     assert report["rows"][2]["tokens_per_block"][-1] == 101 and report["rows"][2]["of_limit"] > 0
     assert report["environment"]["threads"] >= 1 and report["environment"]["timm"]
+    for row in report["rows"]:  # the analytic GFLOPs agree with FlopCounterMode's count
+        assert row["gflops"] == pytest.approx(row["counted_gflops"], rel=0.03)
+    assert report["rows"][2]["counted_gflops"] < 0.8 * report["rows"][1]["counted_gflops"]
     assert main(["bench", "--model", "vit_tiny_patch16_224", "--r", "4", "--dtype", "bfloat16",
                  "--output", str(csv_path), *FAST]) == 0
     with csv_path.open() as handle:

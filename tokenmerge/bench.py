@@ -22,6 +22,7 @@ from tqdm import tqdm
 import tokenmerge
 from tokenmerge import schedule as schedules
 from tokenmerge.adapters import find_adapter
+from tokenmerge.flops import count_flops
 from tokenmerge.state import CappedRWarning
 
 UNPATCHED = "unpatched"
@@ -43,6 +44,7 @@ class BenchRow:
     tokens_per_block: list[int]
     tokens_left: int
     gflops: float
+    counted_gflops: float
     images_per_second: float
     iqr_percent: float
     latency_ms: float
@@ -125,6 +127,17 @@ def interquartile_range(values: Sequence[float]) -> float:
     return quartiles[2] - quartiles[0]
 
 
+def counted_flops(model: torch.nn.Module, settings: Sequence[Setting], image: torch.Tensor) -> dict[str, int]:
+    """FLOPs per image of every setting as ``FlopCounterMode`` counts them, a check
+    on the analytic figures (merging's own small operations are not counted)."""
+    counts = {}
+    for setting in settings:
+        configure(model, setting)
+        counts[setting.name] = count_flops(model, image)
+    configure(model, Setting(UNPATCHED))
+    return counts
+
+
 def benchmark(
     model: torch.nn.Module,
     rs: Sequence[schedules.Schedule],
@@ -154,8 +167,9 @@ def benchmark(
     model = model.to(device=device, dtype=dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CappedRWarning)
-        runners = prepare_runners(model, settings, compile_model)
         inputs = torch.randn(batch_size, 3, *img_size, device=device, dtype=dtype)
+        counted = counted_flops(model, settings, inputs[:1])
+        runners = prepare_runners(model, settings, compile_model)
         times = time_interleaved(runners, inputs, runs, warmup, progress, f"batch {batch_size}")
         latencies = time_interleaved(runners, inputs[:1], latency_runs or 4 * runs, warmup, progress, "batch 1")
     configure(model, Setting(UNPATCHED))
@@ -168,6 +182,7 @@ def benchmark(
             tokens_per_block=counts[setting.name],
             tokens_left=counts[setting.name][-1],
             gflops=tokenmerge.flops_per_image(model, r=setting.r or 0, img_size=img_size, method=setting.method) / 1e9,
+            counted_gflops=counted[setting.name] / 1e9,
             images_per_second=batch_size / medians[setting.name],
             iqr_percent=100 * interquartile_range(times[setting.name]) / medians[setting.name],
             latency_ms=1000 * statistics.median(latencies[setting.name]),
@@ -181,6 +196,7 @@ COLUMNS = [
     ("setting", "setting", "<"),
     ("tokens_left", "tokens left", "d"),
     ("gflops", "GFLOPs", ".2f"),
+    ("counted_gflops", "counted", ".2f"),
     ("images_per_second", "img/s", ".1f"),
     ("iqr_percent", "IQR %", ".1f"),
     ("latency_ms", "ms/img @1", ".1f"),
