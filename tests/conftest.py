@@ -19,3 +19,36 @@ def _seed():
 def require_shared():
     if not SHARED.is_dir():
         pytest.skip(f"needs the shared checkpoint and images in {SHARED}, which is absent")
+
+
+VIT_TINY = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+
+
+@pytest.fixture(scope="session")
+def timm_vit_tiny():
+    """The shared ViT-Ti AugReg checkpoint as a timm model, in eval mode."""
+    require_shared()
+    import timm
+
+    return timm.create_model(VIT_TINY, pretrained=True, pretrained_cfg_overlay=dict(file=str(CHECKPOINT))).eval()
+
+
+@pytest.fixture(scope="session")
+def imagenet_sample(timm_vit_tiny):
+    """The 500 shared ImageNet photographs through the ViT-Ti's own timm evaluation
+    transform, (500, 3, 224, 224), and their ImageNet-1k labels (500,)."""
+    import timm
+    from torch.utils.data import DataLoader
+
+    from tokenmerge.data import ImageFiles, synset_samples
+
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=timm_vit_tiny))
+    loader = DataLoader(ImageFiles(synset_samples(IMAGENET_SAMPLE), transform), batch_size=100, num_workers=2)
+    images, labels = zip(*loader)
+    return torch.cat(images), torch.cat(labels)
+
+
+def predict(model, images, batch_size=100):
+    """Top-1 class of every image, in batches, without gradients."""
+    with torch.no_grad():
+        return torch.cat([model(batch).argmax(-1) for batch in images.split(batch_size)])

@@ -3,29 +3,12 @@ import pytest
 import torch
 
 import tokenmerge
-from tests.conftest import CHECKPOINT, IMAGENET_SAMPLE, require_shared
-
-MODEL = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+from tests.conftest import predict
 
 
 @pytest.fixture(scope="module")
-def pretrained():
-    require_shared()
-    import timm
-    from torch.utils.data import DataLoader
-
-    from tokenmerge.data import ImageFiles, synset_samples
-
-    model = timm.create_model(MODEL, pretrained=True, pretrained_cfg_overlay=dict(file=str(CHECKPOINT))).eval()
-    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
-    loader = DataLoader(ImageFiles(synset_samples(IMAGENET_SAMPLE), transform), batch_size=100, num_workers=2)
-    images, labels = zip(*loader)
-    return model, torch.cat(images), torch.cat(labels)
-
-
-def predict(model, images):
-    with torch.no_grad():
-        return torch.cat([model(batch).argmax(-1) for batch in images.split(100)])
+def pretrained(timm_vit_tiny, imagenet_sample):
+    return (timm_vit_tiny, *imagenet_sample)
 
 
 def test_accuracy_on_the_shared_sample(pretrained):

@@ -19,14 +19,50 @@ from types import ModuleType
 
 import torch
 
-# Top-level package of a model's class -> the adapter module that handles it.
+# Top-level package of a model's class -> the adapter module that handles it. Adapter
+# modules import their library, so they are imported only for a model of that library.
 ADAPTERS = {
     "timm": "tokenmerge.adapters.timm",
+    "transformers": "tokenmerge.adapters.transformers",
+    "open_clip": "tokenmerge.adapters.open_clip",
+    "torchvision": "tokenmerge.adapters.torchvision",
+}
+
+# Library -> the extra that installs the versions tokenmerge supports.
+EXTRAS = {
+    "timm": "tokenmerge",
+    "transformers": "tokenmerge[transformers]",
+    "open_clip": "tokenmerge[open_clip]",
+    "torchvision": "tokenmerge[torchvision]",
 }
 
 
 def supported_summary() -> str:
-    return "; ".join(importlib.import_module(name).SUPPORTED for name in ADAPTERS.values())
+    """One line per library: the classes tokenmerge supports in it."""
+    return "; ".join(f"{library}: {summary}" for library, summary in SUMMARIES.items())
+
+
+# What each adapter supports, for error messages, without importing any library.
+SUMMARIES = {
+    "timm": "VisionTransformer and VisionTransformerDistilled",
+    "transformers": "ViTModel, ViTForImageClassification, DeiTModel, DeiTForImageClassification(WithTeacher), "
+    "CLIPVisionModel, CLIPVisionModelWithProjection, CLIPModel (vision tower), Dinov2Model, "
+    "Dinov2WithRegistersModel, SiglipVisionModel",
+    "open_clip": "CLIP with a VisionTransformer visual tower, or that VisionTransformer",
+    "torchvision": "VisionTransformer (vit_b_16, vit_b_32, vit_l_16, vit_l_32, vit_h_14)",
+}
+
+
+def load_adapter(library: str) -> ModuleType:
+    """The adapter module of ``library``; a clear error naming the extra to install
+    when the library is missing or of a version the adapter cannot use."""
+    try:
+        return importlib.import_module(ADAPTERS[library])
+    except ImportError as error:
+        raise ImportError(
+            f"tokenmerge's {library} support could not be loaded ({error}); "
+            f"install the supported versions with: pip install '{EXTRAS[library]}'"
+        ) from error
 
 
 def find_adapter(model: object) -> ModuleType:
@@ -36,7 +72,7 @@ def find_adapter(model: object) -> ModuleType:
     for cls in type(model).__mro__:
         library = cls.__module__.split(".")[0]
         if library in ADAPTERS:
-            return importlib.import_module(ADAPTERS[library])
+            return load_adapter(library)
     raise TypeError(
         f"tokenmerge does not support {type(model).__module__}.{type(model).__name__}. "
         f"Supported: {supported_summary()}"
