@@ -23,6 +23,7 @@ import tokenmerge
 from tokenmerge import schedule as schedules
 from tokenmerge.adapters import find_adapter
 from tokenmerge.flops import count_flops
+from tokenmerge.models import unwrap
 from tokenmerge.state import CappedRWarning
 
 UNPATCHED = "unpatched"
@@ -63,7 +64,8 @@ def make_settings(rs: Sequence[schedules.Schedule], with_limit: bool) -> list[Se
 
 
 def configure(model: torch.nn.Module, setting: Setting) -> None:
-    """Put ``model`` in ``setting``."""
+    """Put ``model`` (or the network of a :class:`tokenmerge.models.ImageModel`) in ``setting``."""
+    model = unwrap(model)
     if setting.r is None:
         if tokenmerge.is_applied(model):
             tokenmerge.remove(model)
@@ -158,11 +160,12 @@ def benchmark(
     merge the full r merge what they can without a warning: the token counts show it."""
     if runs < 1 or warmup < 0 or batch_size < 1:
         raise ValueError("--runs and --batch-size must be at least 1, --warmup at least 0")
-    adapter = find_adapter(model)
-    adapter.check(model)
-    img_size = img_size or adapter.input_size(model)
+    network = unwrap(model)
+    adapter = find_adapter(network)
+    adapter.check(network)
+    img_size = img_size or adapter.input_size(network)
     settings = make_settings(rs, with_limit)
-    counts = {s.name: tokenmerge.token_counts(model, r=s.r or 0, img_size=img_size) for s in settings}  # validates r
+    counts = {s.name: tokenmerge.token_counts(network, r=s.r or 0, img_size=img_size) for s in settings}  # validates r
     device = torch.device(device)
     model = model.to(device=device, dtype=dtype)
     with warnings.catch_warnings():
@@ -181,7 +184,7 @@ def benchmark(
             setting=setting.name,
             tokens_per_block=counts[setting.name],
             tokens_left=counts[setting.name][-1],
-            gflops=tokenmerge.flops_per_image(model, r=setting.r or 0, img_size=img_size, method=setting.method) / 1e9,
+            gflops=tokenmerge.flops_per_image(network, r=setting.r or 0, img_size=img_size, method=setting.method) / 1e9,
             counted_gflops=counted[setting.name] / 1e9,
             images_per_second=batch_size / medians[setting.name],
             iqr_percent=100 * interquartile_range(times[setting.name]) / medians[setting.name],
@@ -248,13 +251,13 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> None:
-    from .models import create_timm_model
+    from .models import load_model
     from .report import check_output_path, describe_environment, environment, write_rows
 
     check_output_path(args.output)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = create_timm_model(args.model, args.checkpoint)
+    model = load_model(args.library, args.model, args.checkpoint)
     env = environment(args.device)
     print(
         f"{args.model}, batch {args.batch_size}, {args.dtype}{', compiled' if args.compile else ''}; "

@@ -39,12 +39,21 @@ SWEEP_HELP = (
 )
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, default_model: Optional[str] = DEFAULT_MODEL) -> None:
-    """``--model`` and ``--checkpoint``, the same in every subcommand."""
+def add_model_arguments(
+    parser: argparse.ArgumentParser, default_model: Optional[str] = DEFAULT_MODEL, libraries: bool = True
+) -> None:
+    """``--library``, ``--model`` and ``--checkpoint``, the same in every subcommand."""
+    from .models import LIBRARIES
+
+    if libraries:
+        parser.add_argument("--library", choices=LIBRARIES, default="timm",
+                            help="the library the model comes from (default: timm)")
     parser.add_argument("--model", default=default_model, required=default_model is None,
-                        help="timm model name" + (f" (default: {default_model})" if default_model else ""))
-    parser.add_argument("--checkpoint", help="local weights file for the model, loaded through timm's pretrained "
-                        "config (default: random weights)")
+                        help="model name in its library: timm or torchvision model name, open_clip architecture, "
+                        "transformers hub name or local folder" + (f" (default: {default_model})" if default_model else ""))
+    parser.add_argument("--checkpoint", help="local weights: a file (timm: loaded through the model's pretrained config; "
+                        "torchvision: a state dict; open_clip: a checkpoint), or for transformers a folder written by "
+                        "save_pretrained (default: random weights)")
 
 
 def build_parser() -> argparse.ArgumentParser:

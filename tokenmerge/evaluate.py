@@ -41,6 +41,7 @@ import tokenmerge
 from tokenmerge import schedule as schedules
 from tokenmerge.bench import UNPATCHED, Setting, configure, make_settings, synchronize
 from tokenmerge.data import Batch, Unreadable, collate_readable
+from tokenmerge.models import unwrap
 from tokenmerge.state import CappedRWarning
 
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")
@@ -229,7 +230,7 @@ def make_rows(model: torch.nn.Module, settings: Sequence[Setting], tallies: dict
         tally = tallies[setting.name]
         rows.append(EvalRow(
             setting=setting.name,
-            tokens_left=tokenmerge.token_counts(model, r=setting.r or 0)[-1],
+            tokens_left=tokenmerge.token_counts(unwrap(model), r=setting.r or 0)[-1],
             top1=100 * tally.top1 / tally.images,
             top5=100 * tally.top5 / tally.images,
             top1_correct=tally.top1,
@@ -267,7 +268,7 @@ def evaluate(
         raise ValueError("there are no images to evaluate")
     settings = make_settings(rs, with_limit=False)
     for setting in settings:
-        tokenmerge.token_counts(model, r=setting.r or 0)  # validates every r before the long run
+        tokenmerge.token_counts(unwrap(model), r=setting.r or 0)  # validates every r before the long run
     device = torch.device(device)
     model = model.eval().to(device)
     loader = shard_loader(dataset, batch_size, workers)
@@ -400,6 +401,28 @@ def check_labels(samples: Sequence[tuple[Path, int]], model: torch.nn.Module, cl
                          f"{num_classes} classes")
 
 
+def classifier(args):
+    """The model to evaluate, as an :class:`tokenmerge.models.ImageModel` with class
+    logits: an open_clip model becomes a zero-shot classifier over the ImageNet-1k
+    class names, or over the names of the class map."""
+    from .data import read_class_map
+    from .models import load_model, with_zero_shot_head
+
+    model = load_model(args.library, args.model, args.checkpoint)
+    if model.num_classes is None and args.library == "open_clip":
+        from open_clip import IMAGENET_CLASSNAMES
+
+        names = read_class_map(args.class_map) if args.class_map else IMAGENET_CLASSNAMES
+        model = with_zero_shot_head(model, names)
+    if model.num_classes is None:
+        raise ValueError(f"{args.model} gives embeddings, not class scores; evaluate a classification model "
+                         "(transformers: a *ForImageClassification checkpoint)")
+    if model.transform is None:
+        raise ValueError(f"{args.checkpoint or args.model} has no image processor configuration "
+                         "(preprocessor_config.json) to prepare images with")
+    return model
+
+
 def load_samples(args) -> list[tuple[Path, int]]:
     from .data import folder_samples
 
@@ -438,7 +461,6 @@ def report(args, result: Evaluation, env: dict) -> None:
 
 def run(args) -> None:
     from .data import TolerantImageFiles
-    from .models import create_timm_model, timm_transform
     from .report import check_output_path, environment
 
     check_output_path(args.output)
@@ -447,9 +469,9 @@ def run(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     samples = load_samples(args)
-    model = create_timm_model(args.model, args.checkpoint)
+    model = classifier(args)
     check_labels(samples, model, args.class_map)
-    dataset = TolerantImageFiles(samples, timm_transform(model))
+    dataset = TolerantImageFiles(samples, model.transform)
     with process_group(args.device) as device:
         env = environment(str(device)) | {"processes": world_size()}
         if rank() == 0:

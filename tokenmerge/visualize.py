@@ -370,7 +370,7 @@ def add_parser(subparsers) -> None:
         "Images are resized and cropped with the model's own evaluation transform.",
     )
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files, shown one per row")
-    add_model_arguments(parser)
+    add_model_arguments(parser, libraries=False)
     parser.add_argument("--r", default=13, type=parse_schedule,
                         help="r schedule: an int, 'decreasing:R', 'linear:R:SLOPE' or '8/8/4/...' (default: 13)")
     shown = parser.add_mutually_exclusive_group()
