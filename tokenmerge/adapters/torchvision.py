@@ -1,0 +1,182 @@
+"""torchvision: ``VisionTransformer`` (``vit_b_16``, ``vit_b_32``, ``vit_l_16``,
+``vit_l_32``, ``vit_h_14``, also at the larger image sizes of the SWAG weights) built from
+``EncoderBlock``, with dropout, a representation layer in the head, a convolutional
+stem, and LayerNorm or RMSNorm as the norm layer.
+
+The class token is the only protected token and the model classifies from it
+alone, so the head needs no token sizes. The blocks attend with
+``nn.MultiheadAttention``, which is recomputed from its own parameters to get at the
+keys and to add the log-size bias.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Optional
+
+from torch import Tensor, nn
+from torchvision.models.vision_transformer import Encoder, EncoderBlock, MLPBlock, VisionTransformer
+
+from ..flops import FlopShape, linear_flops_per_token
+from ..state import MergeState, restore_class, swap_class
+from .multihead import check_multihead, multihead_attention_with_plan
+
+SUPPORTED = (
+    "torchvision VisionTransformer (vit_b_16, vit_b_32, vit_l_16, vit_l_32, vit_h_14, or built directly) "
+    "whose encoder layers are torchvision.models.vision_transformer.EncoderBlock with batch-first "
+    "nn.MultiheadAttention, an MLPBlock, and LayerNorm or RMSNorm norms"
+)
+SUPPORTED_NORMS = (nn.LayerNorm, nn.RMSNorm)
+NUM_PROTECTED = 1  # the class token
+
+
+def check(model: nn.Module) -> None:
+    if type(model) is not VisionTransformer:
+        raise TypeError(f"tokenmerge does not support torchvision's {type(model).__name__}. Supported: {SUPPORTED}")
+    encoder = model.encoder
+    if type(encoder) is not Encoder or type(encoder.layers) is not nn.Sequential:
+        raise TypeError(
+            f"tokenmerge does not support encoder class {type(encoder).__name__} with layers in a "
+            f"{type(encoder.layers).__name__}. Supported: {SUPPORTED}"
+        )
+    _check_norm(encoder.ln, "encoder.ln")
+    for name, block in encoder.layers.named_children():
+        where = f"encoder.layers.{name}"
+        if type(block) is not EncoderBlock:
+            raise TypeError(
+                f"tokenmerge does not support encoder layer class {type(block).__name__} ({where}). "
+                f"Supported: {SUPPORTED}"
+            )
+        _check_attention(block.self_attention, f"{where}.self_attention")
+        if type(block.mlp) is not MLPBlock:
+            raise TypeError(
+                f"tokenmerge does not support MLP class {type(block.mlp).__name__} ({where}.mlp). "
+                f"Supported: {SUPPORTED}"
+            )
+        _check_norm(block.ln_1, f"{where}.ln_1")
+        _check_norm(block.ln_2, f"{where}.ln_2")
+
+
+def _check_attention(attention: nn.Module, where: str) -> None:
+    try:
+        check_multihead(attention, where)
+    except TypeError as error:
+        raise TypeError(f"{error}. Supported: {SUPPORTED}") from None
+    if not attention.batch_first:
+        # EncoderBlock passes batch-first tokens; a sequence-first module would attend
+        # across the batch, which merged tokens cannot reproduce.
+        raise TypeError(
+            f"tokenmerge does not support nn.MultiheadAttention with batch_first=False ({where}). "
+            f"Supported: {SUPPORTED}"
+        )
+
+
+def _check_norm(norm: nn.Module, where: str) -> None:
+    """Refuse norms that may mix tokens: merged tokens are only exact for norms of one token."""
+    if not isinstance(norm, SUPPORTED_NORMS) or len(norm.normalized_shape) != 1:
+        raise TypeError(
+            f"tokenmerge does not support norm layer {type(norm).__name__} ({where}), "
+            f"only norms of single tokens. Supported: {SUPPORTED}"
+        )
+
+
+def depth(model: nn.Module) -> int:
+    return len(model.encoder.layers)
+
+
+def input_size(model: nn.Module) -> tuple[int, int]:
+    return model.image_size, model.image_size
+
+
+def token_layout(model: nn.Module, img_size: Optional[tuple[int, int]] = None) -> tuple[int, int]:
+    _check_img_size(model, img_size)
+    return model.seq_length, NUM_PROTECTED
+
+
+def _check_img_size(model: nn.Module, img_size: Optional[tuple[int, int]]) -> None:
+    if img_size is not None and tuple(img_size) != input_size(model):
+        raise ValueError(
+            f"torchvision's VisionTransformer takes only {model.image_size}x{model.image_size} inputs, "
+            f"got {img_size[0]}x{img_size[1]}; resize the images to its image_size"
+        )
+
+
+def flop_shape(model: nn.Module, img_size: Optional[tuple[int, int]] = None) -> FlopShape:
+    _check_img_size(model, img_size)
+    blocks = list(model.encoder.layers)
+    return FlopShape(
+        stem=_stem_flops(model.conv_proj, model.image_size),
+        head=linear_flops_per_token(model.heads),
+        attention_linear=tuple(_attention_linear_flops(block.self_attention) for block in blocks),
+        mlp_linear=tuple(linear_flops_per_token(block.mlp) for block in blocks),
+        attention_width=tuple(block.self_attention.embed_dim for block in blocks),
+        key_size=tuple(block.self_attention.head_dim for block in blocks),
+    )
+
+
+def _attention_linear_flops(attention: nn.MultiheadAttention) -> int:
+    """Per token: the packed input projection (a bare parameter, not an ``nn.Linear``)
+    and the output projection."""
+    return 2 * attention.in_proj_weight.numel() + linear_flops_per_token(attention.out_proj)
+
+
+def _stem_flops(stem: nn.Module, image_size: int) -> int:
+    """FLOPs of the convolutions that turn an image into patch tokens: the single
+    patchifying convolution, or every convolution of a convolutional stem in turn."""
+    height = width = image_size
+    total = 0
+    for conv in (module for module in stem.modules() if isinstance(module, nn.Conv2d)):
+        height, width = _conv_output_length(conv, height, 0), _conv_output_length(conv, width, 1)
+        total += 2 * height * width * conv.out_channels * conv.weight[0].numel()
+    return total
+
+
+def _conv_output_length(conv: nn.Conv2d, length: int, dim: int) -> int:
+    if conv.padding == "same":
+        return length
+    padding = 0 if conv.padding == "valid" else conv.padding[dim]
+    reach = conv.dilation[dim] * (conv.kernel_size[dim] - 1) + 1
+    return (length + 2 * padding - reach) // conv.stride[dim] + 1
+
+
+def patch(model: nn.Module, state: MergeState) -> None:
+    for index, block in enumerate(model.encoder.layers):
+        block._tokenmerge_state, block._tokenmerge_index = state, index
+        swap_class(block, MergingEncoderBlock)
+    model.encoder._tokenmerge_state = state
+    swap_class(model.encoder, MergingEncoder)
+    model._tokenmerge_state = state
+
+
+def unpatch(model: nn.Module) -> None:
+    for block in model.encoder.layers:
+        restore_class(block)
+        del block._tokenmerge_state, block._tokenmerge_index
+    restore_class(model.encoder)
+    del model.encoder._tokenmerge_state, model._tokenmerge_state
+
+
+class MergingEncoderBlock:
+    """torchvision ``EncoderBlock`` that merges tokens between its attention and MLP branches."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        state: MergeState = self._tokenmerge_state
+        index = self._tokenmerge_index
+        if state.passes_through(index):
+            return state.pass_through(index, super().forward(input))
+        if input.dim() != 3:
+            raise ValueError(f"Expected (batch_size, seq_length, hidden_dim) got {tuple(input.shape)}")
+        out, plan = multihead_attention_with_plan(
+            self.self_attention, self.ln_1(input), state.attention_size(index), partial(state.plan, index)
+        )
+        x = self.dropout(out) + input
+        x = state.reduce(index, x, plan)
+        return x + self.mlp(self.ln_2(x))
+
+
+class MergingEncoder:
+    """torchvision ``Encoder`` that starts a merging forward pass: its input is the
+    class token followed by the patch tokens."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._tokenmerge_state.begin(NUM_PROTECTED)
+        return super().forward(input)
