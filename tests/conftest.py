@@ -52,3 +52,26 @@ def predict(model, images, batch_size=100):
     """Top-1 class of every image, in batches, without gradients."""
     with torch.no_grad():
         return torch.cat([model(batch).argmax(-1) for batch in images.split(batch_size)])
+
+
+@pytest.fixture(scope="session")
+def timm_sample_predictions(timm_vit_tiny, imagenet_sample):
+    """``predictions(r)``: the shared ViT-Ti's top-1 class for every image of the shared
+    sample, unpatched (``r=None``) or merged with ``r``; each computed once per session."""
+    import tokenmerge
+
+    images = imagenet_sample[0]
+    cache = {}
+
+    def predictions(r=None):
+        if r not in cache:
+            if r is not None:
+                tokenmerge.apply(timm_vit_tiny, r=r)
+            try:
+                cache[r] = predict(timm_vit_tiny, images)
+            finally:
+                if r is not None:
+                    tokenmerge.remove(timm_vit_tiny)
+        return cache[r]
+
+    return predictions

@@ -201,6 +201,13 @@ def _ones(rows: int, device: torch.device) -> Tensor:
         return torch.ones(rows, 1, device=device)
 
 
+def weighted_mean(x: Tensor, size: Tensor) -> Tensor:
+    """Mean of (B, N, C) tokens over N in which each token counts as many times as the
+    patches it stands for (sizes (B, N, 1)): the mean over patches of the unmerged
+    tokens, for tokens that are averages. Half precision is averaged in float32."""
+    return ((x.float() * size).sum(dim=1) / size.sum(dim=1)).to(x.dtype)
+
+
 def initial_source(batch_size: int, num_tokens: int, device: torch.device | None = None) -> Tensor:
     """The source map before any merge: every input token is its own token."""
     return torch.arange(num_tokens, device=device).expand(batch_size, -1)

@@ -11,15 +11,11 @@ def pretrained(timm_vit_tiny, imagenet_sample):
     return (timm_vit_tiny, *imagenet_sample)
 
 
-def test_accuracy_on_the_shared_sample(pretrained):
+def test_accuracy_on_the_shared_sample(pretrained, timm_sample_predictions):
     model, images, labels = pretrained
     assert len(labels) == 500
     plain = predict(model, images)
-    rows = [("timm", plain)]
-    for r in (0, 8, 13):
-        tokenmerge.apply(model, r=r)
-        rows.append((f"r={r}", predict(model, images)))
-    tokenmerge.remove(model)
+    rows = [("timm", plain)] + [(f"r={r}", timm_sample_predictions(r)) for r in (0, 8, 13)]
     top1 = {name: (pred == labels).float().mean().item() * 100 for name, pred in rows}
     print("\nViT-Ti AugReg on the 500-image ImageNet sample")
     print(f"{'setting':>8} | {'tokens left':>11} | {'top-1 %':>7}")

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..attention import log_size_bias, proportional_attention
 from ..flops import FlopShape, linear_flops_per_token
+from ..merge import weighted_mean
 from ..state import MergeState, restore_class, swap_class
 
 T = TypeVar("T")
@@ -167,14 +168,10 @@ class MergingVisionTransformer:
             x, size = x[:, self.num_prefix_tokens:], size[:, self.num_prefix_tokens:]
         if self.attn_pool is not None:
             return self.attn_pool(x, attn_mask=log_size_bias(size, x.dtype) if state.prop_attn else None)
-        mean = _weighted_mean(x, size)
+        mean = weighted_mean(x, size)
         if pool_type == "avg":
             return mean
         if pool_type == "avgmax":
             return 0.5 * (x.amax(dim=1) + mean)
         raise NotImplementedError(f"tokenmerge does not support global_pool={pool_type!r}")
 
-
-def _weighted_mean(x: Tensor, size: Tensor) -> Tensor:
-    """Mean over tokens in which each token counts as many times as the patches it holds."""
-    return ((x.float() * size).sum(dim=1) / size.sum(dim=1)).to(x.dtype)

@@ -1,0 +1,361 @@
+"""open_clip: ``CLIP`` and ``CustomTextCLIP`` whose visual tower is open_clip's own
+``VisionTransformer``, or that ``VisionTransformer`` alone, built of
+``ResidualAttentionBlock`` with ``nn.MultiheadAttention``.
+
+Only the visual tower merges; the text tower keeps its classes and computes exactly
+what it computed before. Image embeddings (``encode_image``) and the image half of
+zero-shot logits therefore come from merged tokens.
+
+Supported options of the visual tower: LayerScale (``ls_init_value``), batch-first or
+sequence-first transformers, gradient checkpointing, ``tok``, ``avg`` (weighted by
+token size) and ``none`` pooling with the LayerNorm before or after pooling
+(``final_ln_after_pool``), and ``AttentionalPooler`` pooling (``attentional_pool``
+True, ``'parallel'`` or ``'cascade'``), whose keys get the log-size bias under
+proportional attention. The class token, always present, is the only protected
+token. CoCa is refused: its text decoder attends to the image tokens without their
+sizes.
+
+Merging changes what token outputs mean:
+
+* with ``output_tokens=True`` or ``pool_type='none'`` the tower returns the merged
+  tokens (fewer than the patches); ``tokenmerge.get_state(model).size`` gives how
+  many patches each stands for, and ``source`` (with ``trace_source``) which ones;
+* ``forward_intermediates`` returns patch grids, which merged tokens no longer form:
+  it is refused while anything merges.
+
+Patch dropout in training keeps a random subset of the patches; blocks then merge
+among the kept tokens, so counts are lower than :func:`tokenmerge.token_counts`
+reports (which, like the FLOP estimates, describe evaluation) and sizes sum to the
+number of kept patches. It is refused only when it may drop the class token.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Optional
+
+from open_clip.model import CLIP, CustomTextCLIP
+from open_clip.transformer import (
+    AttentionalPooler,
+    PatchDropout,
+    ResidualAttentionBlock,
+    Transformer,
+    VisionTransformer,
+)
+from torch import Tensor, nn
+
+from ..attention import log_size_bias
+from ..flops import FlopShape, linear_flops_per_token
+from ..merge import weighted_mean
+from ..state import MergeState, restore_class, swap_class
+from .multihead import check_multihead, multihead_attention_with_plan
+
+SUPPORTED = (
+    "open_clip CLIP and CustomTextCLIP whose visual tower is open_clip.transformer.VisionTransformer, "
+    "or that VisionTransformer alone, with a Transformer of ResidualAttentionBlock blocks "
+    "(nn.MultiheadAttention, LayerNorm, optional LayerScale), pooling tok, avg, none or AttentionalPooler"
+)
+SUPPORTED_MODELS = (CLIP, CustomTextCLIP, VisionTransformer)
+SUPPORTED_POOLS = ("tok", "avg", "none")
+SUPPORTED_ATTENTION_POOLS = ("", "parallel", "cascade")
+BLOCK_CHILDREN = {"ln_1", "attn", "ls_1", "ln_2", "mlp", "ls_2"}
+NUM_PROTECTED = 1  # the class token
+
+
+def check(model: nn.Module) -> None:
+    if type(model) not in SUPPORTED_MODELS:
+        raise TypeError(f"tokenmerge does not support open_clip's {type(model).__name__}. Supported: {SUPPORTED}")
+    visual = _vision_tower(model)
+    prefix = "" if visual is model else "visual."
+    if type(visual) is not VisionTransformer:
+        raise TypeError(
+            f"tokenmerge does not support visual tower class {type(visual).__name__} (visual). "
+            f"Supported: {SUPPORTED}"
+        )
+    transformer = visual.transformer
+    if type(transformer) is not Transformer:
+        raise TypeError(
+            f"tokenmerge does not support transformer class {type(transformer).__name__} "
+            f"({prefix}transformer). Supported: {SUPPORTED}"
+        )
+    for index, block in enumerate(transformer.resblocks):
+        _check_block(block, transformer.batch_first, f"{prefix}transformer.resblocks.{index}")
+    _check_pooling(visual, prefix)
+    _check_patch_dropout(visual.patch_dropout, f"{prefix}patch_dropout")
+
+
+def _check_block(block: nn.Module, batch_first: bool, where: str) -> None:
+    if type(block) is not ResidualAttentionBlock:
+        raise TypeError(
+            f"tokenmerge does not support block class {type(block).__name__} ({where}). Supported: {SUPPORTED}"
+        )
+    extra = {name for name, _ in block.named_children()} - BLOCK_CHILDREN
+    if extra:
+        # ln_1_kv: a cross-attention block
+        raise TypeError(
+            f"tokenmerge does not support ResidualAttentionBlock with {', '.join(sorted(extra))} ({where}). "
+            f"Supported: {SUPPORTED}"
+        )
+    check_multihead(block.attn, f"{where}.attn")
+    if block.attn.batch_first != batch_first:
+        raise TypeError(
+            f"tokenmerge does not support nn.MultiheadAttention with batch_first={block.attn.batch_first} "
+            f"in a Transformer with batch_first={batch_first} ({where}.attn): it attends across the batch"
+        )
+    for name in ("ln_1", "ln_2"):
+        _check_norm(getattr(block, name), f"{where}.{name}")
+
+
+def _check_norm(norm: nn.Module, where: str) -> None:
+    """Refuse norms that may mix tokens: merged tokens are only exact for norms of one token."""
+    if not isinstance(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1:
+        raise TypeError(
+            f"tokenmerge does not support norm layer {type(norm).__name__} ({where}); "
+            "expected a LayerNorm over the hidden dimension"
+        )
+
+
+def _check_pooling(visual: VisionTransformer, prefix: str) -> None:
+    if visual.pool_type not in SUPPORTED_POOLS:
+        raise TypeError(f"tokenmerge does not support pool_type={visual.pool_type!r}. Supported: {SUPPORTED}")
+    if visual.attn_pool is None:
+        return
+    if visual.attn_pool_type not in SUPPORTED_ATTENTION_POOLS:
+        raise TypeError(
+            f"tokenmerge does not support attentional_pool={visual.attn_pool_type!r}. Supported: {SUPPORTED}"
+        )
+    for name in ("attn_pool", "attn_pool_contrastive"):
+        pooler = getattr(visual, name)
+        if pooler is None:
+            continue
+        if type(pooler) is not AttentionalPooler:
+            raise TypeError(
+                f"tokenmerge does not support pooling module {type(pooler).__name__} ({prefix}{name}). "
+                f"Supported: {SUPPORTED}"
+            )
+        if not isinstance(pooler.attn, nn.MultiheadAttention) or not pooler.attn.batch_first:
+            raise TypeError(
+                f"tokenmerge does not support AttentionalPooler attention {type(pooler.attn).__name__} "
+                f"({prefix}{name}.attn); expected a batch-first nn.MultiheadAttention"
+            )
+
+
+def _check_patch_dropout(dropout: nn.Module, where: str) -> None:
+    if type(dropout) is nn.Identity:
+        return
+    if type(dropout) is not PatchDropout:
+        raise TypeError(
+            f"tokenmerge does not support patch dropout module {type(dropout).__name__} ({where}); "
+            "expected open_clip's PatchDropout"
+        )
+    if not dropout.exclude_first_token:
+        raise TypeError(
+            f"tokenmerge does not support PatchDropout with exclude_first_token=False ({where}): "
+            "it may drop or move the class token, which must stay first"
+        )
+
+
+def _vision_tower(model: nn.Module) -> VisionTransformer:
+    return model if isinstance(model, VisionTransformer) else model.visual
+
+
+def depth(model: nn.Module) -> int:
+    return len(_vision_tower(model).transformer.resblocks)
+
+
+def input_size(model: nn.Module) -> tuple[int, int]:
+    return tuple(_vision_tower(model).image_size)
+
+
+def token_layout(model: nn.Module, img_size: Optional[tuple[int, int]] = None) -> tuple[int, int]:
+    _check_img_size(model, img_size)
+    grid_height, grid_width = _vision_tower(model).grid_size
+    return grid_height * grid_width + NUM_PROTECTED, NUM_PROTECTED
+
+
+def _check_img_size(model: nn.Module, img_size: Optional[tuple[int, int]]) -> None:
+    if img_size is not None and tuple(img_size) != input_size(model):
+        height, width = input_size(model)
+        raise ValueError(
+            f"open_clip's VisionTransformer takes only {height}x{width} inputs (its position embedding is "
+            f"fixed), got {img_size[0]}x{img_size[1]}; resize the images to its image_size"
+        )
+
+
+def flop_shape(model: nn.Module, img_size: Optional[tuple[int, int]] = None) -> FlopShape:
+    num_tokens = token_layout(model, img_size)[0]
+    visual = _vision_tower(model)
+    blocks = list(visual.transformer.resblocks)
+    return FlopShape(
+        stem=(num_tokens - NUM_PROTECTED) * 2 * visual.conv1.weight.numel(),
+        head=_head_flops(visual, num_tokens),
+        attention_linear=tuple(_attention_linear_flops(block.attn) for block in blocks),
+        mlp_linear=tuple(linear_flops_per_token(block.mlp) for block in blocks),
+        attention_width=tuple(block.attn.embed_dim for block in blocks),
+        key_size=tuple(block.attn.head_dim for block in blocks),
+    )
+
+
+def _attention_linear_flops(attention: nn.MultiheadAttention) -> int:
+    """Per token: the packed input projection (a bare parameter, not an ``nn.Linear``)
+    and the output projection."""
+    return 2 * attention.in_proj_weight.numel() + linear_flops_per_token(attention.out_proj)
+
+
+def _head_flops(visual: VisionTransformer, num_tokens: int) -> int:
+    """Pooling and projection. What they spend on the tokens that reach them (an
+    attention pooler's keys and values, the projection of every token under
+    ``pool_type='none'``) is counted for ``num_tokens`` tokens, the unmerged count:
+    exact without merging, an upper bound with it."""
+    if visual.attn_pool is None:
+        total, num_pooled = 0, num_tokens if visual.pool_type == "none" else 1
+    else:
+        num_queries = visual.attn_pool.query.shape[0]
+        total = _attention_pool_flops(visual.attn_pool, num_tokens)
+        if visual.attn_pool_contrastive is None:
+            num_pooled = num_queries if visual.pool_type == "none" else 1
+        else:
+            num_keys = num_tokens if visual.attn_pool_type == "parallel" else num_queries
+            total += _attention_pool_flops(visual.attn_pool_contrastive, num_keys)
+            num_pooled = 1
+    if visual.proj is not None:
+        total += num_pooled * 2 * visual.proj.numel()
+    return total
+
+
+def _attention_pool_flops(pooler: AttentionalPooler, num_keys: int) -> int:
+    """An ``AttentionalPooler`` over ``num_keys`` tokens: projections of its queries and
+    of the keys and values, the attention products, and the output projection."""
+    attention = pooler.attn
+    num_queries, width = pooler.query.shape
+    queries = 2 * num_queries * width * width
+    keys_values = 2 * num_keys * width * (attention.kdim + attention.vdim)
+    products = 4 * num_queries * num_keys * width
+    return queries + keys_values + products + num_queries * linear_flops_per_token(attention.out_proj)
+
+
+def patch(model: nn.Module, state: MergeState) -> None:
+    visual = _vision_tower(model)
+    for index, block in enumerate(visual.transformer.resblocks):
+        block._tokenmerge_state, block._tokenmerge_index = state, index
+        swap_class(block, MergingBlock)
+    visual._tokenmerge_state = state
+    swap_class(visual, MergingVisionTransformer)
+    model._tokenmerge_state = state
+
+
+def unpatch(model: nn.Module) -> None:
+    visual = _vision_tower(model)
+    for block in visual.transformer.resblocks:
+        restore_class(block)
+        del block._tokenmerge_state, block._tokenmerge_index
+    restore_class(visual)
+    del visual._tokenmerge_state
+    if model is not visual:
+        del model._tokenmerge_state
+
+
+def _switch_layout(block: ResidualAttentionBlock, x: Tensor) -> Tensor:
+    """For a block whose transformer runs sequence-first: its tokens (N, B, C) as
+    batch-first (B, N, C), and back. For a batch-first block: the tokens unchanged."""
+    return x if block.attn.batch_first else x.transpose(0, 1)
+
+
+class MergingBlock:
+    """open_clip ``ResidualAttentionBlock`` that merges tokens between its attention
+    and MLP branches."""
+
+    def forward(
+        self,
+        q_x: Tensor,
+        k_x: Optional[Tensor] = None,
+        v_x: Optional[Tensor] = None,
+        attn_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        state: MergeState = self._tokenmerge_state
+        index = self._tokenmerge_index
+        if k_x is not None or v_x is not None:
+            raise NotImplementedError("tokenmerge does not support cross attention (k_x, v_x) in open_clip blocks")
+        if attn_mask is not None and state.merges_anything():
+            raise NotImplementedError(
+                "tokenmerge does not support attn_mask in open_clip's visual blocks while merging: "
+                "the mask no longer fits the merged tokens; set r=0 or pass no mask"
+            )
+        if state.passes_through(index):
+            out = super().forward(q_x, attn_mask=attn_mask)
+            state.pass_through(index, _switch_layout(self, out))
+            return out
+        x = _switch_layout(self, q_x)
+        out, plan = multihead_attention_with_plan(
+            self.attn, self.ln_1(x), state.attention_size(index), partial(state.plan, index)
+        )
+        x = x + self.ls_1(out)
+        x = state.reduce(index, x, plan)
+        x = x + self.ls_2(self.mlp(self.ln_2(x)))
+        return _switch_layout(self, x)
+
+
+class MergingVisionTransformer:
+    """open_clip ``VisionTransformer`` that starts a merging pass for every batch of
+    images and pools merged tokens by the patches they stand for."""
+
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        self._tokenmerge_state.begin(NUM_PROTECTED)
+        return super().forward(x)
+
+    def forward_intermediates(self, x: Tensor, *args, **kwargs):
+        state: MergeState = self._tokenmerge_state
+        if state.merges_anything():
+            raise NotImplementedError(
+                "forward_intermediates returns patch grids, which merged tokens no longer form; "
+                "use forward or encode_image, or set r=0"
+            )
+        state.begin(NUM_PROTECTED)
+        return super().forward_intermediates(x, *args, **kwargs)
+
+    def _pool(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        state: MergeState = self._tokenmerge_state
+        size = state.size
+        if size is None:
+            return super()._pool(x)
+        if self.attn_pool is not None:
+            return _attention_pool_by_size(self, x, log_size_bias(size, x.dtype) if state.prop_attn else None)
+        if self.final_ln_after_pool:
+            pooled, tokens = _global_pool_by_size(self, x, size)
+            return self.ln_post(pooled), tokens
+        return _global_pool_by_size(self, self.ln_post(x), size)
+
+
+def _global_pool_by_size(visual: VisionTransformer, x: Tensor, size: Tensor) -> tuple[Tensor, Tensor]:
+    """``VisionTransformer._global_pool`` with the patch tokens' average weighted by size."""
+    if visual.pool_type == "avg":
+        patches = x[:, NUM_PROTECTED:]
+        return weighted_mean(patches, size[:, NUM_PROTECTED:]), patches
+    return visual._global_pool(x)
+
+
+def _attention_pool_by_size(visual: VisionTransformer, x: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """``VisionTransformer._pool`` with attention pooling, in which the poolers that
+    attend to the tokens get ``bias`` (B, 1, 1, N) on their keys."""
+    if visual.attn_pool_contrastive is None:
+        # open_clip's CoCa layout: attention pooling, then the norm and pooling over the queries
+        return visual._global_pool(visual.ln_post(_attention_pool(visual.attn_pool, x, bias)))
+    x = visual.ln_post(x)
+    tokens = _attention_pool(visual.attn_pool, x, bias)
+    if visual.attn_pool_type == "parallel":
+        return _attention_pool(visual.attn_pool_contrastive, x, bias), tokens
+    return visual.attn_pool_contrastive(tokens), tokens
+
+
+def _attention_pool(pooler: AttentionalPooler, x: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``AttentionalPooler.forward`` with ``bias`` (B, 1, 1, N) added to its attention
+    logits, or the pooler itself when there is none."""
+    if bias is None:
+        return pooler(x)
+    batch, num_tokens = x.shape[:2]
+    keys = pooler.ln_k(x)
+    queries = pooler.ln_q(pooler.query).unsqueeze(0).expand(batch, -1, -1)
+    num_queries = queries.shape[1]
+    mask = bias.expand(batch, pooler.attn.num_heads, num_queries, num_tokens)
+    mask = mask.reshape(batch * pooler.attn.num_heads, num_queries, num_tokens).to(queries.dtype)
+    return pooler.attn(queries, keys, keys, need_weights=False, attn_mask=mask)[0]
+
