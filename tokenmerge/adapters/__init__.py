@@ -47,7 +47,8 @@ SUMMARIES = {
     "timm": "VisionTransformer and VisionTransformerDistilled",
     "transformers": "ViTModel, ViTForImageClassification, DeiTModel, DeiTForImageClassification(WithTeacher), "
     "CLIPVisionModel, CLIPVisionModelWithProjection, CLIPModel (vision tower), Dinov2Model, "
-    "Dinov2WithRegistersModel, SiglipVisionModel",
+    "Dinov2ForImageClassification, Dinov2WithRegistersModel, Dinov2WithRegistersForImageClassification, "
+    "SiglipVisionModel",
     "open_clip": "CLIP with a VisionTransformer visual tower, or that VisionTransformer",
     "torchvision": "VisionTransformer (vit_b_16, vit_b_32, vit_l_16, vit_l_32, vit_h_14)",
 }

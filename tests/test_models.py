@@ -1,0 +1,116 @@
+"""Models of every supported library through the command line: ``--library`` with
+``--model`` and ``--checkpoint`` for ``bench`` and ``eval``, and clear errors."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tokenmerge.cli import main
+from tokenmerge.models import ImageModel, load_model, unwrap
+
+FAST = ["--runs", "1", "--warmup", "0", "--batch-size", "2"]
+CLASSES = ["cat", "dog", "fish"]
+
+
+@pytest.fixture(scope="module")
+def class_folder(tmp_path_factory):
+    """Three class folders of two random pictures each, and their class map."""
+    root = tmp_path_factory.mktemp("classes")
+    generator = np.random.default_rng(0)
+    for name in CLASSES:
+        (root / name).mkdir()
+        for index in range(2):
+            pixels = generator.integers(0, 255, (48, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{index}.png")
+    class_map = root.parent / "classes.txt"
+    class_map.write_text("\n".join(CLASSES) + "\n")
+    return root, class_map
+
+
+@pytest.fixture(scope="module")
+def transformers_folder(tmp_path_factory):
+    """A small ViTForImageClassification and its image processor, written by save_pretrained."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("hf-vit")
+    config = transformers.ViTConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
+                                    image_size=32, patch_size=8, num_labels=len(CLASSES))
+    transformers.ViTForImageClassification(config).save_pretrained(folder)
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def bench_rows(path):
+    return {row["setting"]: row for row in json.loads(path.read_text())["rows"]}
+
+
+def test_bench_a_transformers_folder(transformers_folder, tmp_path):
+    output = tmp_path / "bench.json"
+    assert main(["bench", "--library", "transformers", "--model", "vit-small-test", "--checkpoint",
+                 str(transformers_folder), "--r", "0,2", "--output", str(output), *FAST]) == 0
+    rows = bench_rows(output)
+    assert rows["unpatched"]["tokens_left"] == 17 and rows["r=2"]["tokens_left"] == 11
+    assert rows["r=2"]["gflops"] == pytest.approx(rows["r=2"]["counted_gflops"], rel=0.03)
+
+
+def test_eval_a_transformers_classifier(transformers_folder, class_folder, tmp_path):
+    root, class_map = class_folder
+    output = tmp_path / "eval.json"
+    assert main(["eval", "--library", "transformers", "--model", str(transformers_folder), "--data", str(root),
+                 "--class-map", str(class_map), "--r", "0,2", "--batch-size", "4", "--output", str(output)]) == 0
+    rows = {row["setting"]: row for row in json.loads(output.read_text())["rows"]}
+    assert rows["unpatched"]["images"] == 6
+    assert rows["r=0"]["top1_correct"] == rows["unpatched"]["top1_correct"]
+
+
+def test_bench_a_torchvision_model(tmp_path):
+    output = tmp_path / "bench.json"
+    assert main(["bench", "--library", "torchvision", "--model", "vit_b_32", "--r", "0,4", "--output", str(output),
+                 *FAST]) == 0
+    rows = bench_rows(output)
+    assert rows["unpatched"]["tokens_left"] == 50 and rows["r=4"]["tokens_left"] == 4
+
+
+def test_torchvision_checkpoint_must_fit(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    small = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2,
+                                                 hidden_dim=32, mlp_dim=64)
+    checkpoint = tmp_path / "small.pth"
+    torch.save(small.state_dict(), checkpoint)
+    with pytest.raises(ValueError, match="does not fit model vit_b_32"):
+        load_model("torchvision", "vit_b_32", checkpoint)
+
+
+def test_bench_and_zero_shot_eval_an_open_clip_model(class_folder, tmp_path):
+    pytest.importorskip("open_clip")
+    root, class_map = class_folder
+    output = tmp_path / "bench.json"
+    assert main(["bench", "--library", "open_clip", "--model", "ViT-B-32", "--r", "0,4", "--output", str(output),
+                 *FAST]) == 0
+    assert bench_rows(output)["r=4"]["tokens_left"] == 4
+    output = tmp_path / "eval.json"
+    assert main(["eval", "--library", "open_clip", "--model", "ViT-B-32", "--data", str(root),
+                 "--class-map", str(class_map), "--r", "0,4", "--batch-size", "6", "--output", str(output)]) == 0
+    rows = {row["setting"]: row for row in json.loads(output.read_text())["rows"]}
+    assert rows["r=0"]["top1_correct"] == rows["unpatched"]["top1_correct"] and rows["r=4"]["images"] == 6
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--library", "torchvision", "--model", "vit_b_99"], "torchvision has no model named 'vit_b_99'"),
+    (["--library", "open_clip", "--model", "ViT-Q-99"], "open_clip has no model named 'ViT-Q-99'"),
+    (["--library", "transformers", "--model", "no/such-model"], "give --checkpoint DIR"),
+    (["--library", "torchvision", "--model", "vit_b_32", "--checkpoint", "missing.pth"], "does not exist"),
+])
+def test_unknown_models_are_clear_errors(args, message, capsys):
+    assert main(["bench", *args, *FAST]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_image_model_wraps_the_network_that_gets_patched():
+    model = load_model("timm", "vit_tiny_patch16_224")
+    assert isinstance(model, ImageModel) and unwrap(model) is model.network and unwrap(model.network) is model.network
+    assert model.num_classes == 1000 and model.transform is not None
+    images = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(model(images), model.network(images))

@@ -1,0 +1,453 @@
+"""transformers 5: ViT, DeiT, CLIP (vision tower), DINOv2 (with or without registers)
+and SigLIP (vision) models built from their own layer and attention classes, under
+the ``eager`` and ``sdpa`` attention implementations.
+
+The layers, their attention modules, the patch embeddings and the modules that pool
+tokens are patched; the ``PreTrainedModel`` classes whose forward records hidden states
+and attentions are not, because transformers looks up what a model records by its
+exact class. The embeddings run once per forward pass, before any layer, so they are
+what starts the pass. Attention goes through the library's own attention function for
+the configured implementation, with the log-size bias as its additive attention mask.
+With ``output_hidden_states`` or ``output_attentions`` (eager), every layer reports the
+tokens it received and left, so later layers report fewer tokens.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Optional
+
+import torch
+import transformers
+from torch import Tensor
+from transformers.modeling_outputs import ImageClassifierOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.clip import modeling_clip as clip
+from transformers.models.deit import modeling_deit as deit
+from transformers.models.dinov2 import modeling_dinov2 as dinov2
+from transformers.models.dinov2_with_registers import modeling_dinov2_with_registers as dinov2_registers
+from transformers.models.siglip import modeling_siglip as siglip
+from transformers.models.vit import modeling_vit as vit
+from transformers.utils.generic import can_return_tuple
+
+from ..attention import log_size_bias
+from ..flops import FlopShape, linear_flops_per_token
+from ..merge import weighted_mean
+from ..state import MergeState, is_swapped, restore_class, swap_class
+from .multihead import check_multihead
+
+if int(transformers.__version__.split(".")[0]) < 5:
+    raise ImportError(f"tokenmerge supports transformers 5, found transformers {transformers.__version__}")
+
+SUPPORTED = (
+    "transformers ViTModel, ViTForImageClassification, DeiTModel, DeiTForImageClassification, "
+    "DeiTForImageClassificationWithTeacher, CLIPVisionModel, CLIPVisionModelWithProjection, CLIPModel "
+    "(its vision tower), Dinov2Model, Dinov2ForImageClassification, Dinov2WithRegistersModel, "
+    "Dinov2WithRegistersForImageClassification and SiglipVisionModel, built from their own layer and "
+    "attention classes, with attn_implementation eager or sdpa"
+)
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
+
+# What a merging layer hands its attention: the sizes for proportional attention (or
+# None), and the function that plans the merge from the keys.
+Merging = tuple[Optional[Tensor], Callable[[Tensor], object]]
+# An attention branch's output, and the plan made from its keys.
+Branch = tuple[Tensor, object]
+
+
+class MergingEmbeddings:
+    """Patch embeddings that start a forward pass of the merge state: a vision tower
+    runs them once, before any of its layers."""
+
+    def forward(self, *args, **kwargs) -> Tensor:
+        self._tokenmerge_state.begin(self._tokenmerge_num_protected)
+        return super().forward(*args, **kwargs)
+
+
+class MergingLayer:
+    """A transformer layer that merges tokens between its attention and MLP branches.
+    Subclasses build the two residual branches the way their layer class does."""
+
+    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, **kwargs) -> Tensor:
+        state: MergeState = self._tokenmerge_state
+        index = self._tokenmerge_index
+        if state.passes_through(index):
+            return state.pass_through(index, super().forward(hidden_states, attention_mask, **kwargs))
+        merging = (state.attention_size(index), partial(state.plan, index))
+        out, plan = self._attention_branch(hidden_states, attention_mask, merging, kwargs)
+        x = state.reduce(index, hidden_states + out, plan)
+        return x + self._mlp_branch(x)
+
+
+class MergingViTLayer(MergingLayer):
+    """ViT and DeiT layers: pre-norm branches, each followed by dropout."""
+
+    def _attention_branch(self, x: Tensor, mask: Optional[Tensor], merging: Merging, kwargs: dict) -> Branch:
+        out, _, plan = self.attention(self.layernorm_before(x), mask, tokenmerge=merging, **kwargs)
+        return self.dropout(out), plan
+
+    def _mlp_branch(self, x: Tensor) -> Tensor:
+        return self.dropout(self.mlp(self.layernorm_after(x)))
+
+
+class MergingCLIPLayer(MergingLayer):
+    """CLIP and SigLIP encoder layers: plain pre-norm branches."""
+
+    def _attention_branch(self, x: Tensor, mask: Optional[Tensor], merging: Merging, kwargs: dict) -> Branch:
+        out, _, plan = self.self_attn(self.layer_norm1(x), mask, tokenmerge=merging, **kwargs)
+        return out, plan
+
+    def _mlp_branch(self, x: Tensor) -> Tensor:
+        return self.mlp(self.layer_norm2(x))
+
+
+class MergingDinov2Layer(MergingLayer):
+    """DINOv2 layers: pre-norm branches scaled by LayerScale, with drop path."""
+
+    def _attention_branch(self, x: Tensor, mask: Optional[Tensor], merging: Merging, kwargs: dict) -> Branch:
+        out, _, plan = self.attention(self.norm1(x), mask, tokenmerge=merging, **kwargs)
+        return self.drop_path(self.layer_scale1(out)), plan
+
+    def _mlp_branch(self, x: Tensor) -> Tensor:
+        return self.drop_path(self.layer_scale2(self.mlp(self.norm2(x))))
+
+
+class MergingAttention:
+    """Attention that, for a layer that merges, plans the merge from its keys as soon
+    as they exist and weighs every key by the patches it stands for. ``tokenmerge`` is
+    (sizes (B, N, 1) or None, planning function); without it this is the unpatched
+    attention. Returns (output, attention weights or None, plan). A mask of the
+    model's own would mask the token grid that merging changes, so it is refused."""
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        attention_mask: Optional[Tensor] = None,
+        tokenmerge: Optional[Merging] = None,
+        **kwargs,
+    ):
+        if tokenmerge is None:
+            return super().forward(hidden_states, attention_mask, **kwargs)
+        _check_implementation(self.config._attn_implementation)
+        if attention_mask is not None:
+            raise NotImplementedError(
+                "tokenmerge does not support an attention_mask while merging: it masks the token grid that "
+                "merging changes; pass no attention_mask, or set r=0"
+            )
+        size, plan = tokenmerge
+        scaling, dropout, output_projection = self._tokenmerge_parts()
+        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        query, key, value = (
+            projection(hidden_states).view(shape).transpose(1, 2)
+            for projection in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        planned = plan(key)
+        mask = None if size is None else log_size_bias(size, query.dtype)
+        out, weights = _attention_function(self)(
+            self, query, key, value, mask, dropout=dropout if self.training else 0.0, scaling=scaling, **kwargs
+        )
+        out = output_projection(out.reshape(*hidden_states.shape[:-1], -1).contiguous())
+        return out, weights, planned
+
+
+class MergingViTAttention(MergingAttention):
+    """ViT, DeiT and DINOv2 attention."""
+
+    def _tokenmerge_parts(self) -> tuple[float, float, torch.nn.Module]:
+        return self.scaling, self.attention_dropout, self.o_proj
+
+
+class MergingCLIPAttention(MergingAttention):
+    """CLIP and SigLIP attention."""
+
+    def _tokenmerge_parts(self) -> tuple[float, float, torch.nn.Module]:
+        return self.scale, self.dropout, self.out_proj
+
+
+def _check_implementation(implementation: Optional[str]) -> None:
+    """Refuse attention implementations that take no additive float mask."""
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise NotImplementedError(
+            f"tokenmerge merges tokens only with attn_implementation {' or '.join(ATTENTION_IMPLEMENTATIONS)}, "
+            f"got {implementation!r}; call model.set_attn_implementation('sdpa'), or set r=0"
+        )
+
+
+def _attention_function(attention: torch.nn.Module) -> Callable:
+    """The library's attention function for the implementation the module's config
+    names (its own module's eager function for ``eager``); both add the mask to the
+    attention logits, which is how the log-size bias reaches the keys."""
+    eager = sys.modules[type(attention)._tokenmerge_original.__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager)
+
+
+class MergingAttentionPoolingHead:
+    """SigLIP's attention-pooling head, whose probe attends to every token as to the
+    patches it holds when proportional attention is on."""
+
+    def forward(self, hidden_state: Tensor) -> Tensor:
+        state: MergeState = self._tokenmerge_state
+        size = state.size
+        if size is None or not state.prop_attn:
+            return super().forward(hidden_state)
+        if size.shape[:2] != hidden_state.shape[:2]:
+            raise ValueError(
+                f"the attention-pooling head got {hidden_state.shape[1]} tokens, but the last forward pass left "
+                f"{size.shape[1]}; it pools the tokens of the model's own forward pass"
+            )
+        batch, num_tokens = size.shape[:2]
+        heads = self.attention.num_heads
+        bias = log_size_bias(size, hidden_state.dtype).expand(batch, heads, 1, num_tokens)
+        probe = self.probe.repeat(batch, 1, 1)
+        bias = bias.reshape(batch * heads, 1, num_tokens)
+        pooled = self.attention(probe, hidden_state, hidden_state, attn_mask=bias)[0]
+        pooled = pooled + self.mlp(self.layernorm(pooled))
+        return pooled[:, 0]
+
+
+class MergingDinov2Classifier:
+    """DINOv2 classifier whose mean over patch tokens counts every token as many
+    times as the patches it holds."""
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        **kwargs,
+    ) -> ImageClassifierOutput:
+        outputs = getattr(self, self.base_model_prefix)(pixel_values, attention_mask=attention_mask, **kwargs)
+        tokens = outputs.last_hidden_state
+        state: MergeState = self._tokenmerge_state
+        prefix = state.num_protected
+        patch_mean = _mean_over_patches(tokens[:, prefix:], None if state.size is None else state.size[:, prefix:])
+        logits = self.classifier(torch.cat([tokens[:, 0], patch_mean], dim=1))
+        loss = None if labels is None else self.loss_function(labels, logits, self.config, **kwargs)
+        return ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+def _mean_over_patches(x: Tensor, size: Optional[Tensor]) -> Tensor:
+    """Mean over tokens in which each token counts as many times as the patches it
+    holds; the plain mean while nothing is merged."""
+    return x.mean(dim=1) if size is None else weighted_mean(x, size)
+
+
+@dataclass(frozen=True)
+class Tower:
+    """Where one vision transformer class keeps its parts, and how its layers are patched."""
+
+    layers: str  # attribute path of the layer list
+    layer: type
+    attention: str  # the layer's attribute holding its attention module
+    attention_class: type
+    layer_mixin: type
+    attention_mixin: type
+    patch_projection: str  # attribute path, from the embeddings, of the patch convolution
+    class_tokens: int  # class and distillation tokens; register tokens are counted from the embeddings
+    heads: tuple[str, ...] = ()  # linear heads of the tower itself (may be None)
+
+
+TOWERS = {
+    vit.ViTModel: Tower(
+        "layers", vit.ViTLayer, "attention", vit.ViTAttention, MergingViTLayer, MergingViTAttention,
+        "patch_embeddings.projection", 1, ("pooler",),
+    ),
+    deit.DeiTModel: Tower(
+        "layers", deit.DeiTLayer, "attention", deit.DeiTAttention, MergingViTLayer, MergingViTAttention,
+        "patch_embeddings.projection", 2, ("pooler",),
+    ),
+    clip.CLIPVisionModel: Tower(
+        "encoder.layers", clip.CLIPEncoderLayer, "self_attn", clip.CLIPAttention, MergingCLIPLayer,
+        MergingCLIPAttention, "patch_embedding", 1,
+    ),
+    siglip.SiglipVisionModel: Tower(
+        "encoder.layers", siglip.SiglipEncoderLayer, "self_attn", siglip.SiglipAttention, MergingCLIPLayer,
+        MergingCLIPAttention, "patch_embedding", 0,
+    ),
+    dinov2.Dinov2Model: Tower(
+        "encoder.layer", dinov2.Dinov2Layer, "attention", dinov2.Dinov2Attention, MergingDinov2Layer,
+        MergingViTAttention, "patch_embeddings.projection", 1,
+    ),
+    dinov2_registers.Dinov2WithRegistersModel: Tower(
+        "encoder.layer", dinov2_registers.Dinov2WithRegistersLayer, "attention",
+        dinov2_registers.Dinov2WithRegistersAttention, MergingDinov2Layer, MergingViTAttention,
+        "patch_embeddings.projection", 1,
+    ),
+}
+
+# Supported class -> (attribute holding its vision tower, "" for the tower itself;
+# its linear heads on top of the tower).
+MODELS: dict[type, tuple[str, tuple[str, ...]]] = {
+    **{tower: ("", ()) for tower in TOWERS},
+    vit.ViTForImageClassification: ("vit", ("classifier",)),
+    deit.DeiTForImageClassification: ("deit", ("classifier",)),
+    deit.DeiTForImageClassificationWithTeacher: ("deit", ("cls_classifier", "distillation_classifier")),
+    clip.CLIPVisionModelWithProjection: ("vision_model", ("visual_projection",)),
+    clip.CLIPModel: ("vision_model", ("visual_projection",)),
+    dinov2.Dinov2ForImageClassification: ("dinov2", ("classifier",)),
+    dinov2_registers.Dinov2WithRegistersForImageClassification: ("dinov2_with_registers", ("classifier",)),
+}
+PATCH_MEAN_CLASSIFIERS = (
+    dinov2.Dinov2ForImageClassification,
+    dinov2_registers.Dinov2WithRegistersForImageClassification,
+)
+
+
+def _model_class(model: torch.nn.Module) -> type:
+    """The model's own class, also while a pooling mixin is swapped in."""
+    return type(model)._tokenmerge_original if is_swapped(model) else type(model)
+
+
+def _tower(model: torch.nn.Module) -> torch.nn.Module:
+    name = MODELS[_model_class(model)][0]
+    return model.get_submodule(name) if name else model
+
+
+def _layers(tower: torch.nn.Module) -> torch.nn.ModuleList:
+    return tower.get_submodule(TOWERS[type(tower)].layers)
+
+
+def _num_prefix_tokens(tower: torch.nn.Module) -> int:
+    """Class, distillation and register tokens: they come first and are never merged."""
+    registers = getattr(tower.embeddings, "register_tokens", None)
+    return TOWERS[type(tower)].class_tokens + (0 if registers is None else registers.shape[1])
+
+
+def _pooling(model: torch.nn.Module) -> list[tuple[torch.nn.Module, type]]:
+    """The modules that pool tokens and must weigh them by size, with their mixins."""
+    tower = _tower(model)
+    found = []
+    if _model_class(model) in PATCH_MEAN_CLASSIFIERS:
+        found.append((model, MergingDinov2Classifier))
+    if type(tower) is siglip.SiglipVisionModel and tower.use_head:
+        found.append((tower.head, MergingAttentionPoolingHead))
+    return found
+
+
+def check(model: torch.nn.Module) -> None:
+    if type(model) not in MODELS:
+        raise TypeError(f"tokenmerge does not support transformers' {type(model).__name__}. Supported: {SUPPORTED}")
+    patched = [name for name, module in model.named_modules() if is_swapped(module)]
+    if patched:
+        raise TypeError(
+            f"tokenmerge is already applied to part of this {type(model).__name__} ({patched[0] or 'the model'}); "
+            "remove it there first"
+        )
+    tower = _tower(model)
+    if type(tower) not in TOWERS:
+        raise TypeError(
+            f"tokenmerge does not support vision tower class {type(tower).__name__}. Supported: {SUPPORTED}"
+        )
+    spec = TOWERS[type(tower)]
+    for index, layer in enumerate(_layers(tower)):
+        if type(layer) is not spec.layer:
+            raise TypeError(
+                f"tokenmerge does not support layer class {type(layer).__name__} ({spec.layers}.{index}). "
+                f"Supported: {SUPPORTED}"
+            )
+        attention = getattr(layer, spec.attention)
+        if type(attention) is not spec.attention_class:
+            raise TypeError(
+                f"tokenmerge does not support attention class {type(attention).__name__} "
+                f"({spec.layers}.{index}.{spec.attention}). Supported: {SUPPORTED}"
+            )
+    _check_implementation(tower.config._attn_implementation)
+    if type(tower) is siglip.SiglipVisionModel and tower.use_head:
+        if type(tower.head) is not siglip.SiglipMultiheadAttentionPoolingHead:
+            raise TypeError(
+                f"tokenmerge does not support pooling head {type(tower.head).__name__}. Supported: {SUPPORTED}"
+            )
+        check_multihead(tower.head.attention, "head.attention")
+
+
+def depth(model: torch.nn.Module) -> int:
+    return len(_layers(_tower(model)))
+
+
+def input_size(model: torch.nn.Module) -> tuple[int, int]:
+    size = _tower(model).config.image_size
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def token_layout(model: torch.nn.Module, img_size: Optional[tuple[int, int]] = None) -> tuple[int, int]:
+    tower = _tower(model)
+    projection = tower.embeddings.get_submodule(TOWERS[type(tower)].patch_projection)
+    height, width = input_size(model) if img_size is None else img_size
+    rows = (height - projection.kernel_size[0]) // projection.stride[0] + 1
+    columns = (width - projection.kernel_size[1]) // projection.stride[1] + 1
+    prefix = _num_prefix_tokens(tower)
+    return rows * columns + prefix, prefix
+
+
+def flop_shape(model: torch.nn.Module, img_size: Optional[tuple[int, int]] = None) -> FlopShape:
+    tower = _tower(model)
+    spec = TOWERS[type(tower)]
+    layers = _layers(tower)
+    attentions = [getattr(layer, spec.attention) for layer in layers]
+    projection = tower.embeddings.get_submodule(spec.patch_projection)
+    num_tokens, prefix = token_layout(model, img_size)
+    heads = [getattr(tower, name) for name in spec.heads]
+    heads += [getattr(model, name) for name in MODELS[_model_class(model)][1]]
+    head = sum(linear_flops_per_token(module) for module in heads if module is not None)
+    mlp_linear = [linear_flops_per_token(layer.mlp) for layer in layers]
+    if type(tower) is siglip.SiglipVisionModel and tower.use_head:
+        per_image, per_token = _pooling_head_flops(tower.head)
+        # The head's keys and values are the tokens the last layer leaves, the same
+        # count that layer's MLP runs on.
+        head, mlp_linear[-1] = head + per_image, mlp_linear[-1] + per_token
+    return FlopShape(
+        stem=(num_tokens - prefix) * 2 * projection.weight[0].numel() * projection.out_channels,
+        head=head,
+        attention_linear=tuple(linear_flops_per_token(attention) for attention in attentions),
+        mlp_linear=tuple(mlp_linear),
+        attention_width=tuple(attention.q_proj.out_features for attention in attentions),
+        key_size=tuple(attention.head_dim for attention in attentions),
+    )
+
+
+def _pooling_head_flops(head: torch.nn.Module) -> tuple[int, int]:
+    """FLOPs of SigLIP's attention-pooling head: per image (the probe's query, the
+    output projection and the MLP, all on one token) and per pooled token (its key and
+    value projections, and the probe's attention score and weighted sum over it)."""
+    width = head.attention.embed_dim
+    return linear_flops_per_token(head) + 2 * width * width, 2 * width * 2 * width + 4 * width
+
+
+def patch(model: torch.nn.Module, state: MergeState) -> None:
+    tower = _tower(model)
+    spec = TOWERS[type(tower)]
+    for index, layer in enumerate(_layers(tower)):
+        layer._tokenmerge_state, layer._tokenmerge_index = state, index
+        swap_class(layer, spec.layer_mixin)
+        swap_class(getattr(layer, spec.attention), spec.attention_mixin)
+    embeddings = tower.embeddings
+    embeddings._tokenmerge_state, embeddings._tokenmerge_num_protected = state, _num_prefix_tokens(tower)
+    swap_class(embeddings, MergingEmbeddings)
+    for module, mixin in _pooling(model):
+        module._tokenmerge_state = state
+        swap_class(module, mixin)
+    # Layers run without the embeddings (an encoder called on its own) still protect the prefix.
+    state.begin(embeddings._tokenmerge_num_protected)
+    model._tokenmerge_state = state
+
+
+def unpatch(model: torch.nn.Module) -> None:
+    pooling = [module for module, _ in _pooling(model)]
+    tower = _tower(model)
+    spec = TOWERS[type(tower)]
+    for layer in _layers(tower):
+        restore_class(getattr(layer, spec.attention))
+        restore_class(layer)
+        del layer._tokenmerge_state, layer._tokenmerge_index
+    embeddings = tower.embeddings
+    restore_class(embeddings)
+    del embeddings._tokenmerge_state, embeddings._tokenmerge_num_protected
+    for module in pooling:
+        restore_class(module)
+        if module is not model:
+            del module._tokenmerge_state
+    del model._tokenmerge_state
