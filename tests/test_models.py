@@ -114,3 +114,33 @@ def test_image_model_wraps_the_network_that_gets_patched():
     images = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert torch.equal(model(images), model.network(images))
+
+
+def test_works_without_the_optional_libraries():
+    """With transformers and open_clip unimportable, timm models still merge, and asking
+    for those libraries names the extra that installs them. (torchvision cannot be
+    left out: timm itself needs it.)"""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+for name in ("transformers", "open_clip"):
+    sys.modules[name] = None
+import timm, torch, tokenmerge
+from tokenmerge.adapters import load_adapter
+from tokenmerge.cli import main
+model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).eval()
+tokenmerge.apply(model, r=2)
+assert model(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
+try:
+    load_adapter("transformers")
+except ImportError as error:
+    assert "pip install 'tokenmerge[transformers]'" in str(error), error
+else:
+    raise AssertionError("no error")
+assert main(["bench", "--library", "open_clip", "--model", "ViT-B-32"]) == 2
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "pip install 'tokenmerge[open_clip]'" in result.stderr

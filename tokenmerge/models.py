@@ -61,10 +61,12 @@ def load_model(library: str, name: str, checkpoint: Optional[str | Path] = None)
 
 
 def _require(library: str) -> None:
-    import importlib.util
+    import importlib
 
-    if importlib.util.find_spec(library) is None:
-        raise ValueError(f"{library} is not installed; install it with: pip install '{EXTRAS[library]}'")
+    try:
+        importlib.import_module(library)
+    except ImportError as error:
+        raise ValueError(f"{library} cannot be imported ({error}); install it with: pip install '{EXTRAS[library]}'") from None
 
 
 # --- timm ----------------------------------------------------------------------------
