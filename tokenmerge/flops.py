@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from .methods import resolve
 from .schedule import capped
 
 _aten = torch.ops.aten
@@ -56,11 +57,11 @@ def analytic_flops(
 ) -> int:
     """FLOPs per image from the token counts alone: attention on the tokens entering a
     block, the MLP on the tokens left after the block's reduction, plus the similarity
-    products of bipartite matching when the method is ``tome``."""
+    products of bipartite matching for the methods that match."""
     total = shape.stem + shape.head
     for block, r in enumerate(capped(r_per_block, num_tokens, num_protected)):
         total += num_tokens * shape.attention_linear[block] + 4 * num_tokens * num_tokens * shape.attention_width[block]
-        if r and method == "tome":
+        if r and resolve(method).matches:
             mergeable = num_tokens - num_protected
             total += 2 * ((mergeable + 1) // 2) * (mergeable // 2) * shape.key_size[block]
         num_tokens -= r

@@ -1,34 +1,73 @@
 """Token reduction methods: what a block does with its tokens between attention and MLP.
 
-A method works in two steps. ``plan`` decides which tokens go where from the block's
-attention keys (B, heads, N, D), ``r`` and the number of protected tokens; adapters
-call it as soon as the keys exist, before the attention itself, so that the small
-operations of planning run while the keys are still in cache and between the large
-operations rather than in one long single-threaded gap. ``reduce`` then applies the
-plan to the tokens ``x`` (B, N, C) after the attention branch, with the current sizes
-(B, N, 1) or None and the current source map (B, N0) or None, and returns the reduced
-tokens, sizes and source map.
+A method works in two steps. ``plan`` decides which tokens go where from what the
+block has seen (:class:`Evidence`: its input tokens, attention queries and keys, and
+the current sizes), ``r`` and the number of protected tokens; adapters call it as
+soon as the keys exist, before the attention itself, so that the small operations of
+planning run while the keys are still in cache and between the large operations
+rather than in one long single-threaded gap. ``reduce`` then applies the plan to the
+tokens ``x`` (B, N, C) after the attention branch, with the current sizes (B, N, 1)
+or None and the current source map (B, N0) or None, and returns the reduced tokens,
+sizes and source map.
+
+Every method removes exactly ``r`` tokens in a block and never touches the first
+``num_protected`` tokens, so all of them run with the same token counts per block
+and their speeds are comparable:
+
+* ``tome``: token merging (bipartite soft matching on the keys, size-weighted averages);
+* ``tome-random-split``, ``tome-unweighted``, ``tome-features``: merging with one
+  choice of the paper changed (a random split into A and B instead of alternating,
+  the plain average instead of the size-weighted one, similarity of the block's input
+  tokens instead of its keys);
+* ``random``: drop r tokens at random (one fixed random pattern per block and token
+  count, the same for every image, so results do not depend on the batch);
+* ``evit``, ``evit-fuse``: keep the tokens the class token attends to most, as in
+  EViT; ``evit-fuse`` drops one more and adds one token that is the attention-weighted
+  average of the dropped ones, standing for all their patches;
+* ``cut``: drop the last r tokens unseen, the zero-overhead speed reference.
+
+Proportional attention is a separate setting (``prop_attn``); the pruning methods keep
+no sizes except for the fused token, so it only matters for them through that token.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from functools import lru_cache
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-from .merge import Matching, bipartite_soft_matching, merge_source, merge_weighted
+from .merge import Matching, bipartite_soft_matching, merge_source, merge_weighted, merged_sizes
 
 Reduction = tuple[Tensor, Optional[Tensor], Optional[Tensor]]
 
 
+class Evidence(NamedTuple):
+    """What a block offers a method to decide with: its input ``tokens`` (B, N, C),
+    attention ``queries`` and ``keys`` (B, heads, N, D), the sizes of its tokens
+    (B, N, 1) or None, and the block's index."""
+
+    tokens: Tensor
+    queries: Tensor
+    keys: Tensor
+    size: Optional[Tensor]
+    block: int
+
+
 @dataclass(frozen=True)
 class Method:
-    """A token reduction method: ``plan(keys, r, num_protected)`` and
-    ``reduce(x, size, source, plan)``, as described in the module docstring."""
+    """A token reduction method: ``plan(evidence, r, num_protected)`` and
+    ``reduce(x, size, source, plan)``, as described in the module docstring.
+    ``matches`` says whether it computes bipartite matching similarities, which
+    count towards its FLOPs."""
 
-    plan: Callable[[Tensor, int, int], Any]
+    plan: Callable[[Evidence, int, int], Any]
     reduce: Callable[[Tensor, Optional[Tensor], Optional[Tensor], Any], Reduction]
+    matches: bool = False
+
+
+# --- merging -------------------------------------------------------------------------
 
 
 def sum_over_heads(keys: Tensor) -> Tensor:
@@ -40,10 +79,15 @@ def sum_over_heads(keys: Tensor) -> Tensor:
     return keys.sum(dim=1)
 
 
-def match_keys(keys: Tensor, r: int, num_protected: int) -> Matching:
+def match_keys(evidence: Evidence, r: int, num_protected: int) -> Matching:
     """Bipartite soft matching on the keys averaged over heads (summed: the cosine
     similarity is the same, one operation fewer)."""
-    return bipartite_soft_matching(sum_over_heads(keys), r, num_protected)
+    return bipartite_soft_matching(sum_over_heads(evidence.keys), r, num_protected)
+
+
+def match_tokens(evidence: Evidence, r: int, num_protected: int) -> Matching:
+    """Bipartite soft matching on the tokens entering the block."""
+    return bipartite_soft_matching(evidence.tokens, r, num_protected)
 
 
 def merge(x: Tensor, size: Optional[Tensor], source: Optional[Tensor], matching: Matching) -> Reduction:
@@ -54,9 +98,134 @@ def merge(x: Tensor, size: Optional[Tensor], source: Optional[Tensor], matching:
     return x, size, source
 
 
-def keep_first(keys: Tensor, r: int, num_protected: int) -> int:
+def merge_unweighted(x: Tensor, size: Optional[Tensor], source: Optional[Tensor], matching: Matching) -> Reduction:
+    """Plain averages of the matched tokens, whatever they stand for; sizes are still
+    added up, for proportional attention and pooling."""
+    merged, _ = merge_weighted(x, None, matching)
+    _, new_size = merged_sizes(size, matching, x.shape[0])
+    if source is not None:
+        source = merge_source(source, matching)
+    return merged, new_size.view(x.shape[0], -1, 1), source
+
+
+class RandomSplit(NamedTuple):
+    """A fixed random order of the mergeable tokens, and the matching in that order."""
+
+    order: Tensor  # (N,) token positions in their new order
+    matching: Matching
+
+
+def match_keys_random_split(evidence: Evidence, r: int, num_protected: int) -> RandomSplit:
+    """Bipartite soft matching on the keys after putting the mergeable tokens in a
+    fixed random order, so that the alternating split into A and B is a random one."""
+    keys = sum_over_heads(evidence.keys)
+    order = fixed_permutation(evidence.block, keys.shape[1], num_protected, keys.device)
+    return RandomSplit(order, bipartite_soft_matching(keys[:, order], r, num_protected))
+
+
+def merge_random_split(x: Tensor, size: Optional[Tensor], source: Optional[Tensor], plan: RandomSplit) -> Reduction:
+    x = x[:, plan.order]
+    size = None if size is None else size[:, plan.order]
+    if source is not None:
+        source = torch.argsort(plan.order).gather(0, source.reshape(-1)).view_as(source)
+    return merge(x, size, source, plan.matching)
+
+
+@lru_cache(maxsize=256)
+def fixed_permutation(block: int, num_tokens: int, num_protected: int, device: torch.device) -> Tensor:
+    """Protected tokens in place, the others in a random order that depends only on
+    the block and the token count: the same for every image and every pass."""
+    generator = torch.Generator().manual_seed(block * 1_000_003 + num_tokens)
+    with torch.inference_mode(False):
+        order = torch.randperm(num_tokens - num_protected, generator=generator) + num_protected
+        return torch.cat([torch.arange(num_protected), order]).to(device)
+
+
+# --- pruning -------------------------------------------------------------------------
+
+
+class Selection(NamedTuple):
+    """Tokens to keep, in order, per image (B, N - r) or for all images (N - r,);
+    with ``fuse``, also the weights (B, N) with which the dropped tokens are averaged
+    into one extra token (zero for kept ones)."""
+
+    keep: Tensor
+    fuse: Optional[Tensor] = None
+
+
+def drop_random(evidence: Evidence, r: int, num_protected: int) -> Selection:
+    """Keep all but r tokens chosen at random, the same ones for every image."""
+    num_tokens = evidence.keys.shape[2]
+    order = fixed_permutation(evidence.block, num_tokens, num_protected, evidence.keys.device)
+    kept = order[num_protected:num_tokens - r].sort().values
+    return Selection(torch.cat([order[:num_protected], kept]))
+
+
+def class_attention(evidence: Evidence) -> Tensor:
+    """(B, N) attention of the class token (position 0) to every token, averaged over
+    heads, with every key counted as often as the patches it stands for."""
+    queries, keys = evidence.queries[:, :, :1], evidence.keys
+    logits = (queries @ keys.transpose(-2, -1)) * keys.shape[-1] ** -0.5
+    if evidence.size is not None:
+        logits = logits + evidence.size.view(size_shape(evidence.size)).log().to(logits.dtype)
+    return logits.float().softmax(dim=-1).mean(dim=1)[:, 0]
+
+
+def size_shape(size: Tensor) -> tuple[int, int, int, int]:
+    return (size.shape[0], 1, 1, size.shape[1])
+
+
+def keep_attended(evidence: Evidence, r: int, num_protected: int, fuse: bool = False) -> Selection:
+    """EViT: keep the tokens the class token attends to most, in their order; with
+    ``fuse``, drop one more and weigh the dropped ones by that attention."""
+    if num_protected < 1:
+        raise ValueError("evit and evit-fuse keep the tokens a class token attends to: the model has no class token")
+    attention = class_attention(evidence)
+    num_tokens = attention.shape[1]
+    ranked = attention[:, num_protected:].argsort(dim=1, descending=True, stable=True) + num_protected
+    num_kept = num_tokens - num_protected - r - int(fuse)
+    protected = torch.arange(num_protected, device=attention.device).expand(attention.shape[0], -1)
+    keep = torch.cat([protected, ranked[:, :num_kept].sort(dim=1).values], dim=1)
+    if not fuse:
+        return Selection(keep)
+    weights = attention.scatter(1, keep, 0.0)
+    return Selection(keep, weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-12))
+
+
+def keep_attended_and_fuse(evidence: Evidence, r: int, num_protected: int) -> Selection:
+    return keep_attended(evidence, r, num_protected, fuse=True)
+
+
+def prune(x: Tensor, size: Optional[Tensor], source: Optional[Tensor], selection: Selection) -> Reduction:
+    """Keep the selected tokens (and with ``fuse`` append the fused one). Dropped input
+    tokens get source -1; fused ones go to the fused token, which stands for all the
+    patches it took in."""
+    batch, num_tokens, channels = x.shape
+    keep = selection.keep.expand(batch, -1) if selection.keep.dim() == 1 else selection.keep
+    num_kept = keep.shape[1]
+    out = x.gather(1, keep.unsqueeze(-1).expand(-1, -1, channels))
+    out_size = None if size is None else size.gather(1, keep.unsqueeze(-1))
+    position = torch.full((batch, num_tokens), -1, dtype=torch.long, device=x.device)
+    position.scatter_(1, keep, torch.arange(num_kept, device=x.device).expand(batch, -1))
+    if selection.fuse is not None:
+        dropped = (position < 0).unsqueeze(-1)
+        fused = (selection.fuse.unsqueeze(-1) * x.float()).sum(dim=1, keepdim=True).to(x.dtype)
+        out = torch.cat([out, fused], dim=1)
+        sizes = torch.ones(batch, num_tokens, 1, device=x.device) if size is None else size
+        kept_sizes = torch.ones(batch, num_kept, 1, device=x.device) if out_size is None else out_size
+        out_size = torch.cat([kept_sizes, (sizes * dropped).sum(dim=1, keepdim=True)], dim=1)
+        position = position.masked_fill(position < 0, num_kept)
+    if source is not None:
+        source = torch.where(source < 0, -1, position.gather(1, source.clamp_min(0)))
+    return out, out_size, source
+
+
+# --- the speed reference ---------------------------------------------------------------
+
+
+def keep_first(evidence: Evidence, r: int, num_protected: int) -> int:
     """The number of tokens to keep: all but the last r."""
-    return keys.shape[2] - r
+    return evidence.keys.shape[2] - r
 
 
 def cut(x: Tensor, size: Optional[Tensor], source: Optional[Tensor], keep: int) -> Reduction:
@@ -69,7 +238,13 @@ def cut(x: Tensor, size: Optional[Tensor], source: Optional[Tensor], keep: int) 
 
 
 METHODS: dict[str, Method] = {
-    "tome": Method(match_keys, merge),
+    "tome": Method(match_keys, merge, matches=True),
+    "tome-random-split": Method(match_keys_random_split, merge_random_split, matches=True),
+    "tome-unweighted": Method(match_keys, merge_unweighted, matches=True),
+    "tome-features": Method(match_tokens, merge, matches=True),
+    "random": Method(drop_random, prune),
+    "evit": Method(keep_attended, prune),
+    "evit-fuse": Method(keep_attended_and_fuse, prune),
     "cut": Method(keep_first, cut),
 }
 

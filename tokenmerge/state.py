@@ -2,7 +2,7 @@
 the sizes and source maps of the tokens as they leave every block.
 
 Adapters call :meth:`MergeState.begin` when a forward pass starts; in every block
-:meth:`MergeState.plan` as soon as the attention keys exist and
+:meth:`MergeState.plan` as soon as the attention queries and keys exist and
 :meth:`MergeState.reduce` between the attention and MLP branches.
 Entries are keyed by block index, so a block recomputed by gradient checkpointing
 reads the same sizes it read the first time.
@@ -133,12 +133,15 @@ class MergeState:
         self.size, self.source = self.sizes[block + 1], self.sources[block + 1]
         return x
 
-    def plan(self, block: int, keys: Tensor) -> Optional[object]:
-        """What block ``block`` will do with its tokens, decided from its attention
-        ``keys`` (B, heads, N, D) by the method set (merging by default); None when
-        it merges nothing."""
+    def plan(self, block: int, tokens: Tensor, queries: Tensor, keys: Tensor) -> Optional[object]:
+        """What block ``block`` will do with its tokens, decided by the method set
+        (merging by default) from the tokens entering the block (B, N, C) and its
+        attention ``queries`` and ``keys`` (B, heads, N, D); None when it reduces nothing."""
         r = self.block_r(block, keys.shape[2])
-        return self._method_steps.plan(keys, r, self.num_protected) if r > 0 else None
+        if r == 0:
+            return None
+        evidence = methods.Evidence(tokens, queries, keys, self.sizes.get(block), block)
+        return self._method_steps.plan(evidence, r, self.num_protected)
 
     def reduce(self, block: int, x: Tensor, plan: Optional[object]) -> Tensor:
         """Apply the ``plan`` of block ``block`` to its tokens ``x`` (B, N, C), keeping

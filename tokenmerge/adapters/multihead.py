@@ -3,7 +3,7 @@
 Several libraries (open_clip, torchvision) build their blocks on PyTorch's own
 attention module, which gives no access to its keys and takes no per-key bias. This
 recomputes the same attention from the module's parameters, with the log-size bias
-and a planning callback on the keys, for the configurations those blocks use.
+and a planning callback on the queries and keys, for the configurations those blocks use.
 """
 from __future__ import annotations
 
@@ -36,19 +36,19 @@ def multihead_attention_with_plan(
     attention: torch.nn.MultiheadAttention,
     x: Tensor,
     size: Optional[Tensor],
-    plan: Callable[[Tensor], T],
+    plan: Callable[[Tensor, Tensor], T],
     mask: Optional[Tensor] = None,
 ) -> tuple[Tensor, T]:
     """Self-attention of ``attention`` over ``x`` (B, N, E), batch first whatever the
     module's ``batch_first``, in which key j counts ``size[j]`` times; also returns
-    what ``plan`` makes of the keys (B, heads, N, head_dim), called as soon as they
-    exist. ``mask`` is an optional additive float mask broadcastable to
+    what ``plan`` makes of the queries and keys (B, heads, N, head_dim), called as
+    soon as they exist. ``mask`` is an optional additive float mask broadcastable to
     (B, heads, N, N), added to the log-size bias."""
     batch, num_tokens, width = x.shape
     heads = attention.num_heads
     qkv = F.linear(x, attention.in_proj_weight, attention.in_proj_bias)
     q, k, v = qkv.view(batch, num_tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
-    planned = plan(k)
+    planned = plan(q, k)
     dropout = attention.dropout if attention.training else 0.0
     if mask is None:
         out = proportional_attention(q, k, v, size, dropout_p=dropout)

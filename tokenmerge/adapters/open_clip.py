@@ -286,7 +286,7 @@ class MergingBlock:
             return out
         x = _switch_layout(self, q_x)
         out, plan = multihead_attention_with_plan(
-            self.attn, self.ln_1(x), state.attention_size(index), partial(state.plan, index)
+            self.attn, self.ln_1(x), state.attention_size(index), partial(state.plan, index, x)
         )
         x = x + self.ls_1(out)
         x = state.reduce(index, x, plan)

@@ -105,15 +105,16 @@ def unpatch(model: torch.nn.Module) -> None:
 
 
 def attention_with_plan(
-    attn: Attention, x: Tensor, size: Optional[Tensor], plan: Callable[[Tensor], T]
+    attn: Attention, x: Tensor, size: Optional[Tensor], plan: Callable[[Tensor, Tensor], T]
 ) -> tuple[Tensor, T]:
     """timm ``Attention.forward`` with proportional attention; also returns what
-    ``plan`` makes of the keys (B, heads, N, head_dim), called as soon as they exist."""
+    ``plan`` makes of the queries and keys (B, heads, N, head_dim), called as soon as
+    they exist."""
     B, N, _ = x.shape
     gate = attn.gate(x).sigmoid() if attn.gate is not None else None
     q, k, v = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    planned = plan(k)
+    planned = plan(q, k)
     out = proportional_attention(
         q, k, v, size, dropout_p=attn.attn_drop.p if attn.training else 0.0, scale=attn.scale
     )
@@ -134,7 +135,7 @@ class MergingBlock:
         if state.passes_through(index):
             return state.pass_through(index, super().forward(x))
         out, plan = attention_with_plan(
-            self.attn, self.norm1(x), state.attention_size(index), partial(state.plan, index)
+            self.attn, self.norm1(x), state.attention_size(index), partial(state.plan, index, x)
         )
         x = x + self.drop_path1(self.ls1(out))
         x = state.reduce(index, x, plan)

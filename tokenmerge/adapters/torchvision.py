@@ -166,7 +166,7 @@ class MergingEncoderBlock:
         if input.dim() != 3:
             raise ValueError(f"Expected (batch_size, seq_length, hidden_dim) got {tuple(input.shape)}")
         out, plan = multihead_attention_with_plan(
-            self.self_attention, self.ln_1(input), state.attention_size(index), partial(state.plan, index)
+            self.self_attention, self.ln_1(input), state.attention_size(index), partial(state.plan, index, input)
         )
         x = self.dropout(out) + input
         x = state.reduce(index, x, plan)

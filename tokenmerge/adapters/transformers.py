@@ -50,7 +50,7 @@ SUPPORTED = (
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 
 # What a merging layer hands its attention: the sizes for proportional attention (or
-# None), and the function that plans the merge from the keys.
+# None), and the function that plans the merge from the queries and keys.
 Merging = tuple[Optional[Tensor], Callable[[Tensor], object]]
 # An attention branch's output, and the plan made from its keys.
 Branch = tuple[Tensor, object]
@@ -74,7 +74,7 @@ class MergingLayer:
         index = self._tokenmerge_index
         if state.passes_through(index):
             return state.pass_through(index, super().forward(hidden_states, attention_mask, **kwargs))
-        merging = (state.attention_size(index), partial(state.plan, index))
+        merging = (state.attention_size(index), partial(state.plan, index, hidden_states))
         out, plan = self._attention_branch(hidden_states, attention_mask, merging, kwargs)
         x = state.reduce(index, hidden_states + out, plan)
         return x + self._mlp_branch(x)
@@ -142,7 +142,7 @@ class MergingAttention:
             projection(hidden_states).view(shape).transpose(1, 2)
             for projection in (self.q_proj, self.k_proj, self.v_proj)
         )
-        planned = plan(key)
+        planned = plan(query, key)
         mask = None if size is None else log_size_bias(size, query.dtype)
         out, weights = _attention_function(self)(
             self, query, key, value, mask, dropout=dropout if self.training else 0.0, scaling=scaling, **kwargs

@@ -1,0 +1,157 @@
+"""Every token reduction method, through the adapters: the token counts the schedule
+says, protected tokens kept, sizes summing to the patch count where sizes exist,
+exactness at r=0, independence of the batch, and the choices that tell them apart."""
+import copy
+
+import pytest
+import timm
+import torch
+
+import tokenmerge
+from tokenmerge.methods import METHODS, Evidence, class_attention, keep_attended
+
+MERGING = ["tome", "tome-random-split", "tome-unweighted", "tome-features"]
+PRUNING = ["random", "evit", "evit-fuse"]
+ALL = MERGING + PRUNING + ["cut"]
+KEEP_SIZES = MERGING + ["evit-fuse"]  # methods after which every patch is in some token
+
+
+def tiny(**kwargs):
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=8, depth=4, **kwargs).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                param.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    return {"class token": tiny(), "distilled": timm.create_model(
+        "deit_tiny_distilled_patch16_224", img_size=64, patch_size=8, depth=4).eval()}
+
+
+def run(model, images, **settings):
+    model = copy.deepcopy(model)
+    tokenmerge.apply(model, **settings)
+    counts = []
+    hooks = [block.register_forward_hook(lambda m, i, o: counts.append(o.shape[1])) for block in model.blocks]
+    with torch.no_grad():
+        out = model(images)
+    for hook in hooks:
+        hook.remove()
+    return out, counts, tokenmerge.get_state(model), model
+
+
+def test_the_methods_are_the_known_ones():
+    assert set(METHODS) == set(ALL)
+
+
+@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("kind", ["class token", "distilled"])
+def test_token_counts_protected_tokens_and_sizes(models, method, kind):
+    model = models[kind]
+    images = torch.randn(3, 3, 64, 64)
+    out, counts, state, patched = run(model, images, r=7, method=method, trace_source=True)
+    assert counts == tokenmerge.token_counts(patched) == [65 + (kind == "distilled") - 7 * (i + 1) for i in range(4)]
+    p = model.num_prefix_tokens
+    assert state.num_protected == p
+    assert torch.equal(state.source[:, :p], torch.arange(p).expand(3, -1)), "protected tokens stay in place"
+    assert ((state.source[:, p:] >= p) | (state.source[:, p:] == -1)).all()
+    if method in KEEP_SIZES:
+        assert torch.equal(state.size.sum(dim=1).flatten(), torch.full((3,), float(counts[0] + 7)))
+        assert torch.equal(state.size[:, :p], torch.ones(3, p, 1))
+        for b in range(3):
+            assert torch.equal(torch.bincount(state.source[b], minlength=counts[-1]).float(), state.size[b, :, 0])
+    else:
+        assert (state.source == -1).sum(dim=1).tolist() == [28] * 3, "pruning drops exactly r tokens per block"
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_r0_is_exact(models, method):
+    model = models["class token"]
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(images)
+    assert torch.equal(run(model, images, r=0, method=method)[0], expected)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_an_image_gives_the_same_output_alone_and_in_a_batch(models, method):
+    model = models["class token"]
+    images = torch.randn(4, 3, 64, 64)
+    batched = run(model, images, r=7, method=method)[0]
+    alone = torch.cat([run(model, images[i:i + 1], r=7, method=method)[0] for i in range(4)])
+    torch.testing.assert_close(batched, alone, atol=1e-4, rtol=1e-4)
+
+
+def test_methods_differ_from_each_other(models):
+    """Each ablation changes one choice, so each gives other outputs than merging."""
+    model = models["class token"]
+    images = torch.randn(2, 3, 64, 64)
+    outputs = {method: run(model, images, r=7, method=method)[0] for method in ALL}
+    no_prop = run(model, images, r=7, method="tome", prop_attn=False)[0]
+    for method in ALL[1:]:
+        assert not torch.allclose(outputs[method], outputs["tome"], atol=1e-4), method
+    assert not torch.allclose(no_prop, outputs["tome"], atol=1e-4)
+
+
+def test_unweighted_merging_ignores_sizes_but_counts_them():
+    from tokenmerge.merge import bipartite_soft_matching
+    from tokenmerge.methods import merge, merge_unweighted
+
+    # token 0 (set A, value 0, 3 patches) matches token 1 (set B, value 4, 1 patch)
+    x = torch.tensor([[[0.0], [4.0], [7.0], [9.0]]])
+    size = torch.tensor([[[3.0], [1.0], [1.0], [1.0]]])
+    matching = bipartite_soft_matching(torch.tensor([[[1.0, 0], [1, 0], [0, 1], [1, 0]]]), 1, 0)
+    weighted, weighted_size, _ = merge(x, size, None, matching)
+    plain, plain_size, _ = merge_unweighted(x, size, None, matching)
+    # layout after the merge: the kept A token (7), then the B tokens (merged pair, 9)
+    assert weighted.flatten().tolist() == [7.0, 1.0, 9.0]
+    assert plain.flatten().tolist() == [7.0, 2.0, 9.0]
+    assert weighted_size.flatten().tolist() == plain_size.flatten().tolist() == [1.0, 4.0, 1.0]
+
+
+def test_evit_keeps_the_tokens_the_class_token_attends_to():
+    torch.manual_seed(0)
+    keys = torch.randn(2, 3, 9, 4)
+    queries = torch.randn(2, 3, 9, 4)
+    evidence = Evidence(torch.randn(2, 9, 12), queries, keys, None, 0)
+    attention = class_attention(evidence)
+    torch.testing.assert_close(attention.sum(dim=1), torch.ones(2))
+    keep = keep_attended(evidence, 3, 1).keep
+    for b in range(2):
+        expected = attention[b, 1:].topk(5).indices.sort().values + 1
+        assert keep[b].tolist() == [0, *expected.tolist()]
+    fused = keep_attended(evidence, 3, 1, fuse=True)
+    assert fused.keep.shape == (2, 5) and torch.allclose(fused.fuse.sum(dim=1), torch.ones(2))
+    assert (fused.fuse.gather(1, fused.keep) == 0).all()
+
+
+def test_evit_needs_a_class_token():
+    model = tiny(global_pool="avg", class_token=False)
+    tokenmerge.apply(model, r=4, method="evit")
+    with pytest.raises(ValueError, match="no class token"):
+        model(torch.randn(1, 3, 64, 64))
+
+
+def test_unknown_method_is_a_clear_error_listing_the_known_ones():
+    with pytest.raises(ValueError, match="unknown token reduction method 'pruning'; known: tome, tome-random-split"):
+        tokenmerge.apply(tiny(), r=4, method="pruning")
+
+
+def test_methods_work_through_other_adapters():
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=3, num_heads=4,
+                                                 hidden_dim=64, mlp_dim=128, num_classes=10).eval()
+    images = torch.randn(2, 3, 32, 32)
+    for method in ALL:
+        tokenmerge.apply(model, r=3, method=method, trace_source=True)
+        with torch.no_grad():
+            model(images)
+        state = tokenmerge.get_state(model)
+        assert state.source.shape == (2, 17) and torch.equal(state.source[:, 0], torch.zeros(2, dtype=torch.long))
+        assert len(set(state.source[0].tolist()) - {-1}) == 17 - 9
+    tokenmerge.remove(model)
