@@ -32,11 +32,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass(frozen=True)
 class Setting:
-    """One way to run the model: unpatched (``r=None``) or reducing tokens with ``method``."""
+    """One way to run the model: unpatched (``r=None``) or reducing tokens with
+    ``method``, with or without proportional attention."""
 
     name: str
     r: Optional[schedules.Schedule] = None
     method: str = "tome"
+    prop_attn: bool = True
 
 
 @dataclass
@@ -70,7 +72,7 @@ def configure(model: torch.nn.Module, setting: Setting) -> None:
         if tokenmerge.is_applied(model):
             tokenmerge.remove(model)
     else:
-        tokenmerge.apply(model, r=setting.r, method=setting.method)
+        tokenmerge.apply(model, r=setting.r, method=setting.method, prop_attn=setting.prop_attn)
 
 
 def synchronize(device: torch.device) -> None:

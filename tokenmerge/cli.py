@@ -1,4 +1,4 @@
-"""The ``tokenmerge`` command: ``bench``, ``eval`` and ``visualize``.
+"""The ``tokenmerge`` command: ``bench``, ``eval``, ``compare`` and ``visualize``.
 
 Each subcommand lives in its own module, which provides ``add_parser(subparsers)``;
 the parser it adds sets ``run`` to the function that carries it out.
@@ -14,7 +14,7 @@ from . import __version__
 from . import schedule as schedules
 
 DEFAULT_MODEL = "vit_small_patch16_224"
-SUBCOMMAND_MODULES = ("tokenmerge.bench", "tokenmerge.evaluate", "tokenmerge.visualize")
+SUBCOMMAND_MODULES = ("tokenmerge.bench", "tokenmerge.evaluate", "tokenmerge.compare", "tokenmerge.visualize")
 
 
 def parse_sweep(text: str) -> list[schedules.Schedule]:

@@ -66,6 +66,8 @@ class EvalRow:
     speed-up over the unpatched model."""
 
     setting: str
+    method: str
+    r: str
     tokens_left: int
     top1: float
     top5: float
@@ -230,6 +232,8 @@ def make_rows(model: torch.nn.Module, settings: Sequence[Setting], tallies: dict
         tally = tallies[setting.name]
         rows.append(EvalRow(
             setting=setting.name,
+            method="" if setting.r is None else setting.method + ("" if setting.prop_attn else " without prop_attn"),
+            r="" if setting.r is None else schedules.describe(setting.r),
             tokens_left=tokenmerge.token_counts(unwrap(model), r=setting.r or 0)[-1],
             top1=100 * tally.top1 / tally.images,
             top5=100 * tally.top5 / tally.images,
@@ -252,7 +256,24 @@ def evaluate(
     progress: bool = True,
 ) -> Evaluation:
     """Top-1 and top-5 accuracy and images per second of ``model`` unpatched and with
-    every schedule in ``rs``, on the (image tensor, label) items of ``dataset``.
+    every schedule in ``rs``, on the (image tensor, label) items of ``dataset``
+    (see :func:`evaluate_settings`)."""
+    settings = make_settings(rs, with_limit=False)
+    return evaluate_settings(model, dataset, settings, batch_size, workers, device, progress)
+
+
+def evaluate_settings(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    settings: Sequence[Setting],
+    batch_size: int = 64,
+    workers: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> Evaluation:
+    """Top-1 and top-5 accuracy and images per second of ``model`` in every setting
+    (the first being the unpatched model), on the (image tensor, label) items of
+    ``dataset``.
 
     Each batch is loaded once and run through every setting, timing only the forward
     passes, so the figures of all settings come from the same images in the same
@@ -266,7 +287,8 @@ def evaluate(
         raise ValueError("the batch size must be at least 1 and the number of workers at least 0")
     if len(dataset) == 0:
         raise ValueError("there are no images to evaluate")
-    settings = make_settings(rs, with_limit=False)
+    if not settings or settings[0].r is not None:
+        raise ValueError("the first setting must be the unpatched model, which the speed-ups are relative to")
     for setting in settings:
         tokenmerge.token_counts(unwrap(model), r=setting.r or 0)  # validates every r before the long run
     device = torch.device(device)
@@ -349,26 +371,35 @@ def check_plot_path(path: str | Path | None) -> None:
 
 
 def add_parser(subparsers) -> None:
-    from .cli import SWEEP_HELP, add_model_arguments, parse_sweep
+    from .cli import SWEEP_HELP, parse_sweep
 
     parser = subparsers.add_parser(
         "eval",
         help="top-1/top-5 accuracy and throughput on an image folder for a sweep of r",
         description="Evaluate a model unpatched and for every r on an image folder: ImageNet synset folders "
         "(n01440764/...) labelled with ImageNet-1k indices, or class folders labelled through --class-map. "
-        "Images go through the model's own timm evaluation transform. Every batch runs through every setting, "
+        "Images go through the model's own evaluation transform. Every batch runs through every setting, "
         "so accuracy and throughput come from the same run. Run it under torchrun to share the images "
         "between processes.",
     )
+    parser.add_argument("--r", "--sweep", dest="r", default="0,8,13,16", type=parse_sweep,
+                        help=SWEEP_HELP + " (default: 0,8,13,16); under torchrun write --sweep, since torchrun "
+                        "reads --r as an abbreviation of its own options")
+    add_evaluation_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def add_evaluation_arguments(parser) -> None:
+    """The model, the image folder, batching, device and outputs: the same for every
+    command that evaluates accuracy."""
+    from .cli import add_model_arguments
+
     add_model_arguments(parser, default_model=None)
     parser.add_argument("--data", required=True, metavar="DIR",
                         help="image folder: <synset>/<image> files, or <class>/<image> files with --class-map")
     parser.add_argument("--class-map", metavar="FILE",
                         help="text file with one class name per line, the line number (from 0) being the class index "
                         "(timm's convention), for class folders not named by ImageNet synsets")
-    parser.add_argument("--r", "--sweep", dest="r", default="0,8,13,16", type=parse_sweep,
-                        help=SWEEP_HELP + " (default: 0,8,13,16); under torchrun write --sweep, since torchrun "
-                        "reads --r as an abbreviation of its own options")
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
     parser.add_argument("--workers", type=int,
                         help="data loading processes per process (default: 0 on CPU, where workers would take cores "
@@ -378,7 +409,6 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--threads", type=int, help="torch threads per process (default: torch's choice)")
     parser.add_argument("--output", help="write the rows to a .json or .csv file")
     parser.add_argument("--plot", metavar="FILE", help="plot top-1 against images/s to a .png (or .pdf, .svg) file")
-    parser.set_defaults(run=run)
 
 
 def check_device(device: str) -> None:
@@ -460,6 +490,12 @@ def report(args, result: Evaluation, env: dict) -> None:
 
 
 def run(args) -> None:
+    run_settings(args, make_settings(args.r, with_limit=False), report)
+
+
+def run_settings(args, settings: Sequence[Setting], report_result) -> None:
+    """Evaluate ``settings`` as the arguments say, on one process or under torchrun,
+    and let ``report_result(args, result, env)`` show the result on the first process."""
     from .data import TolerantImageFiles
     from .report import check_output_path, environment
 
@@ -477,6 +513,6 @@ def run(args) -> None:
         if rank() == 0:
             announce(args, len(samples), env)
         workers = args.workers if args.workers is not None else CUDA_WORKERS if device.type == "cuda" else 0
-        result = evaluate(model, dataset, args.r, args.batch_size, workers, device, progress=rank() == 0)
+        result = evaluate_settings(model, dataset, settings, args.batch_size, workers, device, progress=rank() == 0)
         if rank() == 0:
-            report(args, result, env)
+            report_result(args, result, env)

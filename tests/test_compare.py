@@ -1,0 +1,80 @@
+"""``tokenmerge compare``: every method at every r against the unpatched model in one
+run, a table, JSON and a figure with one curve per method; clear errors."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tokenmerge.bench import UNPATCHED, Setting
+from tokenmerge.cli import main
+from tokenmerge.compare import VARIANTS, comparison_settings, curves
+from tokenmerge.evaluate import evaluate_settings
+
+CLASSES = ["ant", "bee", "cat"]
+
+
+@pytest.fixture(scope="module")
+def class_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("classes")
+    generator = np.random.default_rng(1)
+    for name in CLASSES:
+        (root / name).mkdir()
+        for index in range(3):
+            Image.fromarray(generator.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / name / f"{index}.png")
+    class_map = root.parent / "compare-classes.txt"
+    class_map.write_text("\n".join(CLASSES) + "\n")
+    return root, class_map
+
+
+def test_settings_are_the_unpatched_model_then_every_method_at_every_r():
+    settings = comparison_settings(["tome", "tome-no-prop-attn", "evit"], [4, 8])
+    assert settings[0] == Setting(UNPATCHED)
+    assert [(s.name, s.method, s.prop_attn) for s in settings[1:]] == [
+        ("tome r=4", "tome", True), ("tome r=8", "tome", True),
+        ("tome-no-prop-attn r=4", "tome", False), ("tome-no-prop-attn r=8", "tome", False),
+        ("evit r=4", "evit", True), ("evit r=8", "evit", True),
+    ]
+
+
+def test_compare_writes_a_row_per_setting_and_a_curve_per_method(class_folder, tmp_path):
+    root, class_map = class_folder
+    output, plot = tmp_path / "compare.json", tmp_path / "compare.png"
+    methods = "tome,tome-no-prop-attn,random,evit-fuse"
+    assert main(["compare", "--model", "vit_tiny_patch16_224", "--data", str(root), "--class-map", str(class_map),
+                 "--methods", methods, "--r", "4,8", "--batch-size", "5", "--output", str(output),
+                 "--plot", str(plot)]) == 0
+    rows = json.loads(output.read_text())["rows"]
+    assert [row["setting"] for row in rows] == ["unpatched"] + [
+        f"{m} r={r}" for m in methods.split(",") for r in (4, 8)]
+    assert {row["images"] for row in rows} == {9}
+    by_setting = {row["setting"]: row for row in rows}
+    assert by_setting["tome r=8"]["tokens_left"] == by_setting["random r=8"]["tokens_left"] == 197 - 12 * 8
+    assert by_setting["tome-no-prop-attn r=4"]["method"] == "tome without prop_attn"
+    assert by_setting["evit-fuse r=4"]["r"] == "4"
+    assert plot.stat().st_size > 10_000
+
+
+def test_curves_group_rows_by_method():
+    from tokenmerge.evaluate import EvalRow
+
+    def row(setting, r):
+        return EvalRow(setting, "", r, 10, 50.0, 80.0, 1, 2, 2, 10.0, 1.0)
+
+    rows = [row("unpatched", ""), row("tome r=4", "4"), row("tome r=8", "8"), row("evit-fuse r=4", "4")]
+    grouped = curves(rows)
+    assert list(grouped) == ["tome", "evit-fuse"] and [r.r for r in grouped["tome"]] == ["4", "8"]
+
+
+def test_unknown_method_is_a_usage_error_listing_the_known_ones(class_folder, capsys):
+    root, _ = class_folder
+    with pytest.raises(SystemExit):
+        main(["compare", "--model", "vit_tiny_patch16_224", "--data", str(root), "--methods", "tome,pruning"])
+    err = capsys.readouterr().err
+    assert "unknown method pruning" in err and ", ".join(VARIANTS) in err
+
+
+def test_the_first_setting_must_be_the_unpatched_model():
+    with pytest.raises(ValueError, match="first setting must be the unpatched model"):
+        evaluate_settings(torch.nn.Identity(), [(torch.zeros(3), 0)], [Setting("tome r=4", 4)])
