@@ -82,3 +82,21 @@ def test_checkpoint_that_does_not_fit_the_model(capsys):
     require_shared()
     assert main(["bench", "--model", "vit_small_patch16_224", "--checkpoint", str(CHECKPOINT), *FAST]) == 2
     assert "does not fit model vit_small_patch16_224" in capsys.readouterr().err
+
+
+def test_bench_times_another_method_against_its_limit(tmp_path):
+    output = tmp_path / "bench.json"
+    assert main(["bench", "--model", "vit_tiny_patch16_224", "--r", "8", "--method", "evit", "--limit",
+                 "--output", str(output), *FAST]) == 0
+    rows = {row["setting"]: row for row in json.loads(output.read_text())["rows"]}
+    assert set(rows) == {"unpatched", "evit r=8", "cut evit r=8"}
+    assert rows["evit r=8"]["tokens_left"] == rows["cut evit r=8"]["tokens_left"] == 101
+    assert rows["evit r=8"]["of_limit"] > 0
+    # pruning computes no matching similarities: its FLOPs are those of the cut model
+    assert rows["evit r=8"]["gflops"] == rows["cut evit r=8"]["gflops"]
+
+
+def test_unknown_method_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--method", "pruning"])
+    assert "invalid choice: 'pruning'" in capsys.readouterr().err

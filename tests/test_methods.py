@@ -13,7 +13,7 @@ from tokenmerge.methods import METHODS, Evidence, class_attention, keep_attended
 MERGING = ["tome", "tome-random-split", "tome-unweighted", "tome-features"]
 PRUNING = ["random", "evit", "evit-fuse"]
 ALL = MERGING + PRUNING + ["cut"]
-KEEP_SIZES = MERGING + ["evit-fuse"]  # methods after which every patch is in some token
+
 
 
 def tiny(**kwargs):
@@ -59,12 +59,16 @@ def test_token_counts_protected_tokens_and_sizes(models, method, kind):
     assert state.num_protected == p
     assert torch.equal(state.source[:, :p], torch.arange(p).expand(3, -1)), "protected tokens stay in place"
     assert ((state.source[:, p:] >= p) | (state.source[:, p:] == -1)).all()
-    if method in KEEP_SIZES:
+    if method in MERGING:
         assert torch.equal(state.size.sum(dim=1).flatten(), torch.full((3,), float(counts[0] + 7)))
         assert torch.equal(state.size[:, :p], torch.ones(3, p, 1))
         for b in range(3):
             assert torch.equal(torch.bincount(state.source[b], minlength=counts[-1]).float(), state.size[b, :, 0])
+    elif method == "evit-fuse":
+        assert state.size is None and (state.source >= 0).all(), "every dropped token goes into the fused one"
+        assert (state.source == counts[-1] - 1).any()
     else:
+        assert state.size is None
         assert (state.source == -1).sum(dim=1).tolist() == [28] * 3, "pruning drops exactly r tokens per block"
     assert torch.isfinite(out).all()
 

@@ -33,9 +33,12 @@ def apply(
     :class:`tokenmerge.Linear` schedule. ``prop_attn`` turns on proportional attention
     (keys weighted by the number of patches they stand for); ``trace_source`` records
     which input patches each output token covers (see :func:`get_state`). ``method``
-    picks what blocks do to reduce tokens: ``"tome"`` merges (the default);
-    ``"cut"`` drops the last r tokens unseen, as a zero-overhead speed reference.
-    Applying to a patched model only updates its settings.
+    picks what blocks do to reduce tokens: ``"tome"`` merges (the default); the
+    ablations ``"tome-random-split"``, ``"tome-unweighted"`` and ``"tome-features"``
+    and the pruning methods ``"random"``, ``"evit"`` and ``"evit-fuse"`` remove the
+    same number of tokens for comparisons (see :mod:`tokenmerge.methods`); ``"cut"``
+    drops the last r tokens unseen, as a zero-overhead speed reference. Applying to
+    a patched model only updates its settings.
     """
     adapter = find_adapter(model)
     if is_applied(model):

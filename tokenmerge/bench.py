@@ -55,13 +55,16 @@ class BenchRow:
     of_limit: Optional[float]
 
 
-def make_settings(rs: Sequence[schedules.Schedule], with_limit: bool) -> list[Setting]:
+def make_settings(rs: Sequence[schedules.Schedule], with_limit: bool, method: str = "tome") -> list[Setting]:
+    """The unpatched model, then ``method`` at every r (named ``r=R``, or ``METHOD r=R``
+    for a method other than merging), each followed by its cut limit ``with_limit``."""
     settings = [Setting(UNPATCHED)]
+    prefix = "" if method == "tome" else f"{method} "
     for r in rs:
         label = f"r={schedules.describe(r)}"
-        settings.append(Setting(label, r))
+        settings.append(Setting(prefix + label, r, method))
         if with_limit and schedules.describe(r) != "0":
-            settings.append(Setting(f"cut {label}", r, "cut"))
+            settings.append(Setting(f"cut {prefix}{label}", r, "cut"))
     return settings
 
 
@@ -155,6 +158,7 @@ def benchmark(
     compile_model: bool = False,
     latency_runs: Optional[int] = None,
     progress: bool = True,
+    method: str = "tome",
 ) -> list[BenchRow]:
     """Tokens, GFLOPs per image, images per second at ``batch_size``, latency per
     image at batch size 1 and speed-ups of ``model`` unpatched and for every schedule
@@ -166,7 +170,7 @@ def benchmark(
     adapter = find_adapter(network)
     adapter.check(network)
     img_size = img_size or adapter.input_size(network)
-    settings = make_settings(rs, with_limit)
+    settings = make_settings(rs, with_limit, method)
     counts = {s.name: tokenmerge.token_counts(network, r=s.r or 0, img_size=img_size) for s in settings}  # validates r
     device = torch.device(device)
     model = model.to(device=device, dtype=dtype)
@@ -236,6 +240,7 @@ def add_parser(subparsers) -> None:
     )
     add_model_arguments(parser)
     parser.add_argument("--r", default="0,8,13,16", type=parse_sweep, help=SWEEP_HELP + " (default: 0,8,13,16)")
+    add_method_argument(parser)
     parser.add_argument("--batch-size", type=int, default=16, help="batch size for throughput (default: 16)")
     parser.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"),
                         help="input size for models built with dynamic_img_size (default: the model's)")
@@ -250,6 +255,13 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--per-block", action="store_true", help="show the tokens after every block")
     parser.add_argument("--output", help="write the rows to a .json or .csv file")
     parser.set_defaults(run=run)
+
+
+def add_method_argument(parser) -> None:
+    from .methods import METHODS
+
+    parser.add_argument("--method", choices=[name for name in METHODS if name != "cut"], default="tome",
+                        help="token reduction method (default: tome, token merging); see tokenmerge compare")
 
 
 def run(args) -> None:
@@ -269,7 +281,7 @@ def run(args) -> None:
     rows = benchmark(
         model, args.r, batch_size=args.batch_size, runs=args.runs, warmup=args.warmup,
         img_size=tuple(args.img_size) if args.img_size else None, dtype=DTYPES[args.dtype], device=args.device,
-        with_limit=args.limit, compile_model=args.compile,
+        with_limit=args.limit, compile_model=args.compile, method=args.method,
     )
     print(format_rows(rows, per_block=args.per_block))
     if args.output:

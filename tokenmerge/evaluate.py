@@ -371,6 +371,7 @@ def check_plot_path(path: str | Path | None) -> None:
 
 
 def add_parser(subparsers) -> None:
+    from .bench import add_method_argument
     from .cli import SWEEP_HELP, parse_sweep
 
     parser = subparsers.add_parser(
@@ -385,6 +386,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--r", "--sweep", dest="r", default="0,8,13,16", type=parse_sweep,
                         help=SWEEP_HELP + " (default: 0,8,13,16); under torchrun write --sweep, since torchrun "
                         "reads --r as an abbreviation of its own options")
+    add_method_argument(parser)
     add_evaluation_arguments(parser)
     parser.set_defaults(run=run)
 
@@ -490,7 +492,7 @@ def report(args, result: Evaluation, env: dict) -> None:
 
 
 def run(args) -> None:
-    run_settings(args, make_settings(args.r, with_limit=False), report)
+    run_settings(args, make_settings(args.r, with_limit=False, method=args.method), report)
 
 
 def run_settings(args, settings: Sequence[Setting], report_result) -> None:

@@ -23,11 +23,12 @@ and their speeds are comparable:
   count, the same for every image, so results do not depend on the batch);
 * ``evit``, ``evit-fuse``: keep the tokens the class token attends to most, as in
   EViT; ``evit-fuse`` drops one more and adds one token that is the attention-weighted
-  average of the dropped ones, standing for all their patches;
+  average of the dropped ones (as in EViT it counts as one token in attention: given
+  the size of all it took in, it would draw attention it does not deserve);
 * ``cut``: drop the last r tokens unseen, the zero-overhead speed reference.
 
 Proportional attention is a separate setting (``prop_attn``); the pruning methods keep
-no sizes except for the fused token, so it only matters for them through that token.
+no sizes (every token counts as one), so it does not change them.
 """
 from __future__ import annotations
 
@@ -198,8 +199,8 @@ def keep_attended_and_fuse(evidence: Evidence, r: int, num_protected: int) -> Se
 
 def prune(x: Tensor, size: Optional[Tensor], source: Optional[Tensor], selection: Selection) -> Reduction:
     """Keep the selected tokens (and with ``fuse`` append the fused one). Dropped input
-    tokens get source -1; fused ones go to the fused token, which stands for all the
-    patches it took in."""
+    tokens get source -1, fused ones the fused token. Sizes, if any, are kept for the
+    kept tokens; the fused token counts as one."""
     batch, num_tokens, channels = x.shape
     keep = selection.keep.expand(batch, -1) if selection.keep.dim() == 1 else selection.keep
     num_kept = keep.shape[1]
@@ -208,12 +209,10 @@ def prune(x: Tensor, size: Optional[Tensor], source: Optional[Tensor], selection
     position = torch.full((batch, num_tokens), -1, dtype=torch.long, device=x.device)
     position.scatter_(1, keep, torch.arange(num_kept, device=x.device).expand(batch, -1))
     if selection.fuse is not None:
-        dropped = (position < 0).unsqueeze(-1)
         fused = (selection.fuse.unsqueeze(-1) * x.float()).sum(dim=1, keepdim=True).to(x.dtype)
         out = torch.cat([out, fused], dim=1)
-        sizes = torch.ones(batch, num_tokens, 1, device=x.device) if size is None else size
-        kept_sizes = torch.ones(batch, num_kept, 1, device=x.device) if out_size is None else out_size
-        out_size = torch.cat([kept_sizes, (sizes * dropped).sum(dim=1, keepdim=True)], dim=1)
+        if out_size is not None:
+            out_size = torch.cat([out_size, out_size.new_ones(batch, 1, 1)], dim=1)
         position = position.masked_fill(position < 0, num_kept)
     if source is not None:
         source = torch.where(source < 0, -1, position.gather(1, source.clamp_min(0)))
