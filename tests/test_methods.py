@@ -15,7 +15,6 @@ PRUNING = ["random", "evit", "evit-fuse"]
 ALL = MERGING + PRUNING + ["cut"]
 
 
-
 def tiny(**kwargs):
     model = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=8, depth=4, **kwargs).eval()
     with torch.no_grad():
