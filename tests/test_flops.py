@@ -29,19 +29,19 @@ def test_counts_attention_and_follows_merging():
 
 
 @pytest.mark.parametrize(
-    "name, kwargs, tolerance",
+    "name, kwargs",
     [
-        ("vit_tiny_patch16_224", {}, 0.0),
-        ("deit3_small_patch16_224", {}, 0.0),
-        ("deit_tiny_distilled_patch16_224", {}, 0.0),
-        ("vit_small_patch14_reg4_dinov2", {"img_size": 112}, 0.0),
-        ("vit_tiny_patch16_224", {"global_pool": "map"}, 0.02),  # the attention-pooling head is not modelled
+        ("vit_tiny_patch16_224", {}),
+        ("deit3_small_patch16_224", {}),
+        ("deit_tiny_distilled_patch16_224", {}),
+        ("vit_small_patch14_reg4_dinov2", {"img_size": 112}),
+        ("vit_tiny_patch16_224", {"global_pool": "map"}),
     ],
 )
 @pytest.mark.parametrize("r", [0, 13, "decreasing:8"])
-def test_analytic_flops_agree_with_the_counter(name, kwargs, tolerance, r):
+def test_analytic_flops_agree_with_the_counter(name, kwargs, r):
     model = timm.create_model(name, **kwargs).eval()
     r = tokenmerge.schedule.parse(str(r))
     tokenmerge.apply(model, r=r)
     counted = count_flops(model, torch.randn(1, 3, *model.patch_embed.img_size))
-    assert abs(tokenmerge.flops_per_image(model) - counted) <= tolerance * counted
+    assert tokenmerge.flops_per_image(model) == counted

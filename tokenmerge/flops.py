@@ -45,6 +45,7 @@ class FlopShape:
     mlp_linear: tuple[int, ...]  # per block, per token
     attention_width: tuple[int, ...]  # per block: heads x head size, for QK^T and AV
     key_size: tuple[int, ...]  # per block: head size, for the matching similarities
+    head_per_token: int = 0  # what the head spends on each token the last block leaves (attention pooling)
 
 
 def linear_flops_per_token(module: torch.nn.Module) -> int:
@@ -57,7 +58,8 @@ def analytic_flops(
 ) -> int:
     """FLOPs per image from the token counts alone: attention on the tokens entering a
     block, the MLP on the tokens left after the block's reduction, plus the similarity
-    products of bipartite matching for the methods that match."""
+    products of bipartite matching for the methods that match, and what the head
+    spends on every token the last block leaves."""
     total = shape.stem + shape.head
     for block, r in enumerate(capped(r_per_block, num_tokens, num_protected)):
         total += num_tokens * shape.attention_linear[block] + 4 * num_tokens * num_tokens * shape.attention_width[block]
@@ -66,4 +68,4 @@ def analytic_flops(
             total += 2 * ((mergeable + 1) // 2) * (mergeable // 2) * shape.key_size[block]
         num_tokens -= r
         total += num_tokens * shape.mlp_linear[block]
-    return total
+    return total + num_tokens * shape.head_per_token

@@ -185,9 +185,13 @@ def flop_shape(model: nn.Module, img_size: Optional[tuple[int, int]] = None) -> 
     num_tokens = token_layout(model, img_size)[0]
     visual = _vision_tower(model)
     blocks = list(visual.transformer.resblocks)
+    # The head's cost is affine in the number of tokens reaching it: a fixed part, and
+    # a part per token (an attention pooler's keys and values, projections under 'none').
+    head_per_token = _head_flops(visual, num_tokens) - _head_flops(visual, num_tokens - 1)
     return FlopShape(
         stem=(num_tokens - NUM_PROTECTED) * 2 * visual.conv1.weight.numel(),
-        head=_head_flops(visual, num_tokens),
+        head=_head_flops(visual, num_tokens) - num_tokens * head_per_token,
+        head_per_token=head_per_token,
         attention_linear=tuple(_attention_linear_flops(block.attn) for block in blocks),
         mlp_linear=tuple(linear_flops_per_token(block.mlp) for block in blocks),
         attention_width=tuple(block.attn.embed_dim for block in blocks),
@@ -202,10 +206,7 @@ def _attention_linear_flops(attention: nn.MultiheadAttention) -> int:
 
 
 def _head_flops(visual: VisionTransformer, num_tokens: int) -> int:
-    """Pooling and projection. What they spend on the tokens that reach them (an
-    attention pooler's keys and values, the projection of every token under
-    ``pool_type='none'``) is counted for ``num_tokens`` tokens, the unmerged count:
-    exact without merging, an upper bound with it."""
+    """Pooling and projection when ``num_tokens`` tokens reach them."""
     if visual.attn_pool is None:
         total, num_pooled = 0, num_tokens if visual.pool_type == "none" else 1
     else:

@@ -78,14 +78,30 @@ def token_layout(model: torch.nn.Module, img_size: Optional[tuple[int, int]] = N
 def flop_shape(model: torch.nn.Module, img_size: Optional[tuple[int, int]] = None) -> FlopShape:
     num_patches = token_layout(model, img_size)[0] - model.num_prefix_tokens
     heads = [model.head] + ([model.head_dist] if hasattr(model, "head_dist") else [])
+    head = sum(linear_flops_per_token(head) for head in heads)
+    head_per_token = 0
+    if model.attn_pool is not None:
+        per_image, head_per_token = _attention_pool_flops(model.attn_pool)
+        unseen = 0 if model.pool_include_prefix else model.num_prefix_tokens
+        head += per_image - unseen * head_per_token
     return FlopShape(
         stem=num_patches * 2 * model.patch_embed.proj.weight[0].numel() * model.embed_dim,
-        head=sum(linear_flops_per_token(head) for head in heads),
+        head=head,
         attention_linear=tuple(linear_flops_per_token(block.attn) for block in model.blocks),
         mlp_linear=tuple(linear_flops_per_token(block.mlp) for block in model.blocks),
         attention_width=tuple(block.attn.attn_dim for block in model.blocks),
         key_size=tuple(block.attn.head_dim for block in model.blocks),
+        head_per_token=head_per_token,
     )
+
+
+def _attention_pool_flops(pool: AttentionPoolLatent) -> tuple[int, int]:
+    """FLOPs of attention pooling: per image (its latent queries, output projection and
+    MLP) and per token pooled (its keys and values, and the latents' attention over it)."""
+    latent_len, width = pool.latent_len, pool.q.out_features
+    per_image = latent_len * (linear_flops_per_token(pool.q) + linear_flops_per_token(pool.proj)
+                              + (linear_flops_per_token(pool.mlp) if pool.mlp is not None else 0))
+    return per_image, linear_flops_per_token(pool.kv) + 4 * latent_len * width
 
 
 def patch(model: torch.nn.Module, state: MergeState) -> None:

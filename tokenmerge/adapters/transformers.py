@@ -394,11 +394,10 @@ def flop_shape(model: torch.nn.Module, img_size: Optional[tuple[int, int]] = Non
     heads += [getattr(model, name) for name in MODELS[_model_class(model)][1]]
     head = sum(linear_flops_per_token(module) for module in heads if module is not None)
     mlp_linear = [linear_flops_per_token(layer.mlp) for layer in layers]
+    head_per_token = 0
     if type(tower) is siglip.SiglipVisionModel and tower.use_head:
-        per_image, per_token = _pooling_head_flops(tower.head)
-        # The head's keys and values are the tokens the last layer leaves, the same
-        # count that layer's MLP runs on.
-        head, mlp_linear[-1] = head + per_image, mlp_linear[-1] + per_token
+        per_image, head_per_token = _pooling_head_flops(tower.head)
+        head += per_image
     return FlopShape(
         stem=(num_tokens - prefix) * 2 * projection.weight[0].numel() * projection.out_channels,
         head=head,
@@ -406,6 +405,7 @@ def flop_shape(model: torch.nn.Module, img_size: Optional[tuple[int, int]] = Non
         mlp_linear=tuple(mlp_linear),
         attention_width=tuple(attention.q_proj.out_features for attention in attentions),
         key_size=tuple(attention.head_dim for attention in attentions),
+        head_per_token=head_per_token,
     )
 
 
