@@ -14,7 +14,8 @@ from . import __version__
 from . import schedule as schedules
 
 DEFAULT_MODEL = "vit_small_patch16_224"
-SUBCOMMAND_MODULES = ("tokenmerge.bench", "tokenmerge.evaluate", "tokenmerge.compare", "tokenmerge.visualize")
+SUBCOMMAND_MODULES = ("tokenmerge.bench", "tokenmerge.evaluate", "tokenmerge.compare", "tokenmerge.visualize",
+                      "tokenmerge.train")
 
 
 def parse_sweep(text: str) -> list[schedules.Schedule]:

@@ -1,0 +1,258 @@
+"""``tokenmerge train`` and :mod:`tokenmerge.train`: merging in training mode (loss
+falls, gradients reach every parameter, sizes keep float32 under autocast), the files
+of a run, resuming to the same weights, two torchrun processes taking the steps of
+one, and clear errors. Tiny models and images throughout."""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import tokenmerge
+from tokenmerge import train as training
+from tokenmerge.cli import main
+from tokenmerge.train import TrainConfig, evaluate_accuracy, train, train_step
+
+TINY = dict(model="vit_tiny_patch16_224", model_kwargs={"patch_size": 8, "depth": 2}, img_size=32)
+CLASSES = ("cat", "dog", "fox")
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+TINY_ARGS = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=8", "depth=2", "--img-size", "32"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """3 classes of random 24x24 PNGs: 8 per class to train on, 2 to validate."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 8), ("val", 2)):
+        for name in CLASSES:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def tiny_model(drop_path=0.0):
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=3,
+                             drop_path_rate=drop_path)
+
+
+def config(data, output, **changes):
+    values = dict(TINY, data=str(data), output=str(output), epochs=2, batch_size=8, lr=1e-3, r=2,
+                  progress=False) | changes
+    return TrainConfig(**values)
+
+
+def read_csv(path):
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_loss_falls_on_a_fixed_batch_with_merging(dtype):
+    model = tokenmerge.apply(tiny_model(drop_path=0.1), r=4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    images, labels = torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    losses = [train_step(model, optimizer, images, labels, autocast_dtype=dtype)[0] for _ in range(12)]
+    assert model.training, "train_step trains with dropout and drop path active"
+    assert losses[-1] < 0.5 * losses[0], losses
+    size = tokenmerge.get_state(model).size
+    assert size.dtype == torch.float32, "sizes keep float32 under autocast"
+    assert torch.equal(size.sum(dim=1), torch.full((8, 1), 17.0)), "16 patches and the class token"
+    assert tokenmerge.token_counts(model) == [13, 9]
+
+
+def test_train_step_counts_correct_predictions():
+    model = tokenmerge.apply(tiny_model(), r=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    images, labels = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2])
+    with torch.no_grad():
+        expected = int((model.train()(images).argmax(-1) == labels).sum())
+    assert train_step(model, optimizer, images, labels)[1] == expected
+
+
+def gradients(model, images, labels):
+    model.train().zero_grad()
+    torch.nn.functional.cross_entropy(model(images), labels).backward()
+    return {name: p.grad for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+
+
+@pytest.mark.parametrize("prop_attn", [True, False])
+def test_gradients_reach_every_parameter_they_reach_unmerged(prop_attn):
+    model = tiny_model()
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    unmerged = gradients(model, images, labels)
+    merged = gradients(tokenmerge.apply(model, r=4, prop_attn=prop_attn), images, labels)
+    assert set(merged) == set(unmerged) == {name for name, _ in model.named_parameters()}
+    assert all(torch.isfinite(grad).all() for grad in merged.values())
+    assert not torch.allclose(merged["blocks.0.attn.qkv.weight"], unmerged["blocks.0.attn.qkv.weight"])
+
+
+def test_evaluate_accuracy_counts_top1():
+    model = tokenmerge.apply(tiny_model(), r=4)
+    images = torch.randn(10, 3, 32, 32)
+    with torch.no_grad():
+        predicted = model.eval()(images).argmax(-1)
+    labels = predicted.clone()
+    labels[:3] = (labels[:3] + 1) % 3
+    batches = [(images[:6], labels[:6]), (images[6:], labels[6:])]
+    assert evaluate_accuracy(model, batches, "cpu") == pytest.approx(70.0)
+
+
+@pytest.fixture(scope="module")
+def command_run(data, tmp_path_factory):
+    """One run of the command: 2 epochs of 3 steps, merging 2 tokens per block while
+    training and 4 while validating."""
+    output = tmp_path_factory.mktemp("run") / "out"
+    code = main(["train", *TINY_ARGS, "--data", str(data), "--output", str(output), "--epochs", "2",
+                 "--batch-size", "8", "--merge-r", "2", "--eval-r", "4", "--lr", "1e-3"])
+    assert code == 0
+    return output
+
+
+def test_command_writes_checkpoint_and_metrics(command_run, capsys):
+    output = command_run
+    assert sorted(path.name for path in output.iterdir()) == [
+        "classes.txt", "epoch-2", "metrics.csv", "metrics.png", "model.safetensors", "steps.csv"]
+    assert sorted(path.name for path in (output / "epoch-2").iterdir()) == [
+        "model.safetensors", "optimizer.safetensors", "state.json"]
+    assert (output / "classes.txt").read_text().split() == list(CLASSES)
+    rows = read_csv(output / "metrics.csv")
+    assert [row["epoch"] for row in rows] == ["1", "2"]
+    assert list(rows[0]) == [
+        "epoch", "train_loss", "train_top1", "val_top1", "images_per_second", "epoch_seconds", "lr"]
+    assert all(float(row["val_top1"]) in (0.0, 100 / 6, 200 / 6, 50.0, 400 / 6, 500 / 6, 100.0) for row in rows)
+    steps = read_csv(output / "steps.csv")
+    assert [int(row["step"]) for row in steps] == list(range(1, 7))
+    assert float(rows[1]["train_loss"]) == pytest.approx(np.mean([float(row["loss"]) for row in steps[3:]]))
+    with Image.open(output / "metrics.png") as image:
+        assert image.format == "PNG" and image.width > 400
+    state = json.loads((output / "epoch-2" / "state.json").read_text())
+    assert (state["epoch"], state["step"], state["config"]["r"], state["config"]["eval_r"]) == (2, 6, "2", "4")
+    weights = load_file(output / "model.safetensors")
+    assert all(torch.equal(weights[k], v) for k, v in load_file(output / "epoch-2" / "model.safetensors").items())
+    model = tiny_model()
+    model.load_state_dict(weights)
+
+
+def test_finished_run_is_not_trained_again(command_run, data, capsys):
+    before = (command_run / "model.safetensors").read_bytes()
+    history = train(config(data, command_run, r=2, eval_r=4, drop_path=0.1))
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert (command_run / "model.safetensors").read_bytes() == before
+    assert "resuming after epoch 2" in capsys.readouterr().out
+
+
+def test_resuming_continues_with_identical_state(data, tmp_path, monkeypatch):
+    """Augmentation and drop path on: the resumed run draws what the whole one drew."""
+    whole = config(data, tmp_path / "whole", drop_path=0.1, augment=True, warmup_epochs=1)
+    history = train(whole)
+
+    interrupted = config(data, tmp_path / "interrupted", drop_path=0.1, augment=True, warmup_epochs=1)
+    real_step, calls = training.train_step, []
+
+    def interrupt_in_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_step", interrupt_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupted)
+    monkeypatch.setattr(training, "train_step", real_step)
+    assert [folder.name for _, folder in training.finished_checkpoints(tmp_path / "interrupted")] == ["epoch-1"]
+    (tmp_path / "interrupted" / ".epoch-2.partial").mkdir()  # as if cut off while writing
+    resumed = train(interrupted)
+
+    def comparable(rows):
+        return [{key: row[key] for key in ("epoch", "train_loss", "train_top1", "val_top1", "lr")} for row in rows]
+
+    assert comparable(resumed) == comparable(history)
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        expected = load_file(tmp_path / "whole" / "epoch-2" / name)
+        got = load_file(tmp_path / "interrupted" / "epoch-2" / name)
+        assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert read_csv(tmp_path / "interrupted" / "steps.csv") == read_csv(tmp_path / "whole" / "steps.csv")
+    assert [row["epoch"] for row in read_csv(tmp_path / "interrupted" / "metrics.csv")] == ["1", "2"]
+
+    with pytest.raises(ValueError, match=r"another configuration \(lr: 0\.001 there, 0\.002 here\)"):
+        train(config(data, tmp_path / "interrupted", drop_path=0.1, augment=True, warmup_epochs=1, lr=2e-3))
+
+
+def test_two_torchrun_processes_take_the_steps_of_one(data, tmp_path):
+    common = dict(epochs=1, max_steps_per_epoch=2, augment=False, drop_path=0.0, seed=3)
+    single = train(config(data, tmp_path / "single", **common))
+    result = subprocess.run(
+        [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "tokenmerge", "train", *TINY_ARGS,
+         "--data", str(data), "--output", str(tmp_path / "double"), "--epochs", "1", "--max-steps-per-epoch", "2",
+         "--batch-size", "8", "--merge-r", "2", "--lr", "1e-3", "--no-augment", "--drop-path", "0", "--seed", "3"],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("train loss") == 1, "only the first process prints"
+    assert "(4 per process x 2 processes)" in result.stdout
+    one, two = read_csv(tmp_path / "single" / "steps.csv"), read_csv(tmp_path / "double" / "steps.csv")
+    assert [row["step"] for row in two] == ["1", "2"]
+    for a, b in zip(one, two):
+        assert float(b["loss"]) == pytest.approx(float(a["loss"]), abs=1e-4)
+        assert b["lr"] == a["lr"]
+    assert float(read_csv(tmp_path / "double" / "metrics.csv")[0]["val_top1"]) == single[0]["val_top1"]
+
+
+def test_splits_are_labelled_by_the_training_classes(data, tmp_path):
+    root = tmp_path / "data"
+    (root / "test").mkdir(parents=True)
+    (root / "train").symlink_to(data / "train")
+    (root / "test" / "fox").symlink_to(data / "val" / "fox")
+    splits = training.read_splits(root, "test")
+    assert splits.classes == list(CLASSES) and len(splits.train) == 24
+    assert [(path.parent.name, label) for path, label in splits.val] == [("fox", 2), ("fox", 2)]
+    (root / "test" / "owl").mkdir()
+    with pytest.raises(ValueError, match="test has classes that .*train lacks: owl"):
+        training.read_splits(root, "test")
+
+
+def test_global_batch_must_split_evenly_between_processes(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "world_size", lambda: 3)
+    with pytest.raises(ValueError, match="the global batch of 8 images cannot be shared evenly by 3 processes"):
+        train(config(data, tmp_path / "out"))
+
+
+@pytest.mark.parametrize(
+    "case, extra, message",
+    [
+        ("missing data", [], "data folder {data}/missing does not exist"),
+        ("no val", [], "has no val/ folder"),
+        ("unknown model", ["--model", "vit_tiniest"], "timm has no model named 'vit_tiniest'"),
+        ("r too large", ["--merge-r", "6"], "r 6 is more than vit_tiny_patch16_224 can take: block 1 gets 11 tokens "
+                                            "(1 protected) and can merge at most 5"),
+        ("eval r per block", ["--eval-r", "2/2/2"], "eval r 2/2/2: a per-block r schedule needs exactly one r per "
+                                                    "block: the model has 2 blocks"),
+        ("float16 on cpu", ["--amp", "float16"], "amp float16 needs a CUDA device"),
+        ("plateau", ["--sched", "plateau"], "sched 'plateau' needs a metric every epoch"),
+        ("batch too large", ["--batch-size", "100"], "24 training images are fewer than one batch of 100"),
+        ("unknown optimizer", ["--opt", "adamx"], "adamx"),
+    ],
+)
+def test_errors_say_what_is_wrong(case, extra, message, data, tmp_path, capsys):
+    root = data
+    if case == "missing data":
+        root = tmp_path / "missing"
+        message = message.format(data=tmp_path)
+    if case == "no val":
+        root = tmp_path / "flat"
+        (root / "train" / "cat").mkdir(parents=True)
+    args = ["train", *TINY_ARGS, "--data", str(root), "--output", str(tmp_path / "out"), "--batch-size", "8", *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tokenmerge train: error: ") and message in err
+    assert not (tmp_path / "out" / "model.safetensors").exists()
