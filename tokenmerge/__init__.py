@@ -38,7 +38,9 @@ def apply(
     and the pruning methods ``"random"``, ``"evit"`` and ``"evit-fuse"`` remove the
     same number of tokens for comparisons (see :mod:`tokenmerge.methods`); ``"cut"``
     drops the last r tokens unseen, as a zero-overhead speed reference. Applying to
-    a patched model only updates its settings.
+    a patched model only updates its settings. It works in training too (keep
+    ``prop_attn=True`` there, to train with the attention the model is evaluated
+    with; see :mod:`tokenmerge.train`).
     """
     adapter = find_adapter(model)
     if is_applied(model):
