@@ -1,0 +1,128 @@
+"""Fine-tuning with and without merging: training throughput and test accuracy.
+
+Fine-tunes two copies of the same pretrained ViT on the same images for the same
+number of steps, one unmerged (r=0) and one merged (r=13 by default), and evaluates
+each on a test set at the r it was trained with. Both copies take their steps in
+turn on the very same batches (A, B, A, B, ...), so the throughput ratio is measured
+under the same machine load; only the training steps are timed (loading and
+augmenting images is shared and left out). Prints a Markdown table:
+
+    python benchmarks/train_speed.py                     # ViT-Ti on the shared CIFAR-10 images
+    python benchmarks/train_speed.py --steps 50 --test-images 500   # a quick look
+
+Defaults read the shared pretrained ViT-Ti and CIFAR-10 images from ../shared beside
+the project root (``--checkpoint``, ``--train``, ``--test`` to point elsewhere).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+import timm
+import timm.optim
+import timm.scheduler
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+from tqdm import tqdm
+
+import tokenmerge
+from tokenmerge.data import ImageFiles, class_folders, images_in
+from tokenmerge.report import describe_environment, environment
+from tokenmerge.train import evaluate_accuracy, train_step
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+MODEL = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+
+
+def folder_dataset(root: Path, transform, limit: int | None = None) -> ImageFiles:
+    """``<class>/<image>`` files labelled by the sorted class folder names; with
+    ``limit``, an even share of every class."""
+    folders = class_folders(root)
+    per_class = None if limit is None else max(1, limit // len(folders))
+    samples = [(path, label) for label, folder in enumerate(folders) for path in images_in(folder)[:per_class]]
+    return ImageFiles(samples, transform)
+
+
+def shown(path: Path) -> str:
+    """``path`` relative to the working directory, as a user would type it."""
+    return os.path.relpath(path)
+
+
+def pretrained(checkpoint: Path, num_classes: int, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)  # the same new classifier for both copies
+    return timm.create_model(MODEL, pretrained=True, num_classes=num_classes,
+                             pretrained_cfg_overlay=dict(file=str(checkpoint)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", type=Path, default=SHARED / "models" / f"{MODEL}.safetensors")
+    parser.add_argument("--train", type=Path, default=SHARED / "data" / "cifar10" / "train")
+    parser.add_argument("--test", type=Path, default=SHARED / "data" / "cifar10" / "test")
+    parser.add_argument("--r", type=int, default=13, help="r of the merged copy, in training and test (default: 13)")
+    parser.add_argument("--steps", type=int, default=200, help="training steps of each copy (default: 200)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--test-images", type=int, help="evaluate on this many test images (default: all)")
+    parser.add_argument("--warmup-steps", type=int, default=5, help="steps left out of the timing (default: 5)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    models = {0: pretrained(args.checkpoint, 10, args.seed), args.r: pretrained(args.checkpoint, 10, args.seed)}
+    tokenmerge.apply(models[args.r], r=args.r)
+    config = timm.data.resolve_data_config({}, model=models[0])
+    train_set = folder_dataset(args.train, timm.data.create_transform(**config, is_training=True))
+    test_set = folder_dataset(args.test, timm.data.create_transform(**config), args.test_images)
+    generator = torch.Generator().manual_seed(args.seed)
+    loader = DataLoader(train_set, batch_size=args.batch_size, num_workers=0, drop_last=True,
+                        sampler=RandomSampler(train_set, num_samples=args.steps * args.batch_size, generator=generator))
+    optimizers = {r: timm.optim.create_optimizer_v2(model, "adamw", lr=args.lr, weight_decay=0.05)
+                  for r, model in models.items()}
+    schedulers = {r: timm.scheduler.create_scheduler_v2(optimizer, "cosine", num_epochs=args.steps,
+                                                        warmup_epochs=args.steps // 20, warmup_lr=args.lr / 10)[0]
+                  for r, optimizer in optimizers.items()}
+    print(f"{MODEL} fine-tuned on {len(train_set)} images of {shown(args.train)} for {args.steps} steps of "
+          f"{args.batch_size}, tested on {len(test_set)} images of {shown(args.test)}; steps of r=0 and r={args.r} "
+          f"interleaved on the same batches; {describe_environment(environment('cpu'))}", flush=True)
+
+    seconds = {r: [] for r in models}
+    losses = {r: [] for r in models}
+    for step, (images, labels) in enumerate(tqdm(loader, desc="training", unit="step")):
+        for r in (models if step % 2 == 0 else reversed(list(models))):
+            start = time.perf_counter()
+            loss, _ = train_step(models[r], optimizers[r], images, labels)
+            seconds[r].append(time.perf_counter() - start)
+            losses[r].append(loss)
+            schedulers[r].step(step + 1)
+
+    test_loader = DataLoader(test_set, batch_size=100, num_workers=2)
+    rows = []
+    for r, model in models.items():
+        start = time.perf_counter()
+        accuracy = evaluate_accuracy(model, test_loader, torch.device("cpu"))
+        timed = seconds[r][args.warmup_steps:]
+        rows.append({
+            "r": r,
+            "img/s": args.batch_size / statistics.median(timed),
+            "train s": sum(seconds[r]),
+            "last loss": statistics.mean(losses[r][-20:]),
+            "test top-1": accuracy,
+            "test s": time.perf_counter() - start,
+        })
+    base = rows[0]["img/s"]
+    print("| r (train and test) | train img/s | speed-up | training time s | final loss (mean of last 20) "
+          "| test top-1 % |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['r']} | {row['img/s']:.1f} | {row['img/s'] / base:.2f}x | {row['train s']:.0f} | "
+              f"{row['last loss']:.3f} | {row['test top-1']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
