@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--train", type=Path, default=SHARED / "data" / "cifar10" / "train")
     parser.add_argument("--test", type=Path, default=SHARED / "data" / "cifar10" / "test")
     parser.add_argument("--r", type=int, default=13, help="r of the merged copy, in training and test (default: 13)")
-    parser.add_argument("--steps", type=int, default=200, help="training steps of each copy (default: 200)")
+    parser.add_argument("--steps", type=int, default=400, help="training steps of each copy (default: 400)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--test-images", type=int, help="evaluate on this many test images (default: all)")
