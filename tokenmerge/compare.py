@@ -11,12 +11,12 @@ less accuracy.
 """
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Optional, Sequence
 
 from . import schedule as schedules
 from .bench import UNPATCHED, Setting
-from .evaluate import EvalRow, Evaluation, add_evaluation_arguments, describe_unreadable, format_rows, run_settings
+from .evaluate import EvalRow, Evaluation, add_evaluation_arguments, run_settings
+from .evaluate import report as evaluation_report
 
 #: Variants a comparison can include: a reduction method and whether attention is
 #: proportional. ``tome`` is the paper's method; the ``tome-*`` variants change one
@@ -92,18 +92,7 @@ def draw_comparison(rows: Sequence[EvalRow], title: Optional[str] = None):
 
 
 def report(args, result: Evaluation, env: dict) -> None:
-    from .report import write_rows
-
-    print(format_rows(result.rows))
-    if result.unreadable:
-        print(describe_unreadable(result.unreadable))
-    if args.output:
-        write_rows(args.output, [asdict(row) | {"unreadable": len(result.unreadable)} for row in result.rows], env)
-        print(f"wrote {args.output}")
-    if args.plot:
-        title = f"{args.model}: {result.rows[0].images} images, {env['device']}, {env['threads']} threads"
-        draw_comparison(result.rows, title).savefig(args.plot, dpi=150)
-        print(f"wrote {args.plot}")
+    evaluation_report(args, result, env, draw=draw_comparison)
 
 
 def add_parser(subparsers) -> None:

@@ -475,7 +475,9 @@ def announce(args, images: int, env: dict) -> None:
           flush=True)
 
 
-def report(args, result: Evaluation, env: dict) -> None:
+def report(args, result: Evaluation, env: dict, draw=None) -> None:
+    """Print the table and the unreadable files, and write ``--output`` and ``--plot``
+    (drawn by ``draw(rows, title)``, :func:`draw_plot` by default)."""
     from .report import write_rows
 
     print(format_rows(result.rows))
@@ -487,7 +489,7 @@ def report(args, result: Evaluation, env: dict) -> None:
     if args.plot:
         processes = "1 process" if env["processes"] == 1 else f"{env['processes']} processes"
         title = f"{args.model}: {result.rows[0].images} images, {env['device']}, {processes} x {env['threads']} threads"
-        draw_plot(result.rows, title).savefig(args.plot, dpi=150)
+        (draw or draw_plot)(result.rows, title).savefig(args.plot, dpi=150)
         print(f"wrote {args.plot}")
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..attention import proportional_attention
+from ..flops import linear_flops_per_token
 
 T = TypeVar("T")
 
@@ -57,3 +58,9 @@ def multihead_attention_with_plan(
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout)
     out = out.transpose(1, 2).reshape(batch, num_tokens, width)
     return attention.out_proj(out), planned
+
+
+def multihead_linear_flops(attention: torch.nn.MultiheadAttention) -> int:
+    """FLOPs per token of the module's projections: the packed input projection (a
+    bare parameter, not an ``nn.Linear``) and the output projection."""
+    return 2 * attention.in_proj_weight.numel() + linear_flops_per_token(attention.out_proj)

@@ -47,7 +47,7 @@ from ..attention import log_size_bias
 from ..flops import FlopShape, linear_flops_per_token
 from ..merge import weighted_mean
 from ..state import MergeState, restore_class, swap_class
-from .multihead import check_multihead, multihead_attention_with_plan
+from .multihead import check_multihead, multihead_attention_with_plan, multihead_linear_flops
 
 SUPPORTED = (
     "open_clip CLIP and CustomTextCLIP whose visual tower is open_clip.transformer.VisionTransformer, "
@@ -192,17 +192,11 @@ def flop_shape(model: nn.Module, img_size: Optional[tuple[int, int]] = None) -> 
         stem=(num_tokens - NUM_PROTECTED) * 2 * visual.conv1.weight.numel(),
         head=_head_flops(visual, num_tokens) - num_tokens * head_per_token,
         head_per_token=head_per_token,
-        attention_linear=tuple(_attention_linear_flops(block.attn) for block in blocks),
+        attention_linear=tuple(multihead_linear_flops(block.attn) for block in blocks),
         mlp_linear=tuple(linear_flops_per_token(block.mlp) for block in blocks),
         attention_width=tuple(block.attn.embed_dim for block in blocks),
         key_size=tuple(block.attn.head_dim for block in blocks),
     )
-
-
-def _attention_linear_flops(attention: nn.MultiheadAttention) -> int:
-    """Per token: the packed input projection (a bare parameter, not an ``nn.Linear``)
-    and the output projection."""
-    return 2 * attention.in_proj_weight.numel() + linear_flops_per_token(attention.out_proj)
 
 
 def _head_flops(visual: VisionTransformer, num_tokens: int) -> int:

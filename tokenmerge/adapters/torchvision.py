@@ -18,7 +18,7 @@ from torchvision.models.vision_transformer import Encoder, EncoderBlock, MLPBloc
 
 from ..flops import FlopShape, linear_flops_per_token
 from ..state import MergeState, restore_class, swap_class
-from .multihead import check_multihead, multihead_attention_with_plan
+from .multihead import check_multihead, multihead_attention_with_plan, multihead_linear_flops
 
 SUPPORTED = (
     "torchvision VisionTransformer (vit_b_16, vit_b_32, vit_l_16, vit_l_32, vit_h_14, or built directly) "
@@ -106,17 +106,11 @@ def flop_shape(model: nn.Module, img_size: Optional[tuple[int, int]] = None) -> 
     return FlopShape(
         stem=_stem_flops(model.conv_proj, model.image_size),
         head=linear_flops_per_token(model.heads),
-        attention_linear=tuple(_attention_linear_flops(block.self_attention) for block in blocks),
+        attention_linear=tuple(multihead_linear_flops(block.self_attention) for block in blocks),
         mlp_linear=tuple(linear_flops_per_token(block.mlp) for block in blocks),
         attention_width=tuple(block.self_attention.embed_dim for block in blocks),
         key_size=tuple(block.self_attention.head_dim for block in blocks),
     )
-
-
-def _attention_linear_flops(attention: nn.MultiheadAttention) -> int:
-    """Per token: the packed input projection (a bare parameter, not an ``nn.Linear``)
-    and the output projection."""
-    return 2 * attention.in_proj_weight.numel() + linear_flops_per_token(attention.out_proj)
 
 
 def _stem_flops(stem: nn.Module, image_size: int) -> int:
