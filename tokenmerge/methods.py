@@ -39,6 +39,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from .attention import log_size_bias
 from .merge import Matching, bipartite_soft_matching, merge_source, merge_weighted, merged_sizes
 
 Reduction = tuple[Tensor, Optional[Tensor], Optional[Tensor]]
@@ -168,12 +169,8 @@ def class_attention(evidence: Evidence) -> Tensor:
     queries, keys = evidence.queries[:, :, :1], evidence.keys
     logits = (queries @ keys.transpose(-2, -1)) * keys.shape[-1] ** -0.5
     if evidence.size is not None:
-        logits = logits + evidence.size.view(size_shape(evidence.size)).log().to(logits.dtype)
+        logits = logits + log_size_bias(evidence.size, logits.dtype)
     return logits.float().softmax(dim=-1).mean(dim=1)[:, 0]
-
-
-def size_shape(size: Tensor) -> tuple[int, int, int, int]:
-    return (size.shape[0], 1, 1, size.shape[1])
 
 
 def keep_attended(evidence: Evidence, r: int, num_protected: int, fuse: bool = False) -> Selection:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tokenmerge.adapters.multihead import check_multihead, multihead_attention_with_plan
+from tokenmerge.adapters.multihead import check_multihead, multihead_attention_with_plan, multihead_size_mask
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -25,9 +25,9 @@ def test_a_token_of_size_two_counts_as_its_twin():
     size = torch.tensor([1.0, 1, 1, 1, 2]).view(1, 5, 1)
     merged, _ = multihead_attention_with_plan(attention, x, size, lambda q, k: None)
     torch.testing.assert_close(merged, full, atol=1e-5, rtol=1e-5)
-    mask = torch.zeros(1, 1, 1, 5)
-    with_mask, _ = multihead_attention_with_plan(attention, x, size, lambda q, k: None, mask=mask)
-    torch.testing.assert_close(with_mask, full, atol=1e-5, rtol=1e-5)
+    pooled = attention(x[:, :1], x, x, need_weights=False, attn_mask=multihead_size_mask(size, 2, 1, x.dtype))[0]
+    twin_pooled = attention(x[:, :1], twins, twins, need_weights=False)[0]
+    torch.testing.assert_close(pooled, twin_pooled, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kwargs, feature", [

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..attention import proportional_attention
+from ..attention import log_size_bias, proportional_attention
 from ..flops import linear_flops_per_token
 
 T = TypeVar("T")
@@ -38,24 +38,18 @@ def multihead_attention_with_plan(
     x: Tensor,
     size: Optional[Tensor],
     plan: Callable[[Tensor, Tensor], T],
-    mask: Optional[Tensor] = None,
 ) -> tuple[Tensor, T]:
     """Self-attention of ``attention`` over ``x`` (B, N, E), batch first whatever the
     module's ``batch_first``, in which key j counts ``size[j]`` times; also returns
     what ``plan`` makes of the queries and keys (B, heads, N, head_dim), called as
-    soon as they exist. ``mask`` is an optional additive float mask broadcastable to
-    (B, heads, N, N), added to the log-size bias."""
+    soon as they exist."""
     batch, num_tokens, width = x.shape
     heads = attention.num_heads
     qkv = F.linear(x, attention.in_proj_weight, attention.in_proj_bias)
     q, k, v = qkv.view(batch, num_tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
     planned = plan(q, k)
     dropout = attention.dropout if attention.training else 0.0
-    if mask is None:
-        out = proportional_attention(q, k, v, size, dropout_p=dropout)
-    else:
-        bias = mask if size is None else mask + size.view(batch, 1, 1, -1).log().to(mask.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout)
+    out = proportional_attention(q, k, v, size, dropout_p=dropout)
     out = out.transpose(1, 2).reshape(batch, num_tokens, width)
     return attention.out_proj(out), planned
 
@@ -64,3 +58,12 @@ def multihead_linear_flops(attention: torch.nn.MultiheadAttention) -> int:
     """FLOPs per token of the module's projections: the packed input projection (a
     bare parameter, not an ``nn.Linear``) and the output projection."""
     return 2 * attention.in_proj_weight.numel() + linear_flops_per_token(attention.out_proj)
+
+
+def multihead_size_mask(size: Tensor, num_heads: int, num_queries: int, dtype: torch.dtype) -> Tensor:
+    """The log-size bias (B, N, 1 sizes) as the float ``attn_mask`` that
+    ``nn.MultiheadAttention`` takes for ``num_queries`` queries attending to the N
+    tokens: (B * heads, queries, N). For attention pooling over merged tokens."""
+    batch, num_tokens = size.shape[:2]
+    bias = log_size_bias(size, dtype).expand(batch, num_heads, num_queries, num_tokens)
+    return bias.reshape(batch * num_heads, num_queries, num_tokens)

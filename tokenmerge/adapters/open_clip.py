@@ -43,11 +43,10 @@ from open_clip.transformer import (
 )
 from torch import Tensor, nn
 
-from ..attention import log_size_bias
 from ..flops import FlopShape, linear_flops_per_token
 from ..merge import weighted_mean
 from ..state import MergeState, restore_class, swap_class
-from .multihead import check_multihead, multihead_attention_with_plan, multihead_linear_flops
+from .multihead import check_multihead, multihead_attention_with_plan, multihead_linear_flops, multihead_size_mask
 
 SUPPORTED = (
     "open_clip CLIP and CustomTextCLIP whose visual tower is open_clip.transformer.VisionTransformer, "
@@ -313,7 +312,7 @@ class MergingVisionTransformer:
         if size is None:
             return super()._pool(x)
         if self.attn_pool is not None:
-            return _attention_pool_by_size(self, x, log_size_bias(size, x.dtype) if state.prop_attn else None)
+            return _attention_pool_by_size(self, x, size if state.prop_attn else None)
         if self.final_ln_after_pool:
             pooled, tokens = _global_pool_by_size(self, x, size)
             return self.ln_post(pooled), tokens
@@ -328,29 +327,26 @@ def _global_pool_by_size(visual: VisionTransformer, x: Tensor, size: Tensor) -> 
     return visual._global_pool(x)
 
 
-def _attention_pool_by_size(visual: VisionTransformer, x: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def _attention_pool_by_size(visual: VisionTransformer, x: Tensor, size: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """``VisionTransformer._pool`` with attention pooling, in which the poolers that
-    attend to the tokens get ``bias`` (B, 1, 1, N) on their keys."""
+    attend to the tokens weigh every token by its ``size`` (B, N, 1; None for no weighting)."""
     if visual.attn_pool_contrastive is None:
         # open_clip's CoCa layout: attention pooling, then the norm and pooling over the queries
-        return visual._global_pool(visual.ln_post(_attention_pool(visual.attn_pool, x, bias)))
+        return visual._global_pool(visual.ln_post(_attention_pool(visual.attn_pool, x, size)))
     x = visual.ln_post(x)
-    tokens = _attention_pool(visual.attn_pool, x, bias)
+    tokens = _attention_pool(visual.attn_pool, x, size)
     if visual.attn_pool_type == "parallel":
-        return _attention_pool(visual.attn_pool_contrastive, x, bias), tokens
+        return _attention_pool(visual.attn_pool_contrastive, x, size), tokens
     return visual.attn_pool_contrastive(tokens), tokens
 
 
-def _attention_pool(pooler: AttentionalPooler, x: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """``AttentionalPooler.forward`` with ``bias`` (B, 1, 1, N) added to its attention
-    logits, or the pooler itself when there is none."""
-    if bias is None:
+def _attention_pool(pooler: AttentionalPooler, x: Tensor, size: Optional[Tensor]) -> Tensor:
+    """``AttentionalPooler.forward`` with the log-size bias of ``size`` (B, N, 1) added
+    to its attention logits, or the pooler itself without sizes."""
+    if size is None:
         return pooler(x)
-    batch, num_tokens = x.shape[:2]
     keys = pooler.ln_k(x)
-    queries = pooler.ln_q(pooler.query).unsqueeze(0).expand(batch, -1, -1)
-    num_queries = queries.shape[1]
-    mask = bias.expand(batch, pooler.attn.num_heads, num_queries, num_tokens)
-    mask = mask.reshape(batch * pooler.attn.num_heads, num_queries, num_tokens).to(queries.dtype)
+    queries = pooler.ln_q(pooler.query).unsqueeze(0).expand(x.shape[0], -1, -1)
+    mask = multihead_size_mask(size, pooler.attn.num_heads, queries.shape[1], queries.dtype)
     return pooler.attn(queries, keys, keys, need_weights=False, attn_mask=mask)[0]
 

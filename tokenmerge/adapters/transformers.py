@@ -35,7 +35,7 @@ from ..attention import log_size_bias
 from ..flops import FlopShape, linear_flops_per_token
 from ..merge import weighted_mean
 from ..state import MergeState, is_swapped, restore_class, swap_class
-from .multihead import check_multihead
+from .multihead import check_multihead, multihead_size_mask
 
 if int(transformers.__version__.split(".")[0]) < 5:
     raise ImportError(f"tokenmerge supports transformers 5, found transformers {transformers.__version__}")
@@ -196,12 +196,9 @@ class MergingAttentionPoolingHead:
                 f"the attention-pooling head got {hidden_state.shape[1]} tokens, but the last forward pass left "
                 f"{size.shape[1]}; it pools the tokens of the model's own forward pass"
             )
-        batch, num_tokens = size.shape[:2]
-        heads = self.attention.num_heads
-        bias = log_size_bias(size, hidden_state.dtype).expand(batch, heads, 1, num_tokens)
-        probe = self.probe.repeat(batch, 1, 1)
-        bias = bias.reshape(batch * heads, 1, num_tokens)
-        pooled = self.attention(probe, hidden_state, hidden_state, attn_mask=bias)[0]
+        probe = self.probe.repeat(size.shape[0], 1, 1)
+        mask = multihead_size_mask(size, self.attention.num_heads, probe.shape[1], hidden_state.dtype)
+        pooled = self.attention(probe, hidden_state, hidden_state, attn_mask=mask)[0]
         pooled = pooled + self.mlp(self.layernorm(pooled))
         return pooled[:, 0]
 
