@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 import tokenmerge
 from tokenmerge.data import ImageFiles, class_folders, images_in
+from tokenmerge.models import create_timm_model, timm_transform
 from tokenmerge.report import describe_environment, environment
 from tokenmerge.train import evaluate_accuracy, train_step
 
@@ -53,8 +54,7 @@ def shown(path: Path) -> str:
 
 def pretrained(checkpoint: Path, num_classes: int, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)  # the same new classifier for both copies
-    return timm.create_model(MODEL, pretrained=True, num_classes=num_classes,
-                             pretrained_cfg_overlay=dict(file=str(checkpoint)))
+    return create_timm_model(MODEL, checkpoint, num_classes=num_classes)
 
 
 def main() -> None:
@@ -71,14 +71,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int)
     args = parser.parse_args()
+    if args.steps <= args.warmup_steps:
+        parser.error(f"--steps must be more than the {args.warmup_steps} warm-up steps left out of the timing")
     if args.threads:
         torch.set_num_threads(args.threads)
 
     models = {0: pretrained(args.checkpoint, 10, args.seed), args.r: pretrained(args.checkpoint, 10, args.seed)}
     tokenmerge.apply(models[args.r], r=args.r)
-    config = timm.data.resolve_data_config({}, model=models[0])
-    train_set = folder_dataset(args.train, timm.data.create_transform(**config, is_training=True))
-    test_set = folder_dataset(args.test, timm.data.create_transform(**config), args.test_images)
+    train_set = folder_dataset(args.train, timm_transform(models[0], is_training=True))
+    test_set = folder_dataset(args.test, timm_transform(models[0]), args.test_images)
     generator = torch.Generator().manual_seed(args.seed)
     loader = DataLoader(train_set, batch_size=args.batch_size, num_workers=0, drop_last=True,
                         sampler=RandomSampler(train_set, num_samples=args.steps * args.batch_size, generator=generator))

@@ -72,35 +72,39 @@ def _require(library: str) -> None:
 # --- timm ----------------------------------------------------------------------------
 
 
-def create_timm_model(name: str, checkpoint: Optional[str | Path] = None) -> torch.nn.Module:
+def create_timm_model(name: str, checkpoint: Optional[str | Path] = None, **kwargs) -> torch.nn.Module:
     """A timm model in eval mode: random weights, or the weights in a local
-    ``checkpoint`` file (safetensors or torch) loaded through timm's pretrained config."""
+    ``checkpoint`` file (safetensors or torch) loaded through timm's pretrained config;
+    ``kwargs`` go to ``timm.create_model`` (``num_classes`` re-creates the classifier)."""
     import timm
 
     if not timm.is_model(name.split(".")[0]):
         close = timm.list_models(f"*{name.split('.')[0].split('_')[0]}*")[:8]
         raise ValueError(f"timm has no model named {name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
-    if checkpoint is None:
-        return timm.create_model(name).eval()
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint)
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(checkpoint)))
     try:
-        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(checkpoint)))
+        model = timm.create_model(name, **kwargs)
     except RuntimeError as error:
         raise ValueError(f"checkpoint {checkpoint} does not fit model {name}: {error}") from None
+    except TypeError as error:
+        raise ValueError(f"timm cannot build {name} with {kwargs}: {error}") from None
     return model.eval()
 
 
-def timm_transform(model: torch.nn.Module):
-    """The evaluation transform from the model's own timm data config (resize, crop,
-    normalisation), as timm's users build it, at the size the model was built for
-    (which can differ from its pretrained config's, e.g. a model made with img_size=112)."""
+def timm_transform(model: torch.nn.Module, is_training: bool = False):
+    """The evaluation (or, ``is_training``, the augmenting training) transform from the
+    model's own timm data config, as timm's users build it, at the size the model was
+    built for (which can differ from its pretrained config's, e.g. a model made with
+    img_size=112)."""
     import timm
 
     embed = getattr(model, "patch_embed", None)
     override = {"input_size": (3, *embed.img_size)} if embed is not None else {}
-    return timm.data.create_transform(**timm.data.resolve_data_config(override, model=model))
+    return timm.data.create_transform(**timm.data.resolve_data_config(override, model=model), is_training=is_training)
 
 
 def _call(network: torch.nn.Module, images: Tensor) -> Tensor:

@@ -77,7 +77,8 @@ from tqdm import tqdm
 import tokenmerge
 from tokenmerge import schedule as schedules
 from tokenmerge.data import ImageFiles, class_folders, labelled_samples
-from tokenmerge.evaluate import CUDA_WORKERS, process_group, rank, shard_loader, world_size
+from tokenmerge.evaluate import CUDA_WORKERS, distributed, process_group, rank, shard_loader, world_size
+from tokenmerge.models import create_timm_model, timm_transform
 
 AMP_DTYPES = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CHECKPOINT_PREFIX = "epoch-"
@@ -216,13 +217,8 @@ def read_splits(root: str | Path, val_split: str = "val") -> Splits:
 def data_transforms(model: torch.nn.Module, augment: bool) -> tuple[Any, Any]:
     """(training, evaluation) transforms from the model's timm data config, at the
     input size the model was built for."""
-    import timm
-
-    embed = getattr(model, "patch_embed", None)
-    override = {"input_size": (3, *embed.img_size)} if embed is not None else {}
-    data_config = timm.data.resolve_data_config(override, model=model)
-    evaluation = timm.data.create_transform(**data_config)
-    return (timm.data.create_transform(**data_config, is_training=True) if augment else evaluation), evaluation
+    evaluation = timm_transform(model)
+    return (timm_transform(model, is_training=True) if augment else evaluation), evaluation
 
 
 def train_loader(dataset: ImageFiles, config: TrainConfig, batch: int, workers: int, pin: bool) -> DataLoader:
@@ -240,26 +236,10 @@ def train_loader(dataset: ImageFiles, config: TrainConfig, batch: int, workers: 
 def create_model(config: TrainConfig, num_classes: int) -> torch.nn.Module:
     """The timm model with a new ``num_classes`` classifier, its pretrained weights
     read from ``config.checkpoint`` (random without), and drop path set."""
-    import timm
-
-    family = config.model.split(".")[0]
-    if not timm.is_model(family):
-        close = timm.list_models(f"*{family.split('_')[0]}*")[:8]
-        similar = f"; similar: {', '.join(close)}" if close else ""
-        raise ValueError(f"timm has no model named {config.model!r}{similar}")
     kwargs = dict(config.model_kwargs, num_classes=num_classes, drop_path_rate=config.drop_path)
     if config.img_size is not None:
         kwargs["img_size"] = config.img_size
-    if config.checkpoint is not None:
-        if not Path(config.checkpoint).is_file():
-            raise FileNotFoundError(f"checkpoint {config.checkpoint} does not exist")
-        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(config.checkpoint)))
-    try:
-        return timm.create_model(config.model, **kwargs)
-    except RuntimeError as error:
-        raise ValueError(f"checkpoint {config.checkpoint} does not fit model {config.model}: {error}") from None
-    except TypeError as error:
-        raise ValueError(f"timm cannot build {config.model} with {kwargs}: {error}") from None
+    return create_timm_model(config.model, config.checkpoint, **kwargs)
 
 
 def check_schedule(model: torch.nn.Module, r: schedules.Schedule, option: str, name: str) -> None:
@@ -345,7 +325,7 @@ def evaluate_accuracy(
             labels = labels.to(device)
             counts[0] += (model(images.to(device)).argmax(dim=-1) == labels).sum()
             counts[1] += len(labels)
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         dist.all_reduce(counts)
     correct, total = counts.tolist()
     if total == 0:
