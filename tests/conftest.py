@@ -75,3 +75,19 @@ def timm_sample_predictions(timm_vit_tiny, imagenet_sample):
         return cache[r]
 
     return predictions
+
+
+def make_class_folder(root, classes, per_class):
+    """``root/<class>/<i>.png`` random pictures for every class name, and a class map
+    beside ``root`` (one name per line); returns (root, class map path)."""
+    import numpy as np
+    from PIL import Image
+
+    generator = np.random.default_rng(0)
+    for name in classes:
+        (root / name).mkdir()
+        for index in range(per_class):
+            Image.fromarray(generator.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(root / name / f"{index}.png")
+    class_map = root.parent / f"{root.name}-classes.txt"
+    class_map.write_text("\n".join(classes) + "\n")
+    return root, class_map

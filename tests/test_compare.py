@@ -2,11 +2,10 @@
 run, a table, JSON and a figure with one curve per method; clear errors."""
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from tests.conftest import make_class_folder
 from tokenmerge.bench import UNPATCHED, Setting
 from tokenmerge.cli import main
 from tokenmerge.compare import VARIANTS, comparison_settings, curves
@@ -17,15 +16,7 @@ CLASSES = ["ant", "bee", "cat"]
 
 @pytest.fixture(scope="module")
 def class_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("classes")
-    generator = np.random.default_rng(1)
-    for name in CLASSES:
-        (root / name).mkdir()
-        for index in range(3):
-            Image.fromarray(generator.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / name / f"{index}.png")
-    class_map = root.parent / "compare-classes.txt"
-    class_map.write_text("\n".join(CLASSES) + "\n")
-    return root, class_map
+    return make_class_folder(tmp_path_factory.mktemp("classes"), CLASSES, 3)
 
 
 def test_settings_are_the_unpatched_model_then_every_method_at_every_r():

@@ -8,6 +8,7 @@ import timm
 import torch
 
 import tokenmerge
+from tests.adapters.invariants import assert_sizes_and_sources_agree
 from tokenmerge.methods import METHODS, Evidence, class_attention, keep_attended
 
 MERGING = ["tome", "tome-random-split", "tome-unweighted", "tome-features"]
@@ -59,10 +60,7 @@ def test_token_counts_protected_tokens_and_sizes(models, method, kind):
     assert torch.equal(state.source[:, :p], torch.arange(p).expand(3, -1)), "protected tokens stay in place"
     assert ((state.source[:, p:] >= p) | (state.source[:, p:] == -1)).all()
     if method in MERGING:
-        assert torch.equal(state.size.sum(dim=1).flatten(), torch.full((3,), float(counts[0] + 7)))
-        assert torch.equal(state.size[:, :p], torch.ones(3, p, 1))
-        for b in range(3):
-            assert torch.equal(torch.bincount(state.source[b], minlength=counts[-1]).float(), state.size[b, :, 0])
+        assert_sizes_and_sources_agree(state, counts[0] + 7, 3)
     elif method == "evit-fuse":
         assert state.size is None and (state.source >= 0).all(), "every dropped token goes into the fused one"
         assert (state.source == counts[-1] - 1).any()

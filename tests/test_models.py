@@ -2,11 +2,10 @@
 ``--model`` and ``--checkpoint`` for ``bench`` and ``eval``, and clear errors."""
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from tests.conftest import make_class_folder
 from tokenmerge.cli import main
 from tokenmerge.models import ImageModel, load_model, unwrap
 
@@ -17,16 +16,7 @@ CLASSES = ["cat", "dog", "fish"]
 @pytest.fixture(scope="module")
 def class_folder(tmp_path_factory):
     """Three class folders of two random pictures each, and their class map."""
-    root = tmp_path_factory.mktemp("classes")
-    generator = np.random.default_rng(0)
-    for name in CLASSES:
-        (root / name).mkdir()
-        for index in range(2):
-            pixels = generator.integers(0, 255, (48, 40, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{index}.png")
-    class_map = root.parent / "classes.txt"
-    class_map.write_text("\n".join(CLASSES) + "\n")
-    return root, class_map
+    return make_class_folder(tmp_path_factory.mktemp("classes"), CLASSES, 2)
 
 
 @pytest.fixture(scope="module")

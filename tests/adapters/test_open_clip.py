@@ -9,6 +9,7 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
 from open_clip.transformer import PatchDropout, ResidualAttentionBlock, VisionTransformer
 
 import tokenmerge
+from tests.adapters.invariants import assert_sizes_and_sources_agree
 from tokenmerge.adapters import find_adapter
 from tokenmerge.flops import count_flops
 from tokenmerge.merge import unmerge
@@ -175,13 +176,7 @@ def test_sizes_sum_to_token_count_and_protected_tokens_are_never_merged(variant)
     state = tokenmerge.get_state(model)
     num_tokens, p = state.num_input_tokens, state.num_protected
     assert (num_tokens, p) == find_adapter(model).token_layout(model)
-    assert torch.equal(state.size.sum(1).flatten(), torch.full((3,), float(num_tokens)))
-    assert torch.equal(state.size[:, :p], torch.ones(3, p, 1))
-    assert torch.equal(state.source[:, :p], torch.arange(p).expand(3, -1))
-    assert (state.source[:, p:] >= p).all()
-    for b in range(3):
-        counts = torch.bincount(state.source[b], minlength=state.size.shape[1]).float()
-        assert torch.equal(counts, state.size[b, :, 0])
+    assert_sizes_and_sources_agree(state, num_tokens, 3)
 
 
 def test_pooling_sees_sizes(variant):

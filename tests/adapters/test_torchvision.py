@@ -12,6 +12,7 @@ from torchvision.models import vision_transformer as tv_vit
 from torchvision.models.vision_transformer import ConvStemConfig, EncoderBlock, VisionTransformer
 
 import tokenmerge
+from tests.adapters.invariants import assert_sizes_and_sources_agree
 from tokenmerge.adapters import find_adapter
 from tokenmerge.flops import count_flops
 
@@ -139,13 +140,7 @@ def test_sizes_sum_to_token_count_and_the_class_token_is_never_merged(variant):
         model(images(model, 3))
     state = tokenmerge.get_state(model)
     assert state.num_protected == 1 and state.num_input_tokens == model.seq_length
-    assert torch.equal(state.size.sum(1).flatten(), torch.full((3,), float(model.seq_length)))
-    assert torch.equal(state.size[:, 0], torch.ones(3, 1))
-    assert torch.equal(state.source[:, 0], torch.zeros(3, dtype=torch.long))
-    assert (state.source[:, 1:] >= 1).all()
-    for b in range(3):
-        counts = torch.bincount(state.source[b], minlength=state.size.shape[1]).float()
-        assert torch.equal(counts, state.size[b, :, 0])
+    assert_sizes_and_sources_agree(state, model.seq_length, 3)
 
 
 def test_an_image_gives_the_same_output_alone_and_in_a_batch(variant):

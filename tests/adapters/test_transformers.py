@@ -9,6 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import tokenmerge  # noqa: E402
+from tests.adapters.invariants import assert_sizes_and_sources_agree  # noqa: E402
 from tokenmerge.adapters import find_adapter  # noqa: E402
 from tokenmerge.flops import count_flops  # noqa: E402
 from tokenmerge.merge import unmerge  # noqa: E402
@@ -212,13 +213,7 @@ def test_sizes_sum_to_token_count_and_protected_tokens_are_never_merged(variant)
         run(model, torch.randn(3, 3, IMAGE, IMAGE))
     assert (state.num_protected, state.num_input_tokens) == (p, NUM_PATCHES + p)
     assert state.size.shape[1] == NUM_PATCHES + p - 27
-    assert torch.equal(state.size.sum(1).flatten(), torch.full((3,), float(NUM_PATCHES + p)))
-    assert torch.equal(state.size[:, :p], torch.ones(3, p, 1))
-    assert torch.equal(state.source[:, :p], torch.arange(p).expand(3, -1))
-    assert (state.source[:, p:] >= p).all()
-    for b in range(3):
-        counts = torch.bincount(state.source[b], minlength=state.size.shape[1]).float()
-        assert torch.equal(counts, state.size[b, :, 0])
+    assert_sizes_and_sources_agree(state, NUM_PATCHES + p, 3)
 
 
 def test_an_image_gives_the_same_output_alone_and_in_a_batch(variant):
