@@ -445,7 +445,7 @@ def classifier(args):
         from open_clip import IMAGENET_CLASSNAMES
 
         names = read_class_map(args.class_map) if args.class_map else IMAGENET_CLASSNAMES
-        model = with_zero_shot_head(model, names)
+        model = with_zero_shot_head(model, args.model, names)
     if model.num_classes is None:
         raise ValueError(f"{args.model} gives embeddings, not class scores; evaluate a classification model "
                          "(transformers: a *ForImageClassification checkpoint)")

@@ -222,17 +222,17 @@ def _open_clip(name: str, checkpoint: Optional[Path]) -> ImageModel:
         )
     except RuntimeError as error:
         raise ValueError(f"checkpoint {checkpoint} does not fit model {name}: {error}") from None
-    model = ImageModel(network, _encode_image, transform)
-    model.model_name = name
-    return model
+    return ImageModel(network, _encode_image, transform)
 
 
-def with_zero_shot_head(model: ImageModel, classnames: Sequence[str], template: str = "a photo of a {}.") -> ImageModel:
-    """An open_clip model as a zero-shot classifier over ``classnames``: scaled cosine
-    similarities of its image embeddings to the embeddings of one prompt per class."""
+def with_zero_shot_head(
+    model: ImageModel, name: str, classnames: Sequence[str], template: str = "a photo of a {}."
+) -> ImageModel:
+    """The open_clip model ``name`` as a zero-shot classifier over ``classnames``: scaled
+    cosine similarities of its image embeddings to the embeddings of one prompt per class."""
     import open_clip
 
-    tokenizer = open_clip.get_tokenizer(model.model_name)
+    tokenizer = open_clip.get_tokenizer(name)
     with torch.no_grad():
         weights = open_clip.build_zero_shot_classifier(
             model.network, tokenizer, classnames, [template.format], device=next(model.network.parameters()).device
