@@ -38,20 +38,16 @@ EXTRAS = {
 
 
 def supported_summary() -> str:
-    """One line per library: the classes tokenmerge supports in it."""
-    return "; ".join(f"{library}: {summary}" for library, summary in SUMMARIES.items())
-
-
-# What each adapter supports, for error messages, without importing any library.
-SUMMARIES = {
-    "timm": "VisionTransformer and VisionTransformerDistilled",
-    "transformers": "ViTModel, ViTForImageClassification, DeiTModel, DeiTForImageClassification(WithTeacher), "
-    "CLIPVisionModel, CLIPVisionModelWithProjection, CLIPModel (vision tower), Dinov2Model, "
-    "Dinov2ForImageClassification, Dinov2WithRegistersModel, Dinov2WithRegistersForImageClassification, "
-    "SiglipVisionModel",
-    "open_clip": "CLIP with a VisionTransformer visual tower, or that VisionTransformer",
-    "torchvision": "VisionTransformer (vit_b_16, vit_b_32, vit_l_16, vit_l_32, vit_h_14)",
-}
+    """What every adapter supports, from the adapters themselves; a library that is not
+    installed is named with the extra that installs it. Imports the installed libraries,
+    so it is for error messages only."""
+    parts = []
+    for library in ADAPTERS:
+        try:
+            parts.append(load_adapter(library).SUPPORTED)
+        except ImportError:
+            parts.append(f"{library} models (pip install '{EXTRAS[library]}')")
+    return "; ".join(parts)
 
 
 def load_adapter(library: str) -> ModuleType:
