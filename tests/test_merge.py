@@ -109,3 +109,21 @@ def test_both_merge_formulations_agree(first, monkeypatch):
     assert torch.equal(few[1], many[1])
     monkeypatch.setattr(merge, "FEW_VALUES", 0)
     torch.testing.assert_close(merge_weighted(x, size, m)[0], many[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("values", [1, 1 << 20], ids=["index_add", "index_put"])
+def test_add_rows_adds_repeated_rows_up_whichever_kernel_it_picks(values, monkeypatch):
+    """Few added values take ``index_put_``, many ``index_add_`` (on the CPU); both must
+    add every row, repeated destinations included, exactly as a loop does."""
+    import tokenmerge.merge as merge
+
+    monkeypatch.setattr(merge, "FEW_ADDED_VALUES", values)
+    out = torch.randn(5, 16, dtype=torch.float64)
+    rows = torch.tensor([4, 0, 4, 2, 4, 0])
+    added = torch.randn(6, 16, dtype=torch.float64)
+    expected = out.clone()
+    for row, value in zip(rows.tolist(), added):
+        expected[row] += value
+    result = merge.add_rows(out, rows, added)
+    assert result is out
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
