@@ -127,3 +127,23 @@ def test_add_rows_adds_repeated_rows_up_whichever_kernel_it_picks(values, monkey
     result = merge.add_rows(out, rows, added)
     assert result is out
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("with_sizes", [False, True])
+def test_merge_gradient_is_exact_with_tokens_merged_into_the_same_destination(with_sizes):
+    """The large-input merge writes its gradient by hand; it must equal the numerical
+    one and autograd's through the other formulation, also where several A tokens
+    join one B token."""
+    import tokenmerge.merge as merge
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 41, 8, dtype=torch.float64)
+    size = torch.randint(1, 4, (3, 41, 1)).double() if with_sizes else None
+    m = bipartite_soft_matching(x, 20, num_protected=1)
+    assert m.destination_rows.unique().numel() < m.destination_rows.numel()
+    assert torch.autograd.gradcheck(lambda t: merge._merge_corrections(t, size, m)[0], (x.clone().requires_grad_(),))
+    upstream = torch.randn(3, 21, 8, dtype=torch.float64)
+    by_hand, by_autograd = x.clone().requires_grad_(), x.clone().requires_grad_()
+    merge._merge_corrections(by_hand, size, m)[0].backward(upstream)
+    merge._merge_scaled_sums(by_autograd, size, m)[0].backward(upstream)
+    torch.testing.assert_close(by_hand.grad, by_autograd.grad, rtol=0, atol=1e-6 if size is None else 1e-12)

@@ -178,7 +178,7 @@ def _merge_scaled_sums(x: Tensor, size: Tensor | None, matching: Matching) -> tu
     batch, _, channels = x.shape
     _, new_size = merged_sizes(size, matching, batch)
     scaled = _flat(x)
-    if x.dtype in (torch.float16, torch.bfloat16):
+    if _is_half(x):
         scaled = scaled.float()
     if size is not None:
         scaled = scaled * size.reshape(-1, 1)
@@ -194,16 +194,54 @@ def _merge_corrections(x: Tensor, size: Tensor | None, matching: Matching) -> tu
     batch, _, channels = x.shape
     moved_size, new_size = merged_sizes(size, matching, batch)
     weight = moved_size / new_size.index_select(0, matching.destination_rows)
-    flat = _flat(x)
+    if torch.is_grad_enabled() and x.requires_grad:
+        out = _CorrectedRows.apply(_flat(x), matching, weight)
+    else:
+        out = _corrected_rows(_flat(x), matching, weight)
+    return out.view(batch, -1, channels), new_size.view(batch, -1, 1)
+
+
+def _corrected_rows(flat: Tensor, matching: Matching, weight: Tensor) -> Tensor:
+    """The output rows of a merge of (B * N, C) rows, merged rows weighted by ``weight``
+    (B * r, 1) as in :func:`_merge_corrections`; half precision is corrected in float32."""
     out = flat.index_select(0, matching.output_rows)
     moved = flat.index_select(0, matching.merged_rows)
     receiving = out.index_select(0, matching.destination_rows)
-    if x.dtype in (torch.float16, torch.bfloat16):
-        correction = (moved.float() - receiving.float()).mul_(weight).to(x.dtype)
+    if _is_half(flat):
+        correction = (moved.float() - receiving.float()).mul_(weight).to(flat.dtype)
     else:
         correction = moved.sub_(receiving).mul_(weight)
-    add_rows(out, matching.destination_rows, correction)
-    return out.view(batch, -1, channels), new_size.view(batch, -1, 1)
+    return add_rows(out, matching.destination_rows, correction)
+
+
+class _CorrectedRows(torch.autograd.Function):
+    """:func:`_corrected_rows` with its gradient written out. Autograd's own backward of
+    the three row gathers fills and scatters into full-size zero buffers and adds them;
+    this one writes every input row's gradient once (the output and merged rows
+    together are all input rows), plus work on the merged rows only."""
+
+    @staticmethod
+    def forward(ctx, flat: Tensor, matching: Matching, weight: Tensor) -> Tensor:
+        ctx.matching, ctx.num_rows = matching, flat.shape[0]
+        ctx.save_for_backward(weight)
+        return _corrected_rows(flat, matching, weight)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        (weight,) = ctx.saved_tensors
+        matching: Matching = ctx.matching
+        # d out[b] / d a_m = w_m and d out[b] / d b = 1 - sum_m w_m, for every a_m merged into b.
+        to_moved = grad.index_select(0, matching.destination_rows)
+        to_moved = (to_moved.float() * weight).to(grad.dtype) if _is_half(grad) else to_moved.mul_(weight)
+        grad_flat = grad.new_empty(ctx.num_rows, grad.shape[1])
+        grad_flat.index_copy_(0, matching.output_rows, grad)
+        grad_flat.index_copy_(0, matching.merged_rows, to_moved)
+        add_rows(grad_flat, matching.output_rows.index_select(0, matching.destination_rows), to_moved.neg())
+        return grad_flat, None, None
+
+
+def _is_half(x: Tensor) -> bool:
+    return x.dtype in (torch.float16, torch.bfloat16)
 
 
 @lru_cache(maxsize=64)
