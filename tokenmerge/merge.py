@@ -101,7 +101,9 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int = 0) -> M
 
     ``metric`` is (B, N, C): one feature vector per token (ToMe uses the attention
     keys averaged over heads; any positive multiple, such as their sum, gives the same
-    cosine similarities). ``r`` must not exceed ``max_merges``.
+    cosine similarities). ``r`` must not exceed ``max_merges``. The matching picks
+    indices and has no gradient, so ``metric`` is detached: in training nothing of it
+    is recorded for the backward pass.
     """
     num_tokens = metric.shape[1]
     if not 0 <= r <= max_merges(num_tokens, num_protected):
@@ -110,6 +112,7 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int = 0) -> M
             f"at most {max_merges(num_tokens, num_protected)} per block"
         )
     p = num_protected
+    metric = metric.detach()
     metric = metric / torch.linalg.vector_norm(metric, dim=-1, keepdim=True).clamp_min_(1e-12)
     similarity = torch.bmm(metric[:, p::2], metric[:, p + 1::2].mT)
     best_score, partner = similarity.max(dim=-1)
