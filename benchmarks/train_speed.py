@@ -1,13 +1,16 @@
 """Fine-tuning with and without merging: training throughput and test accuracy.
 
-Fine-tunes two copies of the same pretrained ViT on the same images for the same
-number of steps, one unmerged (r=0) and one merged (r=13 by default), and evaluates
-each on a test set at the r it was trained with. Both copies take their steps in
-turn on the very same batches (A, B, A, B, ...), so the throughput ratio is measured
-under the same machine load; only the training steps are timed (loading and
-augmenting images is shared and left out). Prints a Markdown table:
+Fine-tunes copies of the same pretrained ViT on the same images for the same number
+of steps, one unmerged (r=0), one merged (r=13 by default) and, with ``--limit``, one
+whose blocks simply cut the same number of tokens (the zero-overhead limit of the
+merged copy's speed), and evaluates each on a test set at the r it was trained with.
+The copies take their steps in turn on the very same batches (A, B, C, A, B, C, ...),
+so the throughput ratios are measured under the same machine load; only the training
+steps are timed (loading and augmenting images is shared and left out). Prints a
+Markdown table:
 
     python benchmarks/train_speed.py                     # ViT-Ti on the shared CIFAR-10 images
+    python benchmarks/train_speed.py --limit             # and the cut copy
     python benchmarks/train_speed.py --steps 50 --test-images 500   # a quick look
 
 Defaults read the shared pretrained ViT-Ti and CIFAR-10 images from ../shared beside
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import time
 from pathlib import Path
@@ -70,58 +74,63 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=5, help="steps left out of the timing (default: 5)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--limit", action="store_true", help="also train a copy that cuts r tokens per block")
     args = parser.parse_args()
     if args.steps <= args.warmup_steps:
         parser.error(f"--steps must be more than the {args.warmup_steps} warm-up steps left out of the timing")
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    models = {0: pretrained(args.checkpoint, 10, args.seed), args.r: pretrained(args.checkpoint, 10, args.seed)}
-    tokenmerge.apply(models[args.r], r=args.r)
-    train_set = folder_dataset(args.train, timm_transform(models[0], is_training=True))
-    test_set = folder_dataset(args.test, timm_transform(models[0]), args.test_images)
+    names = ["r=0", f"r={args.r}"] + ([f"cut r={args.r}"] if args.limit else [])
+    models = {name: pretrained(args.checkpoint, 10, args.seed) for name in names}
+    tokenmerge.apply(models[names[1]], r=args.r)
+    if args.limit:
+        tokenmerge.apply(models[names[2]], r=args.r, method="cut")
+    random.seed(args.seed)  # timm's augmentation draws from Python's generator
+    train_set = folder_dataset(args.train, timm_transform(models["r=0"], is_training=True))
+    test_set = folder_dataset(args.test, timm_transform(models["r=0"]), args.test_images)
     generator = torch.Generator().manual_seed(args.seed)
     loader = DataLoader(train_set, batch_size=args.batch_size, num_workers=0, drop_last=True,
                         sampler=RandomSampler(train_set, num_samples=args.steps * args.batch_size, generator=generator))
-    optimizers = {r: timm.optim.create_optimizer_v2(model, "adamw", lr=args.lr, weight_decay=0.05)
-                  for r, model in models.items()}
-    schedulers = {r: timm.scheduler.create_scheduler_v2(optimizer, "cosine", num_epochs=args.steps,
+    optimizers = {name: timm.optim.create_optimizer_v2(model, "adamw", lr=args.lr, weight_decay=0.05)
+                  for name, model in models.items()}
+    schedulers = {name: timm.scheduler.create_scheduler_v2(optimizer, "cosine", num_epochs=args.steps,
                                                         warmup_epochs=args.steps // 20, warmup_lr=args.lr / 10)[0]
-                  for r, optimizer in optimizers.items()}
+                  for name, optimizer in optimizers.items()}
     print(f"{MODEL} fine-tuned on {len(train_set)} images of {shown(args.train)} for {args.steps} steps of "
-          f"{args.batch_size}, tested on {len(test_set)} images of {shown(args.test)}; steps of r=0 and r={args.r} "
+          f"{args.batch_size}, tested on {len(test_set)} images of {shown(args.test)}; steps of {', '.join(names)} "
           f"interleaved on the same batches; {describe_environment(environment('cpu'))}", flush=True)
 
-    seconds = {r: [] for r in models}
-    losses = {r: [] for r in models}
+    seconds = {name: [] for name in models}
+    losses = {name: [] for name in models}
     for step, (images, labels) in enumerate(tqdm(loader, desc="training", unit="step")):
-        for r in (models if step % 2 == 0 else reversed(list(models))):
+        for name in (names if step % 2 == 0 else reversed(names)):
             start = time.perf_counter()
-            loss, _ = train_step(models[r], optimizers[r], images, labels)
-            seconds[r].append(time.perf_counter() - start)
-            losses[r].append(loss)
-            schedulers[r].step(step + 1)
+            loss, _ = train_step(models[name], optimizers[name], images, labels)
+            seconds[name].append(time.perf_counter() - start)
+            losses[name].append(loss)
+            schedulers[name].step(step + 1)
 
     test_loader = DataLoader(test_set, batch_size=100, num_workers=2)
     rows = []
-    for r, model in models.items():
+    for name, model in models.items():
         start = time.perf_counter()
         accuracy = evaluate_accuracy(model, test_loader, torch.device("cpu"))
-        timed = seconds[r][args.warmup_steps:]
+        timed = seconds[name][args.warmup_steps:]
         rows.append({
-            "r": r,
+            "copy": name,
             "img/s": args.batch_size / statistics.median(timed),
-            "train s": sum(seconds[r]),
-            "last loss": statistics.mean(losses[r][-20:]),
+            "train s": sum(seconds[name]),
+            "last loss": statistics.mean(losses[name][-20:]),
             "test top-1": accuracy,
             "test s": time.perf_counter() - start,
         })
     base = rows[0]["img/s"]
-    print("| r (train and test) | train img/s | speed-up | training time s | final loss (mean of last 20) "
+    print("| copy (r in training and test) | train img/s | speed-up | training time s | final loss (mean of last 20) "
           "| test top-1 % |")
     print("|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['r']} | {row['img/s']:.1f} | {row['img/s'] / base:.2f}x | {row['train s']:.0f} | "
+        print(f"| {row['copy']} | {row['img/s']:.1f} | {row['img/s'] / base:.2f}x | {row['train s']:.0f} | "
               f"{row['last loss']:.3f} | {row['test top-1']:.2f} |")
 
 
