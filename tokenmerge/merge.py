@@ -133,8 +133,8 @@ def merge_sum(x: Tensor, matching: Matching) -> Tensor:
 
 
 # Below this many added values ``index_put_`` adds rows faster than ``index_add_`` on
-# the CPU; above it, and on any GPU, ``index_add_`` is much faster (on the GPU
-# ``index_put_`` with accumulation sorts its indices and waits for the device).
+# the CPU; above it, and on any GPU, ``index_add_`` is much faster (``index_put_`` with
+# accumulation sorts its indices first, in several kernels on a GPU).
 FEW_ADDED_VALUES = 1 << 14
 
 
