@@ -4,7 +4,7 @@ Fine-tunes copies of the same pretrained ViT on the same images for the same num
 of steps, one unmerged (r=0), one merged (r=13 by default) and, with ``--limit``, one
 whose blocks simply cut the same number of tokens (the zero-overhead limit of the
 merged copy's speed), and evaluates each on a test set at the r it was trained with.
-The copies take their steps in turn on the very same batches (A, B, C, A, B, C, ...),
+The copies take their steps in turn on the very same batches (A, B, C, C, B, A, ...),
 so the throughput ratios are measured under the same machine load; only the training
 steps are timed (loading and augmenting images is shared and left out). Prints a
 Markdown table:
@@ -95,7 +95,7 @@ def main() -> None:
     optimizers = {name: timm.optim.create_optimizer_v2(model, "adamw", lr=args.lr, weight_decay=0.05)
                   for name, model in models.items()}
     schedulers = {name: timm.scheduler.create_scheduler_v2(optimizer, "cosine", num_epochs=args.steps,
-                                                        warmup_epochs=args.steps // 20, warmup_lr=args.lr / 10)[0]
+                                                           warmup_epochs=args.steps // 20, warmup_lr=args.lr / 10)[0]
                   for name, optimizer in optimizers.items()}
     print(f"{MODEL} fine-tuned on {len(train_set)} images of {shown(args.train)} for {args.steps} steps of "
           f"{args.batch_size}, tested on {len(test_set)} images of {shown(args.test)}; steps of {', '.join(names)} "
