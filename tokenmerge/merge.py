@@ -112,7 +112,8 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int = 0) -> M
             f"at most {max_merges(num_tokens, num_protected)} per block"
         )
     p = num_protected
-    metric = metric.detach()
+    if metric.requires_grad:
+        metric = metric.detach()
     metric = metric / torch.linalg.vector_norm(metric, dim=-1, keepdim=True).clamp_min_(1e-12)
     similarity = torch.bmm(metric[:, p::2], metric[:, p + 1::2].mT)
     best_score, partner = similarity.max(dim=-1)
