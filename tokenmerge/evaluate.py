@@ -119,6 +119,9 @@ def process_group(device: str | torch.device) -> Iterator[torch.device]:
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     try:
         yield device
+        # Tear the group down only once every process is done: a gloo process whose
+        # peer is still writing its outputs can abort while closing its connections.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
