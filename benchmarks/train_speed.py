@@ -81,11 +81,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    names = ["r=0", f"r={args.r}"] + ([f"cut r={args.r}"] if args.limit else [])
+    methods = {"r=0": None, f"r={args.r}": "tome"} | ({f"cut r={args.r}": "cut"} if args.limit else {})
+    names = list(methods)
     models = {name: pretrained(args.checkpoint, 10, args.seed) for name in names}
-    tokenmerge.apply(models[names[1]], r=args.r)
-    if args.limit:
-        tokenmerge.apply(models[names[2]], r=args.r, method="cut")
+    for name, method in methods.items():
+        if method is not None:
+            tokenmerge.apply(models[name], r=args.r, method=method)
     random.seed(args.seed)  # timm's augmentation draws from Python's generator
     train_set = folder_dataset(args.train, timm_transform(models["r=0"], is_training=True))
     test_set = folder_dataset(args.test, timm_transform(models["r=0"]), args.test_images)

@@ -144,6 +144,25 @@ def test_merge_gradient_is_exact_with_tokens_merged_into_the_same_destination(wi
     assert torch.autograd.gradcheck(lambda t: merge._merge_corrections(t, size, m)[0], (x.clone().requires_grad_(),))
     upstream = torch.randn(3, 21, 8, dtype=torch.float64)
     by_hand, by_autograd = x.clone().requires_grad_(), x.clone().requires_grad_()
-    merge._merge_corrections(by_hand, size, m)[0].backward(upstream)
+    merged = merge._merge_corrections(by_hand, size, m)[0]
+    assert "CorrectedRows" in type(merged.grad_fn.next_functions[0][0]).__name__
+    merged.backward(upstream)
     merge._merge_scaled_sums(by_autograd, size, m)[0].backward(upstream)
     torch.testing.assert_close(by_hand.grad, by_autograd.grad, rtol=0, atol=1e-6 if size is None else 1e-12)
+
+
+def test_merge_gradient_in_bfloat16_is_weighed_in_float32():
+    """Half-precision gradients of the hand-written backward keep their range and
+    agree with the float64 gradient to bfloat16 precision."""
+    import tokenmerge.merge as merge
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 41, 8, dtype=torch.float64)
+    size = torch.randint(1, 50, (2, 41, 1)).float()
+    m = bipartite_soft_matching(x, 20, num_protected=1)
+    upstream = torch.randn(2, 21, 8, dtype=torch.float64)
+    half, exact = x.bfloat16().requires_grad_(), x.clone().requires_grad_()
+    merge._merge_corrections(half, size, m)[0].backward(upstream.bfloat16())
+    merge._merge_corrections(exact, size.double(), m)[0].backward(upstream)
+    assert half.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(half.grad.double(), exact.grad, rtol=2e-2, atol=2e-2)
