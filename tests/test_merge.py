@@ -1,18 +1,19 @@
 import pytest
 import torch
 
+"""The reference algorithm of :mod:`tokenmerge.merge`: matching, the size-weighted merge,
+source maps and unmerging."""
 from tokenmerge.merge import (
     bipartite_soft_matching,
     initial_source,
     max_merges,
     merge_source,
-    merge_sum,
-    merge_weighted,
+    merge_wavg,
     unmerge,
 )
 
 
-def merge_repeatedly(x, rs, num_protected):
+def merge_repeatedly(x, rs, num_protected, merge_weighted=merge_wavg):
     """Merge ``x`` with keys = features for every r in ``rs``; returns features, sizes, source."""
     size, source = None, initial_source(x.shape[0], x.shape[1])
     for r in rs:
@@ -46,14 +47,6 @@ def test_r_beyond_half_the_mergeable_tokens_is_refused():
     assert max_merges(11, 1) == 5
     with pytest.raises(ValueError, match="at most 5"):
         bipartite_soft_matching(torch.randn(1, 11, 4), r=6, num_protected=1)
-
-
-def test_merge_sum_preserves_the_total():
-    x = torch.randn(2, 17, 5)
-    m = bipartite_soft_matching(x, 6, num_protected=1)
-    merged = merge_sum(x, m)
-    assert merged.shape == (2, 11, 5)
-    torch.testing.assert_close(merged.sum(1), x.sum(1))
 
 
 @pytest.mark.parametrize("num_protected", [0, 1, 5])
@@ -94,75 +87,3 @@ def test_half_precision_merge_keeps_range():
     assert merged.dtype == torch.float16 and torch.isfinite(merged).all()
     torch.testing.assert_close(merged.float(), torch.full(merged.shape, 60000.0), rtol=2e-3, atol=0)
     assert size.dtype == torch.float32 and size.max() >= 4
-
-
-@pytest.mark.parametrize("first", [True, False])
-def test_both_merge_formulations_agree(first, monkeypatch):
-    import tokenmerge.merge as merge
-
-    x = torch.randn(3, 41, 16, dtype=torch.float64)
-    size = None if first else torch.randint(1, 5, (3, 41, 1)).double().float()
-    m = bipartite_soft_matching(x, 10, num_protected=1)
-    few = merge._merge_scaled_sums(x, size, m)
-    many = merge._merge_corrections(x, size, m)
-    torch.testing.assert_close(few[0], many[0])
-    assert torch.equal(few[1], many[1])
-    monkeypatch.setattr(merge, "FEW_VALUES", 0)
-    torch.testing.assert_close(merge_weighted(x, size, m)[0], many[0], rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("values", [1, 1 << 20], ids=["index_add", "index_put"])
-def test_add_rows_adds_repeated_rows_up_whichever_kernel_it_picks(values, monkeypatch):
-    """Few added values take ``index_put_``, many ``index_add_`` (on the CPU); both must
-    add every row, repeated destinations included, exactly as a loop does."""
-    import tokenmerge.merge as merge
-
-    monkeypatch.setattr(merge, "FEW_ADDED_VALUES", values)
-    out = torch.randn(5, 16, dtype=torch.float64)
-    rows = torch.tensor([4, 0, 4, 2, 4, 0])
-    added = torch.randn(6, 16, dtype=torch.float64)
-    expected = out.clone()
-    for row, value in zip(rows.tolist(), added):
-        expected[row] += value
-    result = merge.add_rows(out, rows, added)
-    assert result is out
-    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
-
-
-@pytest.mark.parametrize("with_sizes", [False, True])
-def test_merge_gradient_is_exact_with_tokens_merged_into_the_same_destination(with_sizes):
-    """The large-input merge writes its gradient by hand; it must equal the numerical
-    one and autograd's through the other formulation, also where several A tokens
-    join one B token."""
-    import tokenmerge.merge as merge
-
-    torch.manual_seed(0)
-    x = torch.randn(3, 41, 8, dtype=torch.float64)
-    size = torch.randint(1, 4, (3, 41, 1)).double() if with_sizes else None
-    m = bipartite_soft_matching(x, 20, num_protected=1)
-    assert m.destination_rows.unique().numel() < m.destination_rows.numel()
-    assert torch.autograd.gradcheck(lambda t: merge._merge_corrections(t, size, m)[0], (x.clone().requires_grad_(),))
-    upstream = torch.randn(3, 21, 8, dtype=torch.float64)
-    by_hand, by_autograd = x.clone().requires_grad_(), x.clone().requires_grad_()
-    merged = merge._merge_corrections(by_hand, size, m)[0]
-    assert "CorrectedRows" in type(merged.grad_fn.next_functions[0][0]).__name__
-    merged.backward(upstream)
-    merge._merge_scaled_sums(by_autograd, size, m)[0].backward(upstream)
-    torch.testing.assert_close(by_hand.grad, by_autograd.grad, rtol=0, atol=1e-6 if size is None else 1e-12)
-
-
-def test_merge_gradient_in_bfloat16_is_weighed_in_float32():
-    """Half-precision gradients of the hand-written backward keep their range and
-    agree with the float64 gradient to bfloat16 precision."""
-    import tokenmerge.merge as merge
-
-    torch.manual_seed(0)
-    x = torch.randn(2, 41, 8, dtype=torch.float64)
-    size = torch.randint(1, 50, (2, 41, 1)).float()
-    m = bipartite_soft_matching(x, 20, num_protected=1)
-    upstream = torch.randn(2, 21, 8, dtype=torch.float64)
-    half, exact = x.bfloat16().requires_grad_(), x.clone().requires_grad_()
-    merge._merge_corrections(half, size, m)[0].backward(upstream.bfloat16())
-    merge._merge_corrections(exact, size.double(), m)[0].backward(upstream)
-    assert half.grad.dtype == torch.bfloat16
-    torch.testing.assert_close(half.grad.double(), exact.grad, rtol=2e-2, atol=2e-2)

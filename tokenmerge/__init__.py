@@ -13,6 +13,7 @@ import torch
 
 from . import schedule
 from .adapters import find_adapter
+from .adapters.base import already_patched
 from .schedule import Linear, Schedule
 from .state import CappedRWarning, MergeState
 
@@ -44,13 +45,16 @@ def apply(
     """
     adapter = find_adapter(model)
     if is_applied(model):
-        state = get_state(model)
-        candidate = MergeState(state.depth, r, prop_attn, trace_source, method)  # validates first
-        state.r, state.prop_attn = candidate.r, candidate.prop_attn
-        state.trace_source, state.method = candidate.trace_source, candidate.method
+        get_state(model).update(r, method=method, prop_attn=prop_attn, trace_source=trace_source)
         return model
+    patched = already_patched(model)
+    if patched is not None:
+        raise TypeError(
+            f"tokenmerge is already applied to part of this {type(model).__name__} ({patched}); remove it there first"
+        )
     adapter.check(model)
-    adapter.patch(model, MergeState(adapter.depth(model), r, prop_attn, trace_source, method))
+    state = MergeState(adapter.depth(model), r, prop_attn, trace_source, method, adapter.num_protected(model))
+    adapter.patch(model, state)
     return model
 
 
@@ -69,7 +73,7 @@ def is_applied(model: torch.nn.Module) -> bool:
 
 def get_state(model: torch.nn.Module) -> MergeState:
     """The settings of a patched model (assign ``r`` to change it) and the sizes and
-    source maps of its last forward pass."""
+    source maps of the last forward pass the calling thread ran."""
     if not is_applied(model):
         raise ValueError(f"{type(model).__name__} has no token merging applied; call tokenmerge.apply first")
     return model._tokenmerge_state

@@ -12,7 +12,7 @@ from torch import Tensor
 
 def log_size_bias(size: Tensor, dtype) -> Tensor:
     """The additive attention bias for token sizes (B, N, 1): (B, 1, 1, N), in ``dtype``."""
-    bias = size.view(size.shape[0], 1, 1, -1).log()
+    bias = size.view(size.shape[0], 1, 1, size.shape[1]).log()
     return bias if bias.dtype == dtype else bias.to(dtype)
 
 

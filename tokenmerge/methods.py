@@ -8,7 +8,9 @@ planning run while the keys are still in cache and between the large operations
 rather than in one long single-threaded gap. ``reduce`` then applies the plan to the
 tokens ``x`` (B, N, C) after the attention branch, with the current sizes (B, N, 1)
 or None and the current source map (B, N0) or None, and returns the reduced tokens,
-sizes and source map.
+sizes and source map. ``follow`` applies the same plan to a per-token side tensor
+(B, N, ...), such as rotary position angles: every output token takes the values of
+the input token it was built on (a merged pair those of its B token).
 
 Every method removes exactly ``r`` tokens in a block and never touches the first
 ``num_protected`` tokens, so all of them run with the same token counts per block
@@ -33,14 +35,14 @@ no sizes (every token counts as one), so it does not change them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from .attention import log_size_bias
-from .merge import Matching, bipartite_soft_matching, merge_source, merge_weighted, merged_sizes
+from .kernels import merge_weighted, merged_sizes, rows, shape_cache
+from .merge import Matching, bipartite_soft_matching, merge_source
 
 Reduction = tuple[Tensor, Optional[Tensor], Optional[Tensor]]
 
@@ -59,13 +61,14 @@ class Evidence(NamedTuple):
 
 @dataclass(frozen=True)
 class Method:
-    """A token reduction method: ``plan(evidence, r, num_protected)`` and
-    ``reduce(x, size, source, plan)``, as described in the module docstring.
-    ``matches`` says whether it computes bipartite matching similarities, which
-    count towards its FLOPs."""
+    """A token reduction method: ``plan(evidence, r, num_protected)``,
+    ``reduce(x, size, source, plan)`` and ``follow(side, plan)``, as described in the
+    module docstring. ``matches`` says whether it computes bipartite matching
+    similarities, which count towards its FLOPs."""
 
     plan: Callable[[Evidence, int, int], Any]
     reduce: Callable[[Tensor, Optional[Tensor], Optional[Tensor], Any], Reduction]
+    follow: Callable[[Tensor, Any], Tensor]
     matches: bool = False
 
 
@@ -107,7 +110,14 @@ def merge_unweighted(x: Tensor, size: Optional[Tensor], source: Optional[Tensor]
     _, new_size = merged_sizes(size, matching, x.shape[0])
     if source is not None:
         source = merge_source(source, matching)
-    return merged, new_size.view(x.shape[0], -1, 1), source
+    return merged, new_size.view(*merged.shape[:2], 1), source
+
+
+def follow_merge(side: Tensor, matching: Matching) -> Tensor:
+    """Side values of the merged tokens: those of the kept and B tokens they are built on."""
+    batch, num_tokens = side.shape[:2]
+    flat = side.reshape(batch * num_tokens, -1).index_select(0, rows(matching).output)
+    return flat.view(batch, num_tokens - matching.r, *side.shape[2:])
 
 
 class RandomSplit(NamedTuple):
@@ -133,7 +143,11 @@ def merge_random_split(x: Tensor, size: Optional[Tensor], source: Optional[Tenso
     return merge(x, size, source, plan.matching)
 
 
-@lru_cache(maxsize=256)
+def follow_random_split(side: Tensor, plan: RandomSplit) -> Tensor:
+    return follow_merge(side[:, plan.order], plan.matching)
+
+
+@shape_cache
 def fixed_permutation(block: int, num_tokens: int, num_protected: int, device: torch.device) -> Tensor:
     """Protected tokens in place, the others in a random order that depends only on
     the block and the token count: the same for every image and every pass."""
@@ -216,6 +230,17 @@ def prune(x: Tensor, size: Optional[Tensor], source: Optional[Tensor], selection
     return out, out_size, source
 
 
+def follow_prune(side: Tensor, selection: Selection) -> Tensor:
+    """Side values of the kept tokens; a fused token takes those of the dropped token
+    that weighs most in it."""
+    batch = side.shape[0]
+    keep = selection.keep.expand(batch, -1) if selection.keep.dim() == 1 else selection.keep
+    if selection.fuse is not None:
+        keep = torch.cat([keep, selection.fuse.argmax(dim=1, keepdim=True)], dim=1)
+    index = keep.view(*keep.shape, *([1] * (side.dim() - 2))).expand(-1, -1, *side.shape[2:])
+    return side.gather(1, index)
+
+
 # --- the speed reference ---------------------------------------------------------------
 
 
@@ -233,15 +258,19 @@ def cut(x: Tensor, size: Optional[Tensor], source: Optional[Tensor], keep: int) 
     return x[:, :keep], (None if size is None else size[:, :keep]), source
 
 
+def follow_cut(side: Tensor, keep: int) -> Tensor:
+    return side[:, :keep]
+
+
 METHODS: dict[str, Method] = {
-    "tome": Method(match_keys, merge, matches=True),
-    "tome-random-split": Method(match_keys_random_split, merge_random_split, matches=True),
-    "tome-unweighted": Method(match_keys, merge_unweighted, matches=True),
-    "tome-features": Method(match_tokens, merge, matches=True),
-    "random": Method(drop_random, prune),
-    "evit": Method(keep_attended, prune),
-    "evit-fuse": Method(keep_attended_and_fuse, prune),
-    "cut": Method(keep_first, cut),
+    "tome": Method(match_keys, merge, follow_merge, matches=True),
+    "tome-random-split": Method(match_keys_random_split, merge_random_split, follow_random_split, matches=True),
+    "tome-unweighted": Method(match_keys, merge_unweighted, follow_merge, matches=True),
+    "tome-features": Method(match_tokens, merge, follow_merge, matches=True),
+    "random": Method(drop_random, prune, follow_prune),
+    "evit": Method(keep_attended, prune, follow_prune),
+    "evit-fuse": Method(keep_attended_and_fuse, prune, follow_prune),
+    "cut": Method(keep_first, cut, follow_cut),
 }
 
 

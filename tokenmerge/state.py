@@ -1,23 +1,35 @@
-"""What the patched modules of one model share: the settings, and per forward pass
-the sizes and source maps of the tokens as they leave every block.
+"""The settings of a patched model (:class:`MergeState`) and what one forward pass
+computes (:class:`Pass`).
 
-Adapters call :meth:`MergeState.begin` when a forward pass starts; in every block
-:meth:`MergeState.plan` as soon as the attention queries and keys exist and
-:meth:`MergeState.reduce` between the attention and MLP branches.
-Entries are keyed by block index, so a block recomputed by gradient checkpointing
-reads the same sizes it read the first time.
+Settings (r, method, proportional attention, source tracing) belong to the model and
+change only when a user changes them. Everything a forward pass computes (the sizes
+and source maps of its tokens, block by block) belongs to that pass: a block finds
+the pass of the tokens it is given, so that any number of threads can run one model
+at once, and a pooling head uses the sizes of the tokens it pools, not those of
+whichever pass ran last.
+
+How a block finds its pass (:meth:`MergeState.block_pass`): the tokens a block returns
+are remembered, weakly, as entering the next block of their pass; a block given tokens
+it does not know continues the pass its thread just ran if that pass left the
+previous block with tokens of this shape (tokens that a hook or a library replaced
+between blocks), and otherwise starts a new pass, in which every token stands for one
+patch. While torch.compile or torch.export traces, nothing is remembered: blocks chain
+through the thread's current pass alone.
 """
 from __future__ import annotations
 
-import sys
+import threading
 import warnings
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
-from . import schedule as schedules
 from . import methods
+from . import schedule as schedules
+from .kernels import tracing
 from .merge import initial_source, max_merges
 
 
@@ -25,113 +37,78 @@ class CappedRWarning(UserWarning):
     """r asked a block to merge more than half of its mergeable tokens; it merged fewer."""
 
 
-class MergeState:
-    """Token merging settings of one patched model, and what its last forward pass merged.
+@dataclass(frozen=True)
+class Settings:
+    """The settings one pass runs with, taken once when it starts: a change made while
+    a pass is in flight (from another thread, say) applies to the next pass."""
 
-    Change ``r``, ``prop_attn`` or ``trace_source`` at any time; the next forward pass
-    uses them. After a forward pass, ``size`` holds the final token sizes (B, N, 1) and,
-    with ``trace_source``, ``source`` maps every input token to its final token (B, N0).
-    ``sizes[i]`` and ``sources[i]`` hold the same for the tokens entering block i
-    (``None`` before the first merge: every token stands for itself).
-    """
+    r_per_block: tuple[int, ...]
+    method: str
+    steps: methods.Method
+    prop_attn: bool
+    trace_source: bool
 
-    def __init__(
-        self,
-        depth: int,
-        r: schedules.Schedule = 0,
-        prop_attn: bool = True,
-        trace_source: bool = False,
-        method: str = "tome",
-    ):
-        self.depth = depth
-        self.r = r
-        self.method = method
-        self.prop_attn = prop_attn
-        self.trace_source = trace_source
-        self.begin(0)
 
-    @property
-    def r(self) -> schedules.Schedule:
-        return self._r
+class Pass:
+    """What one forward pass has computed: for every block i, ``sizes[i]`` (B, N, 1)
+    and ``sources[i]`` (B, N0) of the tokens entering it (``None`` while every token
+    stands for itself), side tensors that follow the reductions, and the number of
+    tokens that entered the first block. Entries are keyed by block index, so a block
+    recomputed by gradient checkpointing reads the sizes it read the first time."""
 
-    @r.setter
-    def r(self, value: schedules.Schedule) -> None:
-        self.r_per_block = schedules.resolve(value, self.depth)
-        self._r = value
-        self._warned_cap = False
-
-    @property
-    def method(self) -> str:
-        return self._method
-
-    @method.setter
-    def method(self, value: str) -> None:
-        self._method_steps = methods.resolve(value)
-        self._method = value
-
-    @property
-    def prop_attn(self) -> bool:
-        return self._prop_attn
-
-    @prop_attn.setter
-    def prop_attn(self, value: bool) -> None:
-        self._prop_attn = _check_flag("prop_attn", value)
-
-    @property
-    def trace_source(self) -> bool:
-        return self._trace_source
-
-    @trace_source.setter
-    def trace_source(self, value: bool) -> None:
-        self._trace_source = _check_flag("trace_source", value)
-
-    def merges_anything(self) -> bool:
-        return any(self.r_per_block)
-
-    def begin(self, num_protected: int) -> None:
-        """Start a forward pass whose first ``num_protected`` tokens are never merged."""
-        self.num_protected = num_protected
+    def __init__(self, state: MergeState, first_block: int):
+        self.state, self.settings = state, state.settings
+        self.num_protected = state.num_protected
         self.sizes: dict[int, Optional[Tensor]] = {}
         self.sources: dict[int, Optional[Tensor]] = {}
-        self.size: Optional[Tensor] = None
-        self.source: Optional[Tensor] = None
+        self.sides: dict[int, dict[str, Tensor]] = {}
         self.num_input_tokens: Optional[int] = None
+        self.first_block = first_block
+        self.last_block = first_block - 1  # the last block whose output is recorded
+        self.shape_out: Optional[tuple[int, int]] = None  # (batch, tokens) leaving it
+
+    @property
+    def size(self) -> Optional[Tensor]:
+        """Sizes (B, N, 1) of the tokens leaving the last block run."""
+        return self.sizes.get(self.last_block + 1)
+
+    @property
+    def source(self) -> Optional[Tensor]:
+        """Source map (B, N0) of the tokens leaving the last block run (``trace_source``)."""
+        return self.sources.get(self.last_block + 1)
 
     def attention_size(self, block: int) -> Optional[Tensor]:
-        """The sizes block ``block`` should give proportional attention, or None for none."""
-        return self.sizes.get(block) if self.prop_attn else None
+        """The sizes block ``block`` gives proportional attention, or None for none."""
+        return self.sizes.get(block) if self.settings.prop_attn else None
 
     def block_r(self, block: int, num_tokens: int) -> int:
         """The r block ``block`` merges from ``num_tokens`` tokens, capped with one warning."""
-        r = self.r_per_block[block] if block < len(self.r_per_block) else 0
+        r_per_block = self.settings.r_per_block
+        r = r_per_block[block] if block < len(r_per_block) else 0
         limit = max_merges(num_tokens, self.num_protected)
         if r > limit:
-            if not self._warned_cap:
-                warnings.warn(
-                    f"r={r} is more than block {block} can merge from {num_tokens} tokens "
-                    f"({self.num_protected} protected); merging {limit} there instead. "
-                    "Lower r to silence this warning.",
-                    CappedRWarning,
-                    stacklevel=2,
-                )
-                self._warned_cap = True
+            self.state.warn_capped(r, block, num_tokens, limit)
             r = limit
         return r
 
     def passes_through(self, block: int) -> bool:
         """Whether block ``block`` computes exactly what it computes unpatched: it merges
         nothing and its attention needs no sizes. Such a block runs its own forward."""
-        if block < len(self.r_per_block) and self.r_per_block[block]:
+        r_per_block = self.settings.r_per_block
+        if block < len(r_per_block) and r_per_block[block]:
             return False
-        return not self.prop_attn or self.sizes.get(block) is None
+        return self.attention_size(block) is None
 
-    def pass_through(self, block: int, x: Tensor) -> Tensor:
-        """Record that block ``block`` left the tokens as they were; returns ``x``."""
-        if block == 0:
-            self.num_input_tokens = x.shape[1]
+    def enter(self, block: int, tokens: Tensor) -> None:
+        """Note the (B, N, C) tokens entering block ``block``."""
+        if block == self.first_block:
+            self.num_input_tokens = tokens.shape[1]
+
+    def pass_through(self, block: int) -> None:
+        """Record that block ``block`` left the tokens as they were."""
         self.sizes[block + 1], self.sources[block + 1] = self.sizes.get(block), self.sources.get(block)
-        self.size, self.source = self.sizes[block + 1], self.sources[block + 1]
-        return x
+        if block in self.sides:
+            self.sides[block + 1] = self.sides[block]
 
     def plan(self, block: int, tokens: Tensor, queries: Tensor, keys: Tensor) -> Optional[object]:
         """What block ``block`` will do with its tokens, decided by the method set
@@ -141,49 +118,259 @@ class MergeState:
         if r == 0:
             return None
         evidence = methods.Evidence(tokens, queries, keys, self.sizes.get(block), block)
-        return self._method_steps.plan(evidence, r, self.num_protected)
+        return self.settings.steps.plan(evidence, r, self.num_protected)
 
     def reduce(self, block: int, x: Tensor, plan: Optional[object]) -> Tensor:
         """Apply the ``plan`` of block ``block`` to its tokens ``x`` (B, N, C), keeping
-        track of sizes and sources; returns the reduced tokens."""
-        if block == 0:
-            self.num_input_tokens = x.shape[1]
+        track of sizes, sources and side tensors; returns the reduced tokens."""
         size, source = self.sizes.get(block), self.sources.get(block)
+        sides = self.sides.get(block)
         if plan is not None:
-            if self.trace_source and source is None:
+            steps = self.settings.steps
+            if self.settings.trace_source and source is None:
                 source = initial_source(x.shape[0], x.shape[1], x.device)
-            x, size, source = self._method_steps.reduce(x, size, source, plan)
+            x, size, source = steps.reduce(x, size, source, plan)
+            if sides:
+                sides = {name: steps.follow(side, plan) for name, side in sides.items()}
         self.sizes[block + 1], self.sources[block + 1] = size, source
-        self.size, self.source = size, source
+        if sides:
+            self.sides[block + 1] = sides
         return x
+
+    def set_side(self, block: int, name: str, tensor: Tensor) -> None:
+        """Attach a per-token (B, N, ...) side tensor to the tokens entering block
+        ``block``; later blocks read it reduced as their tokens were (:meth:`side`)."""
+        self.sides.setdefault(block, {})[name] = tensor
+
+    def side(self, block: int, name: str) -> Optional[Tensor]:
+        """The side tensor ``name`` of the tokens entering block ``block``, or None."""
+        return self.sides.get(block, {}).get(name)
+
+
+class MergeState:
+    """Token merging settings of one patched model, and what its passes merged.
+
+    Change ``r``, ``method``, ``prop_attn`` or ``trace_source`` at any time; the next
+    forward pass uses them. ``num_protected`` leading tokens (class, distillation,
+    register tokens) are never merged.
+
+    After a forward pass, ``size`` holds the final token sizes (B, N, 1) and, with
+    ``trace_source``, ``source`` maps every input token to its final token (B, N0);
+    ``sizes[i]`` and ``sources[i]`` hold the same for the tokens entering block i
+    (``None`` before the first merge: every token stands for itself). These describe
+    the last pass run by the calling thread, so each thread of a server reads its own.
+    """
+
+    def __init__(
+        self,
+        depth: int,
+        r: schedules.Schedule = 0,
+        prop_attn: bool = True,
+        trace_source: bool = False,
+        method: str = "tome",
+        num_protected: int = 0,
+    ):
+        self.depth, self.num_protected = depth, num_protected
+        self._r, self._method = r, method
+        self._prop_attn = _check_flag("prop_attn", prop_attn)
+        self._trace_source = _check_flag("trace_source", trace_source)
+        self.settings = self._settings(r, method, prop_attn, trace_source)
+        self._reset_runtime()
+
+    def _reset_runtime(self) -> None:
+        self._local = threading.local()
+        self._tokens = WeakIdKeyDictionary()  # token tensor -> (its Pass, the block it enters)
+        self._warned_cap = False
+
+    def _settings(self, r: schedules.Schedule, method: str, prop_attn: bool, trace_source: bool) -> Settings:
+        return Settings(tuple(schedules.resolve(r, self.depth)), method, methods.resolve(method), prop_attn, trace_source)
+
+    def update(
+        self,
+        r: Optional[schedules.Schedule] = None,
+        *,
+        method: Optional[str] = None,
+        prop_attn: Optional[bool] = None,
+        trace_source: Optional[bool] = None,
+    ) -> None:
+        """Change several settings at once, all validated before any changes."""
+        r = self._r if r is None else r
+        method = self._method if method is None else method
+        prop_attn = self._prop_attn if prop_attn is None else _check_flag("prop_attn", prop_attn)
+        trace_source = self._trace_source if trace_source is None else _check_flag("trace_source", trace_source)
+        self.settings = self._settings(r, method, prop_attn, trace_source)
+        self._r, self._method, self._prop_attn, self._trace_source = r, method, prop_attn, trace_source
+        self._warned_cap = False
+
+    @property
+    def r(self) -> schedules.Schedule:
+        return self._r
+
+    @r.setter
+    def r(self, value: schedules.Schedule) -> None:
+        self.update(value)
+
+    @property
+    def r_per_block(self) -> list[int]:
+        return list(self.settings.r_per_block)
+
+    @property
+    def method(self) -> str:
+        return self._method
+
+    @method.setter
+    def method(self, value: str) -> None:
+        self.update(method=value)
+
+    @property
+    def prop_attn(self) -> bool:
+        return self._prop_attn
+
+    @prop_attn.setter
+    def prop_attn(self, value: bool) -> None:
+        self.update(prop_attn=_check_flag("prop_attn", value))
+
+    @property
+    def trace_source(self) -> bool:
+        return self._trace_source
+
+    @trace_source.setter
+    def trace_source(self, value: bool) -> None:
+        self.update(trace_source=_check_flag("trace_source", value))
+
+    def merges_anything(self) -> bool:
+        return any(self.settings.r_per_block)
+
+    # --- what the calling thread's last pass computed -------------------------------
+
+    @property
+    def last_pass(self) -> Optional[Pass]:
+        """The last forward pass run by the calling thread (None before any)."""
+        return getattr(self._local, "current", None)
+
+    @property
+    def size(self) -> Optional[Tensor]:
+        run = self.last_pass
+        return None if run is None else run.size
+
+    @property
+    def source(self) -> Optional[Tensor]:
+        run = self.last_pass
+        return None if run is None else run.source
+
+    @property
+    def sizes(self) -> dict[int, Optional[Tensor]]:
+        run = self.last_pass
+        return {} if run is None else run.sizes
+
+    @property
+    def sources(self) -> dict[int, Optional[Tensor]]:
+        run = self.last_pass
+        return {} if run is None else run.sources
+
+    @property
+    def num_input_tokens(self) -> Optional[int]:
+        run = self.last_pass
+        return None if run is None else run.num_input_tokens
+
+    # --- for adapters ----------------------------------------------------------------
+
+    def block_pass(self, x: Tensor, tokens: Tensor, block: int) -> Pass:
+        """The pass that the tokens ``x`` given to block ``block`` belong to (see the
+        module docstring); ``tokens`` is the same as (B, N, C)."""
+        if not tracing():
+            known = self._tokens.get(x)
+            if known is not None and known[1] == block:
+                return known[0]
+            if block > 0 and torch._C._current_graph_task_id() != -1:
+                raise RuntimeError(
+                    "tokenmerge cannot recompute a merging block from tokens it has not seen: reentrant gradient "
+                    "checkpointing detaches them from their pass; use non-reentrant checkpointing "
+                    "(use_reentrant=False, the default of timm, transformers and open_clip)"
+                )
+        current = self.last_pass if not _exporting() else getattr(self._local, "traced", None)
+        if (
+            block > 0 and current is not None and current.last_block == block - 1
+            and current.shape_out == tuple(tokens.shape[:2])
+        ):
+            return current
+        return Pass(self, block)
+
+    def record(self, run: Pass, block: int, out: Tensor, tokens: Tensor) -> Tensor:
+        """Note that ``out`` (the same as (B, N, C) ``tokens``) left block ``block`` in
+        ``run``; returns ``out``."""
+        run.last_block, run.shape_out = block, tuple(tokens.shape[:2])
+        if _exporting():
+            self._local.traced = run
+            return out
+        if not tracing():
+            self._tokens[out] = (run, block + 1)
+        self._local.current = run
+        return out
+
+    def adopt(self, out: Tensor) -> Tensor:
+        """Note that ``out`` holds the tokens the calling thread's pass has just left
+        after the last block, changed token by token (by a final norm, inside the
+        model's own forward), so that a head given ``out`` later pools with their
+        sizes. Returns ``out``."""
+        run = self.last_pass
+        if run is not None and run.last_block == self.depth - 1 and not tracing():
+            self._tokens[out] = (run, self.depth)
+        return out
+
+    def pass_of(self, tokens: Tensor, *, within_forward: bool) -> Optional[Pass]:
+        """The pass that left the (B, N, C) ``tokens`` after its last block, for pooling:
+        the remembered one; for a head that runs inside the model's own forward
+        (``within_forward``) or while compiling, also the thread's current pass.
+        None when not found; a found pass whose tokens do not have this shape is an error."""
+        run = None
+        if not tracing():
+            known = self._tokens.get(tokens)
+            run = None if known is None else known[0]
+        if run is None and (within_forward or tracing()):
+            run = self.last_pass if not _exporting() else getattr(self._local, "traced", None)
+        if run is not None and run.shape_out != tuple(tokens.shape[:2]):
+            raise ValueError(
+                f"the head got {tokens.shape[1]} tokens for {tokens.shape[0]} images, but this thread's last pass "
+                f"left {run.shape_out[1]} tokens for {run.shape_out[0]}; it pools the tokens of the model's own "
+                "forward pass"
+            )
+        return run
+
+    def warn_capped(self, r: int, block: int, num_tokens: int, limit: int) -> None:
+        if self._warned_cap:
+            return
+        self._warned_cap = True
+        warnings.warn(
+            f"r={r} is more than block {block} can merge from {num_tokens} tokens "
+            f"({self.num_protected} protected); merging {limit} there instead. Lower r to silence this warning.",
+            CappedRWarning,
+            stacklevel=2,
+        )
+
+    # --- copies and pickles carry the settings only --------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {key: value for key, value in self.__dict__.items() if key not in ("_local", "_tokens", "_warned_cap")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset_runtime()
+
+    def __repr__(self) -> str:
+        return (
+            f"MergeState(r={schedules.describe(self._r)}, method={self._method!r}, prop_attn={self._prop_attn}, "
+            f"trace_source={self._trace_source}, depth={self.depth}, num_protected={self.num_protected})"
+        )
+
+
+def _exporting() -> bool:
+    """Whether torch.export traces (not torch.compile, whose side effects are replayed
+    with real tensors)."""
+    return torch.compiler.is_exporting() or (tracing() and not torch.compiler.is_dynamo_compiling())
 
 
 def _check_flag(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r}")
     return value
-
-
-def swap_class(module: torch.nn.Module, mixin: type) -> None:
-    """Make ``module`` an instance of a subclass of its class that puts ``mixin`` first.
-
-    The subclass is created once per (mixin, class) and registered in the mixin's
-    module, so patched models still pickle. :func:`restore_class` undoes it.
-    """
-    original = type(module)
-    name = f"TokenMerge{original.__name__}"
-    home = sys.modules[mixin.__module__]
-    patched = getattr(home, name, None)
-    if patched is None or patched.__bases__ != (mixin, original):
-        patched = type(name, (mixin, original), {"_tokenmerge_original": original, "__module__": mixin.__module__})
-        setattr(home, name, patched)
-    module.__class__ = patched
-
-
-def restore_class(module: torch.nn.Module) -> None:
-    """Undo :func:`swap_class`."""
-    module.__class__ = type(module)._tokenmerge_original
-
-
-def is_swapped(module: torch.nn.Module) -> bool:
-    return "_tokenmerge_original" in type(module).__dict__

@@ -159,7 +159,6 @@ def test_pooling_sees_sizes(variant):
         pooled = model.forward_head(features, pre_logits=True)
         spread = unmerge(features, tokenmerge.get_state(model).source)
         original_head = type(model)._tokenmerge_original.forward_head
-        tokenmerge.get_state(model).begin(model.num_prefix_tokens)  # no sizes: the unpatched head
         expected = original_head(model, spread, pre_logits=True)
     torch.testing.assert_close(pooled, expected, atol=1e-5, rtol=1e-5)
 

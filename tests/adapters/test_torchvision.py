@@ -225,7 +225,7 @@ def test_applying_twice_updates_settings_and_r_changes_take_effect():
     block_class = type(model.encoder.layers[0])
     tokenmerge.apply(model, r=4, prop_attn=False)
     assert type(model.encoder.layers[0]) is block_class
-    assert sum(cls.__name__.startswith("TokenMerge") for cls in type(model.encoder).__mro__) == 1
+    assert sum(cls.__name__.startswith("TokenMerge") for cls in type(model.encoder.layers[0]).__mro__) == 1
     state = tokenmerge.get_state(model)
     assert (state.r, state.prop_attn) == (4, False)
     with torch.no_grad():

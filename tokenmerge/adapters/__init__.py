@@ -1,23 +1,17 @@
 """One adapter per model library. An adapter knows where its library keeps a model's
 blocks, keys, protected tokens and pooling; the algorithm itself is shared.
 
-Every adapter module provides:
-
-* ``SUPPORTED``: a line naming the classes it supports, for error messages;
-* ``check(model)``: raise a clear error if the model, or any block in it, is not
-  one it understands;
-* ``depth(model)``: the number of blocks that merge;
-* ``patch(model, state)`` / ``unpatch(model)``: patch in place and restore exactly;
-* ``input_size(model)``: the (height, width) the model is configured for;
-* ``token_layout(model, img_size)``: (tokens entering the first block, protected tokens);
-* ``flop_shape(model, img_size)``: a :class:`tokenmerge.flops.FlopShape`.
+Every adapter module defines ``ADAPTER``, an instance of
+:class:`tokenmerge.adapters.base.Adapter`, the interface that says what an adapter
+implements.
 """
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
 
 import torch
+
+from .base import Adapter
 
 # Top-level package of a model's class -> the adapter module that handles it. Adapter
 # modules import their library, so they are imported only for a model of that library.
@@ -44,17 +38,17 @@ def supported_summary() -> str:
     parts = []
     for library in ADAPTERS:
         try:
-            parts.append(load_adapter(library).SUPPORTED)
+            parts.append(load_adapter(library).supported)
         except ImportError:
             parts.append(f"{library} models (pip install '{EXTRAS[library]}')")
     return "; ".join(parts)
 
 
-def load_adapter(library: str) -> ModuleType:
-    """The adapter module of ``library``; a clear error naming the extra to install
-    when the library is missing or of a version the adapter cannot use."""
+def load_adapter(library: str) -> Adapter:
+    """The adapter of ``library``; a clear error naming the extra to install when the
+    library is missing or of a version the adapter cannot use."""
     try:
-        return importlib.import_module(ADAPTERS[library])
+        return importlib.import_module(ADAPTERS[library]).ADAPTER
     except ImportError as error:
         raise ImportError(
             f"tokenmerge's {library} support could not be loaded ({error}); "
@@ -62,7 +56,7 @@ def load_adapter(library: str) -> ModuleType:
         ) from error
 
 
-def find_adapter(model: object) -> ModuleType:
+def find_adapter(model: object) -> Adapter:
     """The adapter for ``model``, chosen by the library its class (or a base) comes from."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"tokenmerge patches torch.nn.Module models, got {type(model).__name__}")

@@ -31,7 +31,7 @@ number of kept patches. It is refused only when it may drop the class token.
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from open_clip.model import CLIP, CustomTextCLIP
 from open_clip.transformer import (
@@ -43,9 +43,11 @@ from open_clip.transformer import (
 )
 from torch import Tensor, nn
 
+from ..block import MergingBlock
 from ..flops import FlopShape, linear_flops_per_token
 from ..merge import weighted_mean
-from ..state import MergeState, restore_class, swap_class
+from ..state import Pass
+from .base import Adapter
 from .multihead import check_multihead, multihead_attention_with_plan, multihead_linear_flops, multihead_size_mask
 
 SUPPORTED = (
@@ -60,26 +62,67 @@ BLOCK_CHILDREN = {"ln_1", "attn", "ls_1", "ln_2", "mlp", "ls_2"}
 NUM_PROTECTED = 1  # the class token
 
 
-def check(model: nn.Module) -> None:
-    if type(model) not in SUPPORTED_MODELS:
-        raise TypeError(f"tokenmerge does not support open_clip's {type(model).__name__}. Supported: {SUPPORTED}")
-    visual = _vision_tower(model)
-    prefix = "" if visual is model else "visual."
-    if type(visual) is not VisionTransformer:
-        raise TypeError(
-            f"tokenmerge does not support visual tower class {type(visual).__name__} (visual). "
-            f"Supported: {SUPPORTED}"
+class OpenClipAdapter(Adapter):
+    library = "open_clip"
+    supported = SUPPORTED
+
+    def check(self, model: nn.Module) -> None:
+        if type(model) not in SUPPORTED_MODELS:
+            raise TypeError(f"tokenmerge does not support open_clip's {type(model).__name__}. Supported: {SUPPORTED}")
+        visual = _vision_tower(model)
+        prefix = "" if visual is model else "visual."
+        if type(visual) is not VisionTransformer:
+            raise TypeError(
+                f"tokenmerge does not support visual tower class {type(visual).__name__} (visual). "
+                f"Supported: {SUPPORTED}"
+            )
+        transformer = visual.transformer
+        if type(transformer) is not Transformer:
+            raise TypeError(
+                f"tokenmerge does not support transformer class {type(transformer).__name__} "
+                f"({prefix}transformer). Supported: {SUPPORTED}"
+            )
+        for index, block in enumerate(transformer.resblocks):
+            _check_block(block, transformer.batch_first, f"{prefix}transformer.resblocks.{index}")
+        _check_pooling(visual, prefix)
+        _check_patch_dropout(visual.patch_dropout, f"{prefix}patch_dropout")
+
+    def input_size(self, model: nn.Module) -> tuple[int, int]:
+        return tuple(_vision_tower(model).image_size)
+
+    def token_layout(self, model: nn.Module, img_size: Optional[tuple[int, int]] = None) -> tuple[int, int]:
+        _check_img_size(model, img_size)
+        grid_height, grid_width = _vision_tower(model).grid_size
+        return grid_height * grid_width + NUM_PROTECTED, NUM_PROTECTED
+
+    def flop_shape(self, model: nn.Module, img_size: Optional[tuple[int, int]] = None) -> FlopShape:
+        num_tokens = self.token_layout(model, img_size)[0]
+        visual = _vision_tower(model)
+        blocks = list(visual.transformer.resblocks)
+        # The head's cost is affine in the number of tokens reaching it: a fixed part, and
+        # a part per token (an attention pooler's keys and values, projections under 'none').
+        head_per_token = _head_flops(visual, num_tokens) - _head_flops(visual, num_tokens - 1)
+        return FlopShape(
+            stem=(num_tokens - NUM_PROTECTED) * 2 * visual.conv1.weight.numel(),
+            head=_head_flops(visual, num_tokens) - num_tokens * head_per_token,
+            head_per_token=head_per_token,
+            attention_linear=tuple(multihead_linear_flops(block.attn) for block in blocks),
+            mlp_linear=tuple(linear_flops_per_token(block.mlp) for block in blocks),
+            attention_width=tuple(block.attn.embed_dim for block in blocks),
+            key_size=tuple(block.attn.head_dim for block in blocks),
         )
-    transformer = visual.transformer
-    if type(transformer) is not Transformer:
-        raise TypeError(
-            f"tokenmerge does not support transformer class {type(transformer).__name__} "
-            f"({prefix}transformer). Supported: {SUPPORTED}"
-        )
-    for index, block in enumerate(transformer.resblocks):
-        _check_block(block, transformer.batch_first, f"{prefix}transformer.resblocks.{index}")
-    _check_pooling(visual, prefix)
-    _check_patch_dropout(visual.patch_dropout, f"{prefix}patch_dropout")
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        return list(_vision_tower(model).transformer.resblocks)
+
+    def block_mixin(self, model: nn.Module) -> type[MergingBlock]:
+        return MergingResidualAttentionBlock
+
+    def num_protected(self, model: nn.Module) -> int:
+        return NUM_PROTECTED
+
+    def mixins(self, model: nn.Module) -> list[tuple[nn.Module, type]]:
+        return [(_vision_tower(model), MergingVisionTransformer)]
 
 
 def _check_block(block: nn.Module, batch_first: bool, where: str) -> None:
@@ -157,45 +200,13 @@ def _vision_tower(model: nn.Module) -> VisionTransformer:
     return model if isinstance(model, VisionTransformer) else model.visual
 
 
-def depth(model: nn.Module) -> int:
-    return len(_vision_tower(model).transformer.resblocks)
-
-
-def input_size(model: nn.Module) -> tuple[int, int]:
-    return tuple(_vision_tower(model).image_size)
-
-
-def token_layout(model: nn.Module, img_size: Optional[tuple[int, int]] = None) -> tuple[int, int]:
-    _check_img_size(model, img_size)
-    grid_height, grid_width = _vision_tower(model).grid_size
-    return grid_height * grid_width + NUM_PROTECTED, NUM_PROTECTED
-
-
 def _check_img_size(model: nn.Module, img_size: Optional[tuple[int, int]]) -> None:
-    if img_size is not None and tuple(img_size) != input_size(model):
-        height, width = input_size(model)
+    if img_size is not None and tuple(img_size) != tuple(_vision_tower(model).image_size):
+        height, width = _vision_tower(model).image_size
         raise ValueError(
             f"open_clip's VisionTransformer takes only {height}x{width} inputs (its position embedding is "
             f"fixed), got {img_size[0]}x{img_size[1]}; resize the images to its image_size"
         )
-
-
-def flop_shape(model: nn.Module, img_size: Optional[tuple[int, int]] = None) -> FlopShape:
-    num_tokens = token_layout(model, img_size)[0]
-    visual = _vision_tower(model)
-    blocks = list(visual.transformer.resblocks)
-    # The head's cost is affine in the number of tokens reaching it: a fixed part, and
-    # a part per token (an attention pooler's keys and values, projections under 'none').
-    head_per_token = _head_flops(visual, num_tokens) - _head_flops(visual, num_tokens - 1)
-    return FlopShape(
-        stem=(num_tokens - NUM_PROTECTED) * 2 * visual.conv1.weight.numel(),
-        head=_head_flops(visual, num_tokens) - num_tokens * head_per_token,
-        head_per_token=head_per_token,
-        attention_linear=tuple(multihead_linear_flops(block.attn) for block in blocks),
-        mlp_linear=tuple(linear_flops_per_token(block.mlp) for block in blocks),
-        attention_width=tuple(block.attn.embed_dim for block in blocks),
-        key_size=tuple(block.attn.head_dim for block in blocks),
-    )
 
 
 def _head_flops(visual: VisionTransformer, num_tokens: int) -> int:
@@ -227,34 +238,13 @@ def _attention_pool_flops(pooler: AttentionalPooler, num_keys: int) -> int:
     return queries + keys_values + products + num_queries * linear_flops_per_token(attention.out_proj)
 
 
-def patch(model: nn.Module, state: MergeState) -> None:
-    visual = _vision_tower(model)
-    for index, block in enumerate(visual.transformer.resblocks):
-        block._tokenmerge_state, block._tokenmerge_index = state, index
-        swap_class(block, MergingBlock)
-    visual._tokenmerge_state = state
-    swap_class(visual, MergingVisionTransformer)
-    model._tokenmerge_state = state
-
-
-def unpatch(model: nn.Module) -> None:
-    visual = _vision_tower(model)
-    for block in visual.transformer.resblocks:
-        restore_class(block)
-        del block._tokenmerge_state, block._tokenmerge_index
-    restore_class(visual)
-    del visual._tokenmerge_state
-    if model is not visual:
-        del model._tokenmerge_state
-
-
 def _switch_layout(block: ResidualAttentionBlock, x: Tensor) -> Tensor:
     """For a block whose transformer runs sequence-first: its tokens (N, B, C) as
     batch-first (B, N, C), and back. For a batch-first block: the tokens unchanged."""
     return x if block.attn.batch_first else x.transpose(0, 1)
 
 
-class MergingBlock:
+class MergingResidualAttentionBlock(MergingBlock):
     """open_clip ``ResidualAttentionBlock`` that merges tokens between its attention
     and MLP branches."""
 
@@ -265,54 +255,47 @@ class MergingBlock:
         v_x: Optional[Tensor] = None,
         attn_mask: Optional[Tensor] = None,
     ) -> Tensor:
-        state: MergeState = self._tokenmerge_state
-        index = self._tokenmerge_index
         if k_x is not None or v_x is not None:
             raise NotImplementedError("tokenmerge does not support cross attention (k_x, v_x) in open_clip blocks")
-        if attn_mask is not None and state.merges_anything():
+        if attn_mask is not None and self._tokenmerge_state.merges_anything():
             raise NotImplementedError(
                 "tokenmerge does not support attn_mask in open_clip's visual blocks while merging: "
                 "the mask no longer fits the merged tokens; set r=0 or pass no mask"
             )
-        if state.passes_through(index):
-            out = super().forward(q_x, attn_mask=attn_mask)
-            state.pass_through(index, _switch_layout(self, out))
-            return out
-        x = _switch_layout(self, q_x)
-        out, plan = multihead_attention_with_plan(
-            self.attn, self.ln_1(x), state.attention_size(index), partial(state.plan, index, x)
-        )
-        x = x + self.ls_1(out)
-        x = state.reduce(index, x, plan)
-        x = x + self.ls_2(self.mlp(self.ln_2(x)))
+        return self._tokenmerge_forward(q_x, partial(super().forward, q_x, attn_mask=attn_mask))
+
+    def _tokenmerge_attention(self, x: Tensor, size: Optional[Tensor], plan: Callable, run: Pass) -> tuple[Tensor, Any]:
+        out, planned = multihead_attention_with_plan(self.attn, self.ln_1(x), size, plan)
+        return self.ls_1(out), planned
+
+    def _tokenmerge_mlp(self, x: Tensor) -> Tensor:
+        return self.ls_2(self.mlp(self.ln_2(x)))
+
+    def _tokenmerge_tokens(self, x: Tensor) -> Tensor:
+        return _switch_layout(self, x)
+
+    def _tokenmerge_layout(self, x: Tensor) -> Tensor:
         return _switch_layout(self, x)
 
 
 class MergingVisionTransformer:
-    """open_clip ``VisionTransformer`` that starts a merging pass for every batch of
-    images and pools merged tokens by the patches they stand for."""
-
-    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        self._tokenmerge_state.begin(NUM_PROTECTED)
-        return super().forward(x)
+    """open_clip ``VisionTransformer`` that pools merged tokens by the patches they stand for."""
 
     def forward_intermediates(self, x: Tensor, *args, **kwargs):
-        state: MergeState = self._tokenmerge_state
-        if state.merges_anything():
+        if self._tokenmerge_state.merges_anything():
             raise NotImplementedError(
                 "forward_intermediates returns patch grids, which merged tokens no longer form; "
                 "use forward or encode_image, or set r=0"
             )
-        state.begin(NUM_PROTECTED)
         return super().forward_intermediates(x, *args, **kwargs)
 
     def _pool(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        state: MergeState = self._tokenmerge_state
-        size = state.size
+        run = self._tokenmerge_state.pass_of(x, within_forward=True)
+        size = None if run is None else run.size
         if size is None:
             return super()._pool(x)
         if self.attn_pool is not None:
-            return _attention_pool_by_size(self, x, size if state.prop_attn else None)
+            return _attention_pool_by_size(self, x, size if run.settings.prop_attn else None)
         if self.final_ln_after_pool:
             pooled, tokens = _global_pool_by_size(self, x, size)
             return self.ln_post(pooled), tokens
@@ -350,3 +333,6 @@ def _attention_pool(pooler: AttentionalPooler, x: Tensor, size: Optional[Tensor]
     mask = multihead_size_mask(size, pooler.attn.num_heads, queries.shape[1], queries.dtype)
     return pooler.attn(queries, keys, keys, need_weights=False, attn_mask=mask)[0]
 
+
+
+ADAPTER = OpenClipAdapter()

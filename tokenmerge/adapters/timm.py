@@ -6,7 +6,7 @@ gradient checkpointing)."""
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 from timm.layers import Attention, AttentionPoolLatent
@@ -14,10 +14,12 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor
 
+from ..block import MergingBlock
 from ..attention import log_size_bias, proportional_attention
 from ..flops import FlopShape, linear_flops_per_token
 from ..merge import weighted_mean
-from ..state import MergeState, restore_class, swap_class
+from ..state import MergeState, Pass
+from .base import Adapter
 
 T = TypeVar("T")
 
@@ -29,70 +31,82 @@ SUPPORTED_MODELS = (VisionTransformer, VisionTransformerDistilled)
 SUPPORTED_POOLS = ("token", "avg", "avgmax", "max", "")
 
 
-def check(model: torch.nn.Module) -> None:
-    if type(model) not in SUPPORTED_MODELS:
-        raise TypeError(f"tokenmerge does not support timm's {type(model).__name__}. Supported: {SUPPORTED}")
-    for index, block in enumerate(model.blocks):
-        if type(block) is not Block:
-            raise TypeError(
-                f"tokenmerge does not support block class {type(block).__name__} (blocks.{index}). "
-                f"Supported: {SUPPORTED}"
-            )
-        if type(block.attn) is not Attention:
-            raise TypeError(
-                f"tokenmerge does not support attention class {type(block.attn).__name__} "
-                f"(blocks.{index}.attn). Supported: {SUPPORTED}"
-            )
-    if model.attn_pool is not None:
-        if type(model.attn_pool) is not AttentionPoolLatent:
-            raise TypeError(
-                f"tokenmerge does not support pooling module {type(model.attn_pool).__name__}. Supported: {SUPPORTED}"
-            )
-        if model.attn_pool.pos_embed is not None:
-            raise TypeError(
-                "tokenmerge does not support AttentionPoolLatent with its own position embedding "
-                "(pos_embed='abs'): it needs an unmerged token grid"
-            )
-    elif model.global_pool not in SUPPORTED_POOLS:
-        raise TypeError(f"tokenmerge does not support global_pool={model.global_pool!r}. Supported: {SUPPORTED}")
+class TimmAdapter(Adapter):
+    library = "timm"
+    supported = SUPPORTED
+
+    def check(self, model: torch.nn.Module) -> None:
+        if type(model) not in SUPPORTED_MODELS:
+            raise TypeError(f"tokenmerge does not support timm's {type(model).__name__}. Supported: {SUPPORTED}")
+        for index, block in enumerate(model.blocks):
+            if type(block) is not Block:
+                raise TypeError(
+                    f"tokenmerge does not support block class {type(block).__name__} (blocks.{index}). "
+                    f"Supported: {SUPPORTED}"
+                )
+            if type(block.attn) is not Attention:
+                raise TypeError(
+                    f"tokenmerge does not support attention class {type(block.attn).__name__} "
+                    f"(blocks.{index}.attn). Supported: {SUPPORTED}"
+                )
+        if model.attn_pool is not None:
+            if type(model.attn_pool) is not AttentionPoolLatent:
+                raise TypeError(
+                    f"tokenmerge does not support pooling module {type(model.attn_pool).__name__}. Supported: {SUPPORTED}"
+                )
+            if model.attn_pool.pos_embed is not None:
+                raise TypeError(
+                    "tokenmerge does not support AttentionPoolLatent with its own position embedding "
+                    "(pos_embed='abs'): it needs an unmerged token grid"
+                )
+        elif model.global_pool not in SUPPORTED_POOLS:
+            raise TypeError(f"tokenmerge does not support global_pool={model.global_pool!r}. Supported: {SUPPORTED}")
 
 
-def depth(model: torch.nn.Module) -> int:
-    return len(model.blocks)
+    def input_size(self, model: torch.nn.Module) -> tuple[int, int]:
+        return tuple(model.patch_embed.img_size)
 
 
-def input_size(model: torch.nn.Module) -> tuple[int, int]:
-    return tuple(model.patch_embed.img_size)
+    def token_layout(self, model: torch.nn.Module, img_size: Optional[tuple[int, int]] = None) -> tuple[int, int]:
+        embed = model.patch_embed
+        if img_size is None:
+            num_patches = embed.num_patches
+        else:
+            height, width = embed.dynamic_feat_size(img_size)
+            num_patches = height * width
+        return num_patches + model.num_prefix_tokens, model.num_prefix_tokens
 
 
-def token_layout(model: torch.nn.Module, img_size: Optional[tuple[int, int]] = None) -> tuple[int, int]:
-    embed = model.patch_embed
-    if img_size is None:
-        num_patches = embed.num_patches
-    else:
-        height, width = embed.dynamic_feat_size(img_size)
-        num_patches = height * width
-    return num_patches + model.num_prefix_tokens, model.num_prefix_tokens
+    def flop_shape(self, model: torch.nn.Module, img_size: Optional[tuple[int, int]] = None) -> FlopShape:
+        num_patches = self.token_layout(model, img_size)[0] - model.num_prefix_tokens
+        heads = [model.head] + ([model.head_dist] if hasattr(model, "head_dist") else [])
+        head = sum(linear_flops_per_token(head) for head in heads)
+        head_per_token = 0
+        if model.attn_pool is not None:
+            per_image, head_per_token = _attention_pool_flops(model.attn_pool)
+            unseen = 0 if model.pool_include_prefix else model.num_prefix_tokens
+            head += per_image - unseen * head_per_token
+        return FlopShape(
+            stem=num_patches * 2 * model.patch_embed.proj.weight[0].numel() * model.embed_dim,
+            head=head,
+            attention_linear=tuple(linear_flops_per_token(block.attn) for block in model.blocks),
+            mlp_linear=tuple(linear_flops_per_token(block.mlp) for block in model.blocks),
+            attention_width=tuple(block.attn.attn_dim for block in model.blocks),
+            key_size=tuple(block.attn.head_dim for block in model.blocks),
+            head_per_token=head_per_token,
+        )
 
+    def blocks(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        return list(model.blocks)
 
-def flop_shape(model: torch.nn.Module, img_size: Optional[tuple[int, int]] = None) -> FlopShape:
-    num_patches = token_layout(model, img_size)[0] - model.num_prefix_tokens
-    heads = [model.head] + ([model.head_dist] if hasattr(model, "head_dist") else [])
-    head = sum(linear_flops_per_token(head) for head in heads)
-    head_per_token = 0
-    if model.attn_pool is not None:
-        per_image, head_per_token = _attention_pool_flops(model.attn_pool)
-        unseen = 0 if model.pool_include_prefix else model.num_prefix_tokens
-        head += per_image - unseen * head_per_token
-    return FlopShape(
-        stem=num_patches * 2 * model.patch_embed.proj.weight[0].numel() * model.embed_dim,
-        head=head,
-        attention_linear=tuple(linear_flops_per_token(block.attn) for block in model.blocks),
-        mlp_linear=tuple(linear_flops_per_token(block.mlp) for block in model.blocks),
-        attention_width=tuple(block.attn.attn_dim for block in model.blocks),
-        key_size=tuple(block.attn.head_dim for block in model.blocks),
-        head_per_token=head_per_token,
-    )
+    def block_mixin(self, model: torch.nn.Module) -> type[MergingTimmBlock]:
+        return MergingTimmBlock
+
+    def num_protected(self, model: torch.nn.Module) -> int:
+        return model.num_prefix_tokens
+
+    def mixins(self, model: torch.nn.Module) -> list[tuple[torch.nn.Module, type]]:
+        return [(model, MergingVisionTransformer)]
 
 
 def _attention_pool_flops(pool: AttentionPoolLatent) -> tuple[int, int]:
@@ -102,22 +116,6 @@ def _attention_pool_flops(pool: AttentionPoolLatent) -> tuple[int, int]:
     per_image = latent_len * (linear_flops_per_token(pool.q) + linear_flops_per_token(pool.proj)
                               + (linear_flops_per_token(pool.mlp) if pool.mlp is not None else 0))
     return per_image, linear_flops_per_token(pool.kv) + 4 * latent_len * width
-
-
-def patch(model: torch.nn.Module, state: MergeState) -> None:
-    for index, block in enumerate(model.blocks):
-        block._tokenmerge_state, block._tokenmerge_index = state, index
-        swap_class(block, MergingBlock)
-    model._tokenmerge_state = state
-    swap_class(model, MergingVisionTransformer)
-
-
-def unpatch(model: torch.nn.Module) -> None:
-    for block in model.blocks:
-        restore_class(block)
-        del block._tokenmerge_state, block._tokenmerge_index
-    restore_class(model)
-    del model._tokenmerge_state
 
 
 def attention_with_plan(
@@ -140,51 +138,53 @@ def attention_with_plan(
     return attn.proj_drop(attn.proj(out)), planned
 
 
-class MergingBlock:
+class MergingTimmBlock(MergingBlock):
     """timm ``Block`` that merges tokens between its attention and MLP branches."""
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal:
             raise NotImplementedError("tokenmerge does not support attn_mask or is_causal in timm blocks")
-        state: MergeState = self._tokenmerge_state
-        index = self._tokenmerge_index
-        if state.passes_through(index):
-            return state.pass_through(index, super().forward(x))
-        out, plan = attention_with_plan(
-            self.attn, self.norm1(x), state.attention_size(index), partial(state.plan, index, x)
-        )
-        x = x + self.drop_path1(self.ls1(out))
-        x = state.reduce(index, x, plan)
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return self._tokenmerge_forward(x, partial(super().forward, x))
+
+    def _tokenmerge_attention(self, x: Tensor, size: Optional[Tensor], plan: Callable, run: Pass) -> tuple[Tensor, Any]:
+        out, planned = attention_with_plan(self.attn, self.norm1(x), size, plan)
+        return self.drop_path1(self.ls1(out)), planned
+
+    def _tokenmerge_mlp(self, x: Tensor) -> Tensor:
+        return self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
 class MergingVisionTransformer:
-    """timm ``VisionTransformer`` whose pooling takes token sizes into account."""
+    """timm ``VisionTransformer`` whose pooling weighs tokens by the patches they stand for."""
 
     def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
-        self._tokenmerge_state.begin(self.num_prefix_tokens)
-        return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
+        out = super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
+        return self._tokenmerge_state.adopt(out)
 
     def forward_intermediates(self, *args, **kwargs):
-        state: MergeState = self._tokenmerge_state
-        if state.merges_anything():
+        if self._tokenmerge_state.merges_anything():
             raise NotImplementedError(
                 "forward_intermediates returns token grids, which merged tokens no longer form; "
                 "use forward_features, or set r=0"
             )
-        state.begin(self.num_prefix_tokens)
         return super().forward_intermediates(*args, **kwargs)
 
     def pool(self, x: Tensor, pool_type: Optional[str] = None) -> Tensor:
         state: MergeState = self._tokenmerge_state
-        size = state.size
+        run = state.pass_of(x, within_forward=False)
+        if run is None and state.merges_anything() and not _is_token_grid(self, state, x):
+            raise ValueError(
+                f"forward_head got {x.shape[1]} tokens that no forward_features of this model returned, so their "
+                "sizes are unknown; pass it the tensor forward_features returned, unchanged"
+            )
+        size = None if run is None else run.size
         pool_type = self.global_pool if pool_type is None else pool_type
         if size is None or (self.attn_pool is None and pool_type in ("", "token", "max")):
             return super().pool(x, pool_type)
         if not self.pool_include_prefix:
             x, size = x[:, self.num_prefix_tokens:], size[:, self.num_prefix_tokens:]
         if self.attn_pool is not None:
-            return self.attn_pool(x, attn_mask=log_size_bias(size, x.dtype) if state.prop_attn else None)
+            return self.attn_pool(x, attn_mask=log_size_bias(size, x.dtype) if run.settings.prop_attn else None)
         mean = weighted_mean(x, size)
         if pool_type == "avg":
             return mean
@@ -192,3 +192,14 @@ class MergingVisionTransformer:
             return 0.5 * (x.amax(dim=1) + mean)
         raise NotImplementedError(f"tokenmerge does not support global_pool={pool_type!r}")
 
+
+def _is_token_grid(model: torch.nn.Module, state: MergeState, x: Tensor) -> bool:
+    """Whether (B, N, C) tokens of unknown origin are as many as a whole patch grid (of
+    the model's image size, or of the last pass run by this thread), so that each
+    stands for one patch."""
+    last = state.last_pass
+    grids = {model.patch_embed.num_patches + model.num_prefix_tokens, last and last.num_input_tokens}
+    return x.shape[1] in grids
+
+
+ADAPTER = TimmAdapter()

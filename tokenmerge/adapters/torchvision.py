@@ -11,13 +11,15 @@ keys and to add the log-size bias.
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from torch import Tensor, nn
 from torchvision.models.vision_transformer import Encoder, EncoderBlock, MLPBlock, VisionTransformer
 
+from ..block import MergingBlock
 from ..flops import FlopShape, linear_flops_per_token
-from ..state import MergeState, restore_class, swap_class
+from ..state import Pass
+from .base import Adapter
 from .multihead import check_multihead, multihead_attention_with_plan, multihead_linear_flops
 
 SUPPORTED = (
@@ -29,31 +31,63 @@ SUPPORTED_NORMS = (nn.LayerNorm, nn.RMSNorm)
 NUM_PROTECTED = 1  # the class token
 
 
-def check(model: nn.Module) -> None:
-    if type(model) is not VisionTransformer:
-        raise TypeError(f"tokenmerge does not support torchvision's {type(model).__name__}. Supported: {SUPPORTED}")
-    encoder = model.encoder
-    if type(encoder) is not Encoder or type(encoder.layers) is not nn.Sequential:
-        raise TypeError(
-            f"tokenmerge does not support encoder class {type(encoder).__name__} with layers in a "
-            f"{type(encoder.layers).__name__}. Supported: {SUPPORTED}"
+class TorchvisionAdapter(Adapter):
+    library = "torchvision"
+    supported = SUPPORTED
+
+    def check(self, model: nn.Module) -> None:
+        if type(model) is not VisionTransformer:
+            raise TypeError(f"tokenmerge does not support torchvision's {type(model).__name__}. Supported: {SUPPORTED}")
+        encoder = model.encoder
+        if type(encoder) is not Encoder or type(encoder.layers) is not nn.Sequential:
+            raise TypeError(
+                f"tokenmerge does not support encoder class {type(encoder).__name__} with layers in a "
+                f"{type(encoder.layers).__name__}. Supported: {SUPPORTED}"
+            )
+        _check_norm(encoder.ln, "encoder.ln")
+        for name, block in encoder.layers.named_children():
+            where = f"encoder.layers.{name}"
+            if type(block) is not EncoderBlock:
+                raise TypeError(
+                    f"tokenmerge does not support encoder layer class {type(block).__name__} ({where}). "
+                    f"Supported: {SUPPORTED}"
+                )
+            _check_attention(block.self_attention, f"{where}.self_attention")
+            if type(block.mlp) is not MLPBlock:
+                raise TypeError(
+                    f"tokenmerge does not support MLP class {type(block.mlp).__name__} ({where}.mlp). "
+                    f"Supported: {SUPPORTED}"
+                )
+            _check_norm(block.ln_1, f"{where}.ln_1")
+            _check_norm(block.ln_2, f"{where}.ln_2")
+
+    def input_size(self, model: nn.Module) -> tuple[int, int]:
+        return model.image_size, model.image_size
+
+    def token_layout(self, model: nn.Module, img_size: Optional[tuple[int, int]] = None) -> tuple[int, int]:
+        _check_img_size(model, img_size)
+        return model.seq_length, NUM_PROTECTED
+
+    def flop_shape(self, model: nn.Module, img_size: Optional[tuple[int, int]] = None) -> FlopShape:
+        _check_img_size(model, img_size)
+        blocks = list(model.encoder.layers)
+        return FlopShape(
+            stem=_stem_flops(model.conv_proj, model.image_size),
+            head=linear_flops_per_token(model.heads),
+            attention_linear=tuple(multihead_linear_flops(block.self_attention) for block in blocks),
+            mlp_linear=tuple(linear_flops_per_token(block.mlp) for block in blocks),
+            attention_width=tuple(block.self_attention.embed_dim for block in blocks),
+            key_size=tuple(block.self_attention.head_dim for block in blocks),
         )
-    _check_norm(encoder.ln, "encoder.ln")
-    for name, block in encoder.layers.named_children():
-        where = f"encoder.layers.{name}"
-        if type(block) is not EncoderBlock:
-            raise TypeError(
-                f"tokenmerge does not support encoder layer class {type(block).__name__} ({where}). "
-                f"Supported: {SUPPORTED}"
-            )
-        _check_attention(block.self_attention, f"{where}.self_attention")
-        if type(block.mlp) is not MLPBlock:
-            raise TypeError(
-                f"tokenmerge does not support MLP class {type(block.mlp).__name__} ({where}.mlp). "
-                f"Supported: {SUPPORTED}"
-            )
-        _check_norm(block.ln_1, f"{where}.ln_1")
-        _check_norm(block.ln_2, f"{where}.ln_2")
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        return list(model.encoder.layers)
+
+    def block_mixin(self, model: nn.Module) -> type[MergingBlock]:
+        return MergingEncoderBlock
+
+    def num_protected(self, model: nn.Module) -> int:
+        return NUM_PROTECTED
 
 
 def _check_attention(attention: nn.Module, where: str) -> None:
@@ -79,38 +113,12 @@ def _check_norm(norm: nn.Module, where: str) -> None:
         )
 
 
-def depth(model: nn.Module) -> int:
-    return len(model.encoder.layers)
-
-
-def input_size(model: nn.Module) -> tuple[int, int]:
-    return model.image_size, model.image_size
-
-
-def token_layout(model: nn.Module, img_size: Optional[tuple[int, int]] = None) -> tuple[int, int]:
-    _check_img_size(model, img_size)
-    return model.seq_length, NUM_PROTECTED
-
-
 def _check_img_size(model: nn.Module, img_size: Optional[tuple[int, int]]) -> None:
-    if img_size is not None and tuple(img_size) != input_size(model):
+    if img_size is not None and tuple(img_size) != (model.image_size, model.image_size):
         raise ValueError(
             f"torchvision's VisionTransformer takes only {model.image_size}x{model.image_size} inputs, "
             f"got {img_size[0]}x{img_size[1]}; resize the images to its image_size"
         )
-
-
-def flop_shape(model: nn.Module, img_size: Optional[tuple[int, int]] = None) -> FlopShape:
-    _check_img_size(model, img_size)
-    blocks = list(model.encoder.layers)
-    return FlopShape(
-        stem=_stem_flops(model.conv_proj, model.image_size),
-        head=linear_flops_per_token(model.heads),
-        attention_linear=tuple(multihead_linear_flops(block.self_attention) for block in blocks),
-        mlp_linear=tuple(linear_flops_per_token(block.mlp) for block in blocks),
-        attention_width=tuple(block.self_attention.embed_dim for block in blocks),
-        key_size=tuple(block.self_attention.head_dim for block in blocks),
-    )
 
 
 def _stem_flops(stem: nn.Module, image_size: int) -> int:
@@ -132,45 +140,20 @@ def _conv_output_length(conv: nn.Conv2d, length: int, dim: int) -> int:
     return (length + 2 * padding - reach) // conv.stride[dim] + 1
 
 
-def patch(model: nn.Module, state: MergeState) -> None:
-    for index, block in enumerate(model.encoder.layers):
-        block._tokenmerge_state, block._tokenmerge_index = state, index
-        swap_class(block, MergingEncoderBlock)
-    model.encoder._tokenmerge_state = state
-    swap_class(model.encoder, MergingEncoder)
-    model._tokenmerge_state = state
-
-
-def unpatch(model: nn.Module) -> None:
-    for block in model.encoder.layers:
-        restore_class(block)
-        del block._tokenmerge_state, block._tokenmerge_index
-    restore_class(model.encoder)
-    del model.encoder._tokenmerge_state, model._tokenmerge_state
-
-
-class MergingEncoderBlock:
+class MergingEncoderBlock(MergingBlock):
     """torchvision ``EncoderBlock`` that merges tokens between its attention and MLP branches."""
 
     def forward(self, input: Tensor) -> Tensor:
-        state: MergeState = self._tokenmerge_state
-        index = self._tokenmerge_index
-        if state.passes_through(index):
-            return state.pass_through(index, super().forward(input))
         if input.dim() != 3:
             raise ValueError(f"Expected (batch_size, seq_length, hidden_dim) got {tuple(input.shape)}")
-        out, plan = multihead_attention_with_plan(
-            self.self_attention, self.ln_1(input), state.attention_size(index), partial(state.plan, index, input)
-        )
-        x = self.dropout(out) + input
-        x = state.reduce(index, x, plan)
-        return x + self.mlp(self.ln_2(x))
+        return self._tokenmerge_forward(input, partial(super().forward, input))
+
+    def _tokenmerge_attention(self, x: Tensor, size: Optional[Tensor], plan: Callable, run: Pass) -> tuple[Tensor, Any]:
+        out, planned = multihead_attention_with_plan(self.self_attention, self.ln_1(x), size, plan)
+        return self.dropout(out), planned
+
+    def _tokenmerge_mlp(self, x: Tensor) -> Tensor:
+        return self.mlp(self.ln_2(x))
 
 
-class MergingEncoder:
-    """torchvision ``Encoder`` that starts a merging forward pass: its input is the
-    class token followed by the patch tokens."""
-
-    def forward(self, input: Tensor) -> Tensor:
-        self._tokenmerge_state.begin(NUM_PROTECTED)
-        return super().forward(input)
+ADAPTER = TorchvisionAdapter()

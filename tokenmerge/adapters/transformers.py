@@ -2,11 +2,9 @@
 and SigLIP (vision) models built from their own layer and attention classes, under
 the ``eager`` and ``sdpa`` attention implementations.
 
-The layers, their attention modules, the patch embeddings and the modules that pool
-tokens are patched; the ``PreTrainedModel`` classes whose forward records hidden states
-and attentions are not, because transformers looks up what a model records by its
-exact class. The embeddings run once per forward pass, before any layer, so they are
-what starts the pass. Attention goes through the library's own attention function for
+The layers, their attention modules and the modules that pool tokens are patched; the
+``PreTrainedModel`` classes whose forward records hidden states and attentions are
+not, because transformers looks up what a model records by its exact class. Attention goes through the library's own attention function for
 the configured implementation, with the log-size bias as its additive attention mask.
 With ``output_hidden_states`` or ``output_attentions`` (eager), every layer reports the
 tokens it received and left, so later layers report fewer tokens.
@@ -31,10 +29,12 @@ from transformers.models.siglip import modeling_siglip as siglip
 from transformers.models.vit import modeling_vit as vit
 from transformers.utils.generic import can_return_tuple
 
+from ..block import MergingBlock
 from ..attention import log_size_bias
 from ..flops import FlopShape, linear_flops_per_token
 from ..merge import weighted_mean
-from ..state import MergeState, is_swapped, restore_class, swap_class
+from ..state import MergeState
+from .base import Adapter, is_swapped
 from .multihead import check_multihead, multihead_size_mask
 
 if int(transformers.__version__.split(".")[0]) < 5:
@@ -51,65 +51,50 @@ ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 
 # What a merging layer hands its attention: the sizes for proportional attention (or
 # None), and the function that plans the merge from the queries and keys.
-Merging = tuple[Optional[Tensor], Callable[[Tensor], object]]
+Merging = tuple[Optional[Tensor], Callable[[Tensor, Tensor], object]]
 # An attention branch's output, and the plan made from its keys.
 Branch = tuple[Tensor, object]
 
 
-class MergingEmbeddings:
-    """Patch embeddings that start a forward pass of the merge state: a vision tower
-    runs them once, before any of its layers."""
-
-    def forward(self, *args, **kwargs) -> Tensor:
-        self._tokenmerge_state.begin(self._tokenmerge_num_protected)
-        return super().forward(*args, **kwargs)
-
-
-class MergingLayer:
+class MergingLayer(MergingBlock):
     """A transformer layer that merges tokens between its attention and MLP branches.
     Subclasses build the two residual branches the way their layer class does."""
 
     def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, **kwargs) -> Tensor:
-        state: MergeState = self._tokenmerge_state
-        index = self._tokenmerge_index
-        if state.passes_through(index):
-            return state.pass_through(index, super().forward(hidden_states, attention_mask, **kwargs))
-        merging = (state.attention_size(index), partial(state.plan, index, hidden_states))
-        out, plan = self._attention_branch(hidden_states, attention_mask, merging, kwargs)
-        x = state.reduce(index, hidden_states + out, plan)
-        return x + self._mlp_branch(x)
+        unpatched = partial(super().forward, hidden_states, attention_mask, **kwargs)
+        return self._tokenmerge_forward(hidden_states, unpatched, mask=attention_mask, layer_kwargs=kwargs)
 
 
 class MergingViTLayer(MergingLayer):
     """ViT and DeiT layers: pre-norm branches, each followed by dropout."""
 
-    def _attention_branch(self, x: Tensor, mask: Optional[Tensor], merging: Merging, kwargs: dict) -> Branch:
-        out, _, plan = self.attention(self.layernorm_before(x), mask, tokenmerge=merging, **kwargs)
-        return self.dropout(out), plan
+    def _tokenmerge_attention(self, x, size, plan, run, *, mask, layer_kwargs) -> Branch:
+        out, _, planned = self.attention(self.layernorm_before(x), mask, tokenmerge=(size, plan), **layer_kwargs)
+        return self.dropout(out), planned
 
-    def _mlp_branch(self, x: Tensor) -> Tensor:
+    def _tokenmerge_mlp(self, x: Tensor) -> Tensor:
         return self.dropout(self.mlp(self.layernorm_after(x)))
 
 
 class MergingCLIPLayer(MergingLayer):
     """CLIP and SigLIP encoder layers: plain pre-norm branches."""
 
-    def _attention_branch(self, x: Tensor, mask: Optional[Tensor], merging: Merging, kwargs: dict) -> Branch:
-        out, _, plan = self.self_attn(self.layer_norm1(x), mask, tokenmerge=merging, **kwargs)
-        return out, plan
+    def _tokenmerge_attention(self, x, size, plan, run, *, mask, layer_kwargs) -> Branch:
+        out, _, planned = self.self_attn(self.layer_norm1(x), mask, tokenmerge=(size, plan), **layer_kwargs)
+        return out, planned
 
-    def _mlp_branch(self, x: Tensor) -> Tensor:
+    def _tokenmerge_mlp(self, x: Tensor) -> Tensor:
         return self.mlp(self.layer_norm2(x))
 
 
 class MergingDinov2Layer(MergingLayer):
     """DINOv2 layers: pre-norm branches scaled by LayerScale, with drop path."""
 
-    def _attention_branch(self, x: Tensor, mask: Optional[Tensor], merging: Merging, kwargs: dict) -> Branch:
-        out, _, plan = self.attention(self.norm1(x), mask, tokenmerge=merging, **kwargs)
-        return self.drop_path(self.layer_scale1(out)), plan
+    def _tokenmerge_attention(self, x, size, plan, run, *, mask, layer_kwargs) -> Branch:
+        out, _, planned = self.attention(self.norm1(x), mask, tokenmerge=(size, plan), **layer_kwargs)
+        return self.drop_path(self.layer_scale1(out)), planned
 
-    def _mlp_branch(self, x: Tensor) -> Tensor:
+    def _tokenmerge_mlp(self, x: Tensor) -> Tensor:
         return self.drop_path(self.layer_scale2(self.mlp(self.norm2(x))))
 
 
@@ -187,15 +172,10 @@ class MergingAttentionPoolingHead:
     patches it holds when proportional attention is on."""
 
     def forward(self, hidden_state: Tensor) -> Tensor:
-        state: MergeState = self._tokenmerge_state
-        size = state.size
-        if size is None or not state.prop_attn:
+        run = self._tokenmerge_state.pass_of(hidden_state, within_forward=True)
+        size = None if run is None else run.size
+        if size is None or not run.settings.prop_attn:
             return super().forward(hidden_state)
-        if size.shape[:2] != hidden_state.shape[:2]:
-            raise ValueError(
-                f"the attention-pooling head got {hidden_state.shape[1]} tokens, but the last forward pass left "
-                f"{size.shape[1]}; it pools the tokens of the model's own forward pass"
-            )
         probe = self.probe.repeat(size.shape[0], 1, 1)
         mask = multihead_size_mask(size, self.attention.num_heads, probe.shape[1], hidden_state.dtype)
         pooled = self.attention(probe, hidden_state, hidden_state, attn_mask=mask)[0]
@@ -218,8 +198,10 @@ class MergingDinov2Classifier:
         outputs = getattr(self, self.base_model_prefix)(pixel_values, attention_mask=attention_mask, **kwargs)
         tokens = outputs.last_hidden_state
         state: MergeState = self._tokenmerge_state
+        run = state.pass_of(tokens, within_forward=True)
+        size = None if run is None else run.size
         prefix = state.num_protected
-        patch_mean = _mean_over_patches(tokens[:, prefix:], None if state.size is None else state.size[:, prefix:])
+        patch_mean = _mean_over_patches(tokens[:, prefix:], None if size is None else size[:, prefix:])
         logits = self.classifier(torch.cat([tokens[:, 0], patch_mean], dim=1))
         loss = None if labels is None else self.loss_function(labels, logits, self.config, **kwargs)
         return ImageClassifierOutput(
@@ -325,85 +307,90 @@ def _pooling(model: torch.nn.Module) -> list[tuple[torch.nn.Module, type]]:
     return found
 
 
-def check(model: torch.nn.Module) -> None:
-    if type(model) not in MODELS:
-        raise TypeError(f"tokenmerge does not support transformers' {type(model).__name__}. Supported: {SUPPORTED}")
-    patched = [name for name, module in model.named_modules() if is_swapped(module)]
-    if patched:
-        raise TypeError(
-            f"tokenmerge is already applied to part of this {type(model).__name__} ({patched[0] or 'the model'}); "
-            "remove it there first"
+class TransformersAdapter(Adapter):
+    library = "transformers"
+    supported = SUPPORTED
+
+    def check(self, model: torch.nn.Module) -> None:
+        if type(model) not in MODELS:
+            raise TypeError(f"tokenmerge does not support transformers' {type(model).__name__}. Supported: {SUPPORTED}")
+        tower = _tower(model)
+        if type(tower) not in TOWERS:
+            raise TypeError(
+                f"tokenmerge does not support vision tower class {type(tower).__name__}. Supported: {SUPPORTED}"
+            )
+        spec = TOWERS[type(tower)]
+        for index, layer in enumerate(_layers(tower)):
+            if type(layer) is not spec.layer:
+                raise TypeError(
+                    f"tokenmerge does not support layer class {type(layer).__name__} ({spec.layers}.{index}). "
+                    f"Supported: {SUPPORTED}"
+                )
+            attention = getattr(layer, spec.attention)
+            if type(attention) is not spec.attention_class:
+                raise TypeError(
+                    f"tokenmerge does not support attention class {type(attention).__name__} "
+                    f"({spec.layers}.{index}.{spec.attention}). Supported: {SUPPORTED}"
+                )
+        _check_implementation(tower.config._attn_implementation)
+        if type(tower) is siglip.SiglipVisionModel and tower.use_head:
+            if type(tower.head) is not siglip.SiglipMultiheadAttentionPoolingHead:
+                raise TypeError(
+                    f"tokenmerge does not support pooling head {type(tower.head).__name__}. Supported: {SUPPORTED}"
+                )
+            check_multihead(tower.head.attention, "head.attention")
+
+    def blocks(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        return list(_layers(_tower(model)))
+
+    def block_mixin(self, model: torch.nn.Module) -> type[MergingBlock]:
+        return TOWERS[type(_tower(model))].layer_mixin
+
+    def num_protected(self, model: torch.nn.Module) -> int:
+        return _num_prefix_tokens(_tower(model))
+
+    def mixins(self, model: torch.nn.Module) -> list[tuple[torch.nn.Module, type]]:
+        spec = TOWERS[type(_tower(model))]
+        attentions = [(getattr(layer, spec.attention), spec.attention_mixin) for layer in self.blocks(model)]
+        return attentions + _pooling(model)
+
+    def input_size(self, model: torch.nn.Module) -> tuple[int, int]:
+        size = _tower(model).config.image_size
+        return (size, size) if isinstance(size, int) else tuple(size)
+
+    def token_layout(self, model: torch.nn.Module, img_size: Optional[tuple[int, int]] = None) -> tuple[int, int]:
+        tower = _tower(model)
+        projection = tower.embeddings.get_submodule(TOWERS[type(tower)].patch_projection)
+        height, width = self.input_size(model) if img_size is None else img_size
+        rows = (height - projection.kernel_size[0]) // projection.stride[0] + 1
+        columns = (width - projection.kernel_size[1]) // projection.stride[1] + 1
+        prefix = _num_prefix_tokens(tower)
+        return rows * columns + prefix, prefix
+
+    def flop_shape(self, model: torch.nn.Module, img_size: Optional[tuple[int, int]] = None) -> FlopShape:
+        tower = _tower(model)
+        spec = TOWERS[type(tower)]
+        layers = _layers(tower)
+        attentions = [getattr(layer, spec.attention) for layer in layers]
+        projection = tower.embeddings.get_submodule(spec.patch_projection)
+        num_tokens, prefix = self.token_layout(model, img_size)
+        heads = [getattr(tower, name) for name in spec.heads]
+        heads += [getattr(model, name) for name in MODELS[_model_class(model)][1]]
+        head = sum(linear_flops_per_token(module) for module in heads if module is not None)
+        mlp_linear = [linear_flops_per_token(layer.mlp) for layer in layers]
+        head_per_token = 0
+        if type(tower) is siglip.SiglipVisionModel and tower.use_head:
+            per_image, head_per_token = _pooling_head_flops(tower.head)
+            head += per_image
+        return FlopShape(
+            stem=(num_tokens - prefix) * 2 * projection.weight[0].numel() * projection.out_channels,
+            head=head,
+            attention_linear=tuple(linear_flops_per_token(attention) for attention in attentions),
+            mlp_linear=tuple(mlp_linear),
+            attention_width=tuple(attention.q_proj.out_features for attention in attentions),
+            key_size=tuple(attention.head_dim for attention in attentions),
+            head_per_token=head_per_token,
         )
-    tower = _tower(model)
-    if type(tower) not in TOWERS:
-        raise TypeError(
-            f"tokenmerge does not support vision tower class {type(tower).__name__}. Supported: {SUPPORTED}"
-        )
-    spec = TOWERS[type(tower)]
-    for index, layer in enumerate(_layers(tower)):
-        if type(layer) is not spec.layer:
-            raise TypeError(
-                f"tokenmerge does not support layer class {type(layer).__name__} ({spec.layers}.{index}). "
-                f"Supported: {SUPPORTED}"
-            )
-        attention = getattr(layer, spec.attention)
-        if type(attention) is not spec.attention_class:
-            raise TypeError(
-                f"tokenmerge does not support attention class {type(attention).__name__} "
-                f"({spec.layers}.{index}.{spec.attention}). Supported: {SUPPORTED}"
-            )
-    _check_implementation(tower.config._attn_implementation)
-    if type(tower) is siglip.SiglipVisionModel and tower.use_head:
-        if type(tower.head) is not siglip.SiglipMultiheadAttentionPoolingHead:
-            raise TypeError(
-                f"tokenmerge does not support pooling head {type(tower.head).__name__}. Supported: {SUPPORTED}"
-            )
-        check_multihead(tower.head.attention, "head.attention")
-
-
-def depth(model: torch.nn.Module) -> int:
-    return len(_layers(_tower(model)))
-
-
-def input_size(model: torch.nn.Module) -> tuple[int, int]:
-    size = _tower(model).config.image_size
-    return (size, size) if isinstance(size, int) else tuple(size)
-
-
-def token_layout(model: torch.nn.Module, img_size: Optional[tuple[int, int]] = None) -> tuple[int, int]:
-    tower = _tower(model)
-    projection = tower.embeddings.get_submodule(TOWERS[type(tower)].patch_projection)
-    height, width = input_size(model) if img_size is None else img_size
-    rows = (height - projection.kernel_size[0]) // projection.stride[0] + 1
-    columns = (width - projection.kernel_size[1]) // projection.stride[1] + 1
-    prefix = _num_prefix_tokens(tower)
-    return rows * columns + prefix, prefix
-
-
-def flop_shape(model: torch.nn.Module, img_size: Optional[tuple[int, int]] = None) -> FlopShape:
-    tower = _tower(model)
-    spec = TOWERS[type(tower)]
-    layers = _layers(tower)
-    attentions = [getattr(layer, spec.attention) for layer in layers]
-    projection = tower.embeddings.get_submodule(spec.patch_projection)
-    num_tokens, prefix = token_layout(model, img_size)
-    heads = [getattr(tower, name) for name in spec.heads]
-    heads += [getattr(model, name) for name in MODELS[_model_class(model)][1]]
-    head = sum(linear_flops_per_token(module) for module in heads if module is not None)
-    mlp_linear = [linear_flops_per_token(layer.mlp) for layer in layers]
-    head_per_token = 0
-    if type(tower) is siglip.SiglipVisionModel and tower.use_head:
-        per_image, head_per_token = _pooling_head_flops(tower.head)
-        head += per_image
-    return FlopShape(
-        stem=(num_tokens - prefix) * 2 * projection.weight[0].numel() * projection.out_channels,
-        head=head,
-        attention_linear=tuple(linear_flops_per_token(attention) for attention in attentions),
-        mlp_linear=tuple(mlp_linear),
-        attention_width=tuple(attention.q_proj.out_features for attention in attentions),
-        key_size=tuple(attention.head_dim for attention in attentions),
-        head_per_token=head_per_token,
-    )
 
 
 def _pooling_head_flops(head: torch.nn.Module) -> tuple[int, int]:
@@ -414,37 +401,4 @@ def _pooling_head_flops(head: torch.nn.Module) -> tuple[int, int]:
     return linear_flops_per_token(head) + 2 * width * width, 2 * width * 2 * width + 4 * width
 
 
-def patch(model: torch.nn.Module, state: MergeState) -> None:
-    tower = _tower(model)
-    spec = TOWERS[type(tower)]
-    for index, layer in enumerate(_layers(tower)):
-        layer._tokenmerge_state, layer._tokenmerge_index = state, index
-        swap_class(layer, spec.layer_mixin)
-        swap_class(getattr(layer, spec.attention), spec.attention_mixin)
-    embeddings = tower.embeddings
-    embeddings._tokenmerge_state, embeddings._tokenmerge_num_protected = state, _num_prefix_tokens(tower)
-    swap_class(embeddings, MergingEmbeddings)
-    for module, mixin in _pooling(model):
-        module._tokenmerge_state = state
-        swap_class(module, mixin)
-    # Layers run without the embeddings (an encoder called on its own) still protect the prefix.
-    state.begin(embeddings._tokenmerge_num_protected)
-    model._tokenmerge_state = state
-
-
-def unpatch(model: torch.nn.Module) -> None:
-    pooling = [module for module, _ in _pooling(model)]
-    tower = _tower(model)
-    spec = TOWERS[type(tower)]
-    for layer in _layers(tower):
-        restore_class(getattr(layer, spec.attention))
-        restore_class(layer)
-        del layer._tokenmerge_state, layer._tokenmerge_index
-    embeddings = tower.embeddings
-    restore_class(embeddings)
-    del embeddings._tokenmerge_state, embeddings._tokenmerge_num_protected
-    for module in pooling:
-        restore_class(module)
-        if module is not model:
-            del module._tokenmerge_state
-    del model._tokenmerge_state
+ADAPTER = TransformersAdapter()

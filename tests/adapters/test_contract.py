@@ -1,0 +1,372 @@
+"""The contract every adapter keeps, written once and run for every library and model
+class through the ``case`` fixture; the per-library files test only what is specific to
+their library (exact twin merges, pooling, refusals, real weights).
+
+A new adapter adds its tiny models to ``CASES``.
+"""
+from __future__ import annotations
+
+import copy
+import multiprocessing
+import pickle
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import tokenmerge
+from tests.adapters.invariants import assert_sizes_and_sources_agree
+from tokenmerge import kernels
+from tokenmerge.adapters import find_adapter
+
+IMAGE, PATCH, WIDTH, DEPTH = 32, 4, 48, 3
+NUM_PATCHES = (IMAGE // PATCH) ** 2
+R = 6  # 64 patches merge to 46 after three blocks
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Case:
+    """A tiny random model of one supported class, and how to get its main output."""
+
+    id: str
+    build: Callable[[], nn.Module]
+    output: Callable[[nn.Module, Tensor], Tensor] = lambda model, images: model(images)
+
+
+def timm_vit(**kwargs) -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=IMAGE, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH, num_heads=3,
+                             num_classes=7, **kwargs)
+
+
+def timm_distilled() -> nn.Module:
+    from timm.models.deit import VisionTransformerDistilled
+
+    return VisionTransformerDistilled(img_size=IMAGE, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH, num_heads=3,
+                                      num_classes=7)
+
+
+def hf(config_name: str, model_name: str, **extra) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        transformers = pytest.importorskip("transformers")
+        config = getattr(transformers, config_name)(
+            hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=3, image_size=IMAGE, patch_size=PATCH,
+            **extra,
+        )
+        return getattr(transformers, model_name)(config)
+    return build
+
+
+def hf_clip() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=99,
+                bos_token_id=0, eos_token_id=2)
+    vision = dict(hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=3, image_size=IMAGE,
+                  patch_size=PATCH, intermediate_size=96)
+    return transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+
+
+def hf_output(model: nn.Module, images: Tensor) -> Tensor:
+    out = model(pixel_values=images)
+    return out.logits if hasattr(out, "logits") else out.pooler_output
+
+
+def torchvision_vit() -> nn.Module:
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(image_size=IMAGE, patch_size=PATCH, num_layers=DEPTH, num_heads=3, hidden_dim=WIDTH,
+                             mlp_dim=96, num_classes=7)
+
+
+def open_clip_model(**vision) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        model_module = pytest.importorskip("open_clip.model")
+        vision_cfg = model_module.CLIPVisionCfg(layers=DEPTH, width=WIDTH, head_width=16, patch_size=PATCH,
+                                                image_size=IMAGE, **vision)
+        text_cfg = model_module.CLIPTextCfg(context_length=8, vocab_size=50, width=32, heads=2, layers=1)
+        return model_module.CLIP(embed_dim=16, vision_cfg=vision_cfg, text_cfg=text_cfg)
+    return build
+
+
+CASES = [
+    Case("timm_class_token", timm_vit),
+    Case("timm_registers_avg", lambda: timm_vit(class_token=False, reg_tokens=2, global_pool="avg")),
+    Case("timm_map_pool", lambda: timm_vit(class_token=False, global_pool="map")),
+    Case("timm_distilled", timm_distilled),
+    Case("transformers_vit", hf("ViTConfig", "ViTForImageClassification", intermediate_size=96, num_labels=7),
+         hf_output),
+    Case("transformers_deit_teacher", hf("DeiTConfig", "DeiTForImageClassificationWithTeacher",
+                                         intermediate_size=96, num_labels=7), hf_output),
+    Case("transformers_dinov2_registers", hf("Dinov2WithRegistersConfig", "Dinov2WithRegistersForImageClassification",
+                                             mlp_ratio=2, num_register_tokens=2, num_labels=7), hf_output),
+    Case("transformers_siglip", hf("SiglipVisionConfig", "SiglipVisionModel", intermediate_size=96), hf_output),
+    Case("transformers_clip", hf_clip, lambda model, images: model.get_image_features(pixel_values=images).pooler_output),
+    Case("torchvision_vit", torchvision_vit),
+    Case("open_clip_tok", open_clip_model(), lambda model, images: model.encode_image(images)),
+    Case("open_clip_avg", open_clip_model(pool_type="avg"), lambda model, images: model.encode_image(images)),
+]
+CASES_BY_ID = {case.id: case for case in CASES}
+
+RANDOMISED_TOKENS = ("cls_token", "reg_token", "dist_token", "class_embedding", "class_token", "register_tokens",
+                     "distillation_token", "mask_token")
+
+
+def make(case: Case) -> nn.Module:
+    """The case's model in eval mode, norms and LayerScales far from their neutral init
+    and learned tokens far from zero, so that dropping or misplacing any of them shows."""
+    torch.manual_seed(0)
+    model = case.build().eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("gamma", "lambda1") or ("norm" in name or ".ln" in name) and leaf == "weight":
+                param.uniform_(0.5, 1.5)
+            elif leaf in RANDOMISED_TOKENS:
+                param.normal_(0, 0.5)
+    return model
+
+
+@pytest.fixture(params=CASES, ids=[case.id for case in CASES])
+def case(request) -> Case:
+    return request.param
+
+
+def images(batch: int, seed: int = 0) -> Tensor:
+    return torch.randn(batch, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(seed))
+
+
+def run(case: Case, model: nn.Module, x: Tensor) -> Tensor:
+    with torch.no_grad():
+        return case.output(model, x)
+
+
+def test_r0_equals_the_unpatched_model_and_remove_restores_it(case):
+    model = make(case)
+    classes = {name: type(module) for name, module in model.named_modules()}
+    x = images(3)
+    expected = run(case, model, x)
+    tokenmerge.apply(model, r=0)
+    assert torch.equal(run(case, model, x), expected)
+    tokenmerge.remove(model)
+    assert {name: type(module) for name, module in model.named_modules()} == classes
+    assert torch.equal(run(case, model, x), expected)
+
+
+def test_token_counts_are_fixed_protected_tokens_kept_and_sizes_sum(case):
+    """Every block leaves the same number of tokens whatever the images, as
+    ``token_counts`` says; block forward hooks see them; sizes sum to the tokens that
+    entered and protected tokens are never merged."""
+    model = tokenmerge.apply(make(case), r=R, trace_source=True)
+    adapter = find_adapter(model)
+    num_tokens, num_protected = adapter.token_layout(model)
+    counts = []
+    for block in adapter.blocks(model):
+        block.register_forward_hook(lambda module, args, out: counts.append(tuple(out.shape)))
+    state = tokenmerge.get_state(model)
+    assert state.num_protected == num_protected
+    for seed in (0, 1):
+        counts.clear()
+        run(case, model, images(2, seed))
+        token_dims = [shape[1] if shape[0] == 2 else shape[0] for shape in counts]
+        assert token_dims == tokenmerge.token_counts(model) == [num_tokens - R * (i + 1) for i in range(DEPTH)]
+        assert state.num_input_tokens == num_tokens
+        assert_sizes_and_sources_agree(state, num_tokens, 2)
+
+
+def test_an_image_gives_the_same_output_alone_and_in_a_batch(case):
+    model = tokenmerge.apply(make(case), r=R)
+    x = images(4)
+    together = run(case, model, x)
+    alone = torch.cat([run(case, model, image[None]) for image in x])
+    torch.testing.assert_close(alone, together, atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_does_not_depend_on_the_batch(case, monkeypatch):
+    """In bfloat16 an image alone and in a batch of 8 take the two merge formulations
+    (the threshold is set between them); sums stay float32 on both, so the image's
+    output moves no more than the unpatched model's does between the two batches."""
+    model = make(case).to(torch.bfloat16)
+    x = images(8).to(torch.bfloat16)
+    unpatched = (run(case, model, x[:1]) - run(case, model, x)[:1]).abs().max().item()
+    tokenmerge.apply(model, r=R)
+    monkeypatch.setattr(kernels, "FEW_VALUES", (NUM_PATCHES + 4) * WIDTH * 2)
+    alone, together = run(case, model, x[:1]).float(), run(case, model, x)[:1].float()
+    scale = together.abs().max().item()
+    assert torch.isfinite(together).all()
+    assert (alone - together).abs().max().item() <= 2 * unpatched + 0.02 * scale
+
+
+@pytest.mark.parametrize("batch", [0, 1])
+def test_batch_sizes_0_and_1_give_what_the_unpatched_model_gives(case, batch):
+    """Also an empty batch: an output of the right shape, or, where the library's own
+    model cannot take an empty batch, the library's own error."""
+    model = make(case)
+    x = images(batch)
+    try:
+        expected = run(case, model, x)
+    except RuntimeError as error:
+        tokenmerge.apply(model, r=R)
+        with pytest.raises(RuntimeError, match=str(error)[:40]):
+            run(case, model, x)
+        return
+    tokenmerge.apply(model, r=R)
+    merged = run(case, model, x)
+    assert merged.shape == expected.shape and merged.dtype == expected.dtype
+    assert torch.isfinite(merged).all()
+
+
+def test_gradients_reach_every_parameter_they_reach_unpatched(case):
+    def gradients(model):
+        model.zero_grad()
+        case.output(model, images(2)).square().sum().backward()
+        return {name: param.grad for name, param in model.named_parameters() if param.grad is not None}
+
+    model = make(case).train()
+    expected = gradients(model)
+    tokenmerge.apply(model, r=0)
+    assert all(torch.equal(grad, expected[name]) for name, grad in gradients(model).items())
+    tokenmerge.apply(model, r=R)
+    merged = gradients(model)
+    assert merged.keys() == expected.keys()
+    assert all(torch.isfinite(grad).all() for grad in merged.values())
+
+
+def test_a_pickled_copy_is_patched_and_computes_the_same(case):
+    model = tokenmerge.apply(make(case), r=R, prop_attn=True, method="tome")
+    x = images(2)
+    copy_ = pickle.loads(pickle.dumps(model))
+    assert tokenmerge.is_applied(copy_) and tokenmerge.get_state(copy_).r == R
+    assert torch.equal(run(case, copy_, x), run(case, model, x))
+    tokenmerge.remove(copy_)
+    assert torch.equal(run(case, copy_, x), run(case, tokenmerge.remove(model), x))
+
+
+def test_concurrent_threads_give_the_outputs_of_sequential_calls(case):
+    """Three threads call one model with different batch sizes at once: each gets
+    exactly what it gets alone (sizes belong to the pass, not to the model)."""
+    model = tokenmerge.apply(make(case), r=R)
+    inputs = [images(batch, seed=batch) for batch in (1, 2, 3)]
+    expected = [run(case, model, x) for x in inputs]
+    results, errors = [[] for _ in inputs], []
+
+    def call(index):
+        try:
+            for _ in range(8):
+                results[index].append(run(case, model, inputs[index]))
+        except Exception as error:  # reported below, with the thread's case
+            errors.append(error)
+
+    threads = [threading.Thread(target=call, args=(index,)) for index in range(len(inputs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for outputs, reference in zip(results, expected):
+        assert len(outputs) == 8 and all(torch.equal(out, reference) for out in outputs)
+
+
+def test_saved_models_load_and_compute_the_same_in_a_fresh_process(tmp_path):
+    """``torch.save`` of a patched model of every case, loaded by ``torch.load`` in a new
+    interpreter: same classes, same outputs."""
+    x = images(2)
+    for case in CASES:
+        try:
+            model = tokenmerge.apply(make(case), r=R)
+        except pytest.skip.Exception:
+            continue
+        torch.save({"model": model, "expected": run(case, model, x)}, tmp_path / f"{case.id}.pt")
+    script = (
+        "import sys, torch\n"
+        "saved = [torch.load(path, weights_only=False) for path in sys.argv[1:]]\n"  # before tokenmerge is imported
+        "import tokenmerge\n"
+        "from tokenmerge.adapters import find_adapter\n"
+        "from tests.adapters.test_contract import CASES_BY_ID, images, run\n"
+        "for path, entry in zip(sys.argv[1:], saved):\n"
+        "    case, model = CASES_BY_ID[path.rsplit('/', 1)[-1][:-3]], entry['model']\n"
+        "    assert tokenmerge.is_applied(model), case.id\n"
+        "    assert all(type(b).__name__.startswith('TokenMerge') for b in find_adapter(model).blocks(model)), case.id\n"
+        "    assert torch.equal(run(case, model, images(2)), entry['expected']), case.id\n"
+        "print('loaded', len(sys.argv) - 1)\n"
+    )
+    paths = sorted(str(path) for path in tmp_path.glob("*.pt"))
+    done = subprocess.run([sys.executable, "-c", script, *paths], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == f"loaded {len(paths)}"
+
+
+def _run_in_worker(model: nn.Module, x: Tensor) -> Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+def test_a_spawned_worker_runs_a_patched_model():
+    """A patched model sent to a ``spawn`` pool (what DataLoader workers, torch
+    multiprocessing and process pools do) runs there and computes the same."""
+    model = tokenmerge.apply(make(CASES_BY_ID["timm_class_token"]), r=R)
+    x = images(2)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        result = pool.apply_async(_run_in_worker, (model, x)).get(timeout=120)
+    assert torch.equal(result, _run_in_worker(model, x))
+
+
+@pytest.mark.parametrize("case_id", ["timm_class_token", "transformers_vit"])
+def test_stress_four_threads_mixed_batches_match_sequential_outputs(case_id):
+    """Four threads, batch sizes 1 to 5, 240 calls on one model: every output equals the
+    sequential output for the same images."""
+    case = CASES_BY_ID[case_id]
+    model = tokenmerge.apply(make(case), r=R)
+    batches = {batch: images(batch, seed=10 + batch) for batch in range(1, 6)}
+    expected = {batch: run(case, model, x) for batch, x in batches.items()}
+    mismatches, errors = [], []
+
+    def call(worker):
+        try:
+            for step in range(60):
+                batch = 1 + (worker + step) % 5
+                if not torch.equal(run(case, model, batches[batch]), expected[batch]):
+                    mismatches.append((worker, step, batch))
+        except Exception as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=call, args=(worker,)) for worker in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and not mismatches
+
+
+def test_torch_jit_script_is_refused_with_the_alternatives(case):
+    model = tokenmerge.apply(make(case), r=R)
+    with pytest.warns(FutureWarning), pytest.raises(TypeError, match="torch.compile, torch.export or torch.jit.trace"):
+        torch.jit.script(model)
+
+
+def test_forward_hooks_that_replace_block_outputs_keep_the_pass(case):
+    """A forward hook that returns a new tensor (a copy) between blocks: the next block
+    still knows the sizes of its tokens, so outputs do not change."""
+    model = tokenmerge.apply(make(case), r=R)
+    x = images(2)
+    expected = run(case, model, x)
+    for block in find_adapter(model).blocks(model):
+        block.register_forward_hook(lambda module, args, out: out.clone())
+    assert torch.equal(run(case, model, x), expected)
+
+
+def test_the_state_repr_names_the_settings_and_copies_have_their_own_state():
+    model = tokenmerge.apply(make(CASES_BY_ID["timm_class_token"]), r=tokenmerge.Linear(4))
+    assert repr(tokenmerge.get_state(model)) == (
+        "MergeState(r=linear:4:1, method='tome', prop_attn=True, trace_source=False, depth=3, num_protected=1)"
+    )
+    copied = copy.deepcopy(model)
+    tokenmerge.get_state(copied).r = 2
+    assert tokenmerge.get_state(model).r == tokenmerge.Linear(4)

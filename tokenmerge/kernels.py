@@ -1,0 +1,230 @@
+"""The tuned merge: the same size-weighted averages as :func:`tokenmerge.merge.merge_wavg`,
+arranged for speed, and tested for equality against it.
+
+* Row numbers: a merge selects and adds whole rows of the batch flattened to
+  (B * N, C), several times faster on the CPU than ``gather`` and ``scatter`` with
+  expanded indices. The rows that depend only on shapes are cached (:func:`shape_cache`).
+* Row additions: ``index_put_`` for small CPU inputs, ``index_add_`` for large ones
+  and on the GPU (:func:`add_rows`).
+* Two exact formulations of the average: for small inputs the one with the fewest
+  operations, for large ones the one that reads and writes the features once, with
+  its gradient written by hand (:class:`_CorrectedRows`).
+
+Sizes are float32 and half-precision features are averaged in float32 and rounded
+once on every path, so a token's value does not depend on which path its batch took.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache, wraps
+from typing import Callable, TypeVar
+
+import torch
+from torch import Tensor
+
+from .merge import Matching
+
+F = TypeVar("F", bound=Callable)
+
+
+def tracing() -> bool:
+    """Whether torch.compile or torch.export is tracing, or fake tensors are in use: then
+    tensors made now are placeholders of a graph and must not be kept for later calls."""
+    if torch.compiler.is_compiling():
+        return True
+    modes = torch._C._TorchDispatchModeKey
+    return torch._C._get_dispatch_mode(modes.FAKE) is not None or torch._C._get_dispatch_mode(modes.PROXY) is not None
+
+
+def shape_cache(function: F) -> F:
+    """``lru_cache`` for tensors that depend only on shapes and a device, used only in
+    eager mode with plain int sizes: while a graph is traced (or a size is symbolic) the
+    tensors are made afresh, so that no placeholder outlives its trace."""
+    cached = lru_cache(maxsize=256)(function)
+
+    @wraps(function)
+    def lookup(*args):
+        if tracing() or not all(type(arg) in (int, torch.device) for arg in args):
+            return function(*args)
+        return cached(*args)
+
+    lookup.cache_clear = cached.cache_clear
+    return lookup
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Row numbers of one merge step, for the batch flattened to (B * N, C)."""
+
+    output: Tensor  # (B * (N - r),) input row of every output token before merged ones are added in
+    merged: Tensor  # (B * r,) input row of every merged A token
+    destination: Tensor  # (B * r,) output row that every merged A token is added into
+
+
+def rows(matching: Matching) -> Rows:
+    """The row numbers of ``matching``, computed once per matching."""
+    if matching.rows is None:
+        order, r = matching.order, matching.r
+        grid = _row_grid(order.shape[0], matching.num_tokens, matching.num_protected, r, order.device)
+        a_rows = torch.add(grid.a_offset, order, alpha=2)
+        matching.rows = Rows(
+            output=torch.cat([grid.protected_rows, a_rows[:, r:], grid.b_rows], dim=1).view(-1),
+            merged=a_rows[:, :r].reshape(-1),
+            destination=matching.destination.add(grid.destination_offset).view(-1),
+        )
+    return matching.rows
+
+
+@dataclass(frozen=True)
+class _RowGrid:
+    """Row numbers that depend only on the shapes of a merge step."""
+
+    protected_rows: Tensor  # (B, p)
+    b_rows: Tensor  # (B, |B|)
+    a_offset: Tensor  # (B, 1) row of the first A token
+    destination_offset: Tensor  # (B, 1) output row of the first B token
+
+
+@shape_cache
+def _row_grid(batch: int, num_tokens: int, num_protected: int, r: int, device: torch.device) -> _RowGrid:
+    """Made outside inference mode, so that a grid first built under
+    ``torch.inference_mode`` also serves training."""
+    p = num_protected
+    num_a, num_b = (num_tokens - p + 1) // 2, (num_tokens - p) // 2
+    with torch.inference_mode(False):
+        image_row = torch.arange(batch, device=device).unsqueeze(1) * num_tokens
+        output_image_row = torch.arange(batch, device=device).unsqueeze(1) * (num_tokens - r)
+        return _RowGrid(
+            protected_rows=image_row + torch.arange(p, device=device),
+            b_rows=image_row + p + 1 + 2 * torch.arange(num_b, device=device),
+            a_offset=image_row + p,
+            destination_offset=output_image_row + p + num_a - r,
+        )
+
+
+@shape_cache
+def _ones(num_rows: int, device: torch.device) -> Tensor:
+    with torch.inference_mode(False):
+        return torch.ones(num_rows, 1, device=device)
+
+
+def _flat(x: Tensor) -> Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+# Below this many added values ``index_put_`` adds rows faster than ``index_add_`` on
+# the CPU; above it, and on any GPU, ``index_add_`` is much faster (``index_put_`` with
+# accumulation sorts its indices first, in several kernels on a GPU).
+FEW_ADDED_VALUES = 1 << 14
+
+
+def add_rows(out: Tensor, rows: Tensor, values: Tensor) -> Tensor:
+    """``out[rows[i]] += values[i]`` in place for (M, C) ``values``, repeated rows adding up."""
+    if out.device.type == "cpu" and values.numel() < FEW_ADDED_VALUES:
+        return out.index_put_((rows,), values, accumulate=True)
+    return out.index_add_(0, rows, values)
+
+
+def merge_sum(x: Tensor, matching: Matching) -> Tensor:
+    """Apply a matching to (B, N, C) features, adding merged tokens together."""
+    flat, at = _flat(x), rows(matching)
+    out = flat.index_select(0, at.output)
+    add_rows(out, at.destination, flat.index_select(0, at.merged))
+    return out.view(x.shape[0], matching.num_tokens - matching.r, x.shape[-1])
+
+
+def merged_sizes(size: Tensor | None, matching: Matching, batch: int) -> tuple[Tensor, Tensor]:
+    """(sizes of the merged A tokens, all sizes after the merge), both flat (rows, 1), float32."""
+    at = rows(matching)
+    if size is None:
+        moved = _ones(batch * matching.r, matching.order.device)
+        kept = _ones(batch * (matching.num_tokens - matching.r), matching.order.device)
+        return moved, add_rows(kept.clone(), at.destination, moved)
+    size = size.reshape(-1, 1)
+    moved = size.index_select(0, at.merged)
+    return moved, add_rows(size.index_select(0, at.output), at.destination, moved)
+
+
+# Below this many feature values a merge is bound by the number of operations, above
+# it by memory traffic (measured on the CPU; on a GPU both paths are cheap).
+FEW_VALUES = 1 << 18
+
+
+def merge_weighted(x: Tensor, size: Tensor | None, matching: Matching) -> tuple[Tensor, Tensor]:
+    """Merge (B, N, C) features as size-weighted averages; returns the new features
+    (B, N - r, C) and sizes (B, N - r, 1). ``size`` is (B, N, 1) or ``None`` while every
+    token stands for one patch."""
+    if x.numel() < FEW_VALUES:
+        return merge_scaled_sums(x, size, matching)
+    return merge_corrections(x, size, matching)
+
+
+def merge_scaled_sums(x: Tensor, size: Tensor | None, matching: Matching) -> tuple[Tensor, Tensor]:
+    """Sum size-scaled features, divide by the summed sizes."""
+    batch, _, channels = x.shape
+    at = rows(matching)
+    _, new_size = merged_sizes(size, matching, batch)
+    scaled = _wide(_flat(x))
+    if size is not None:
+        scaled = scaled * size.reshape(-1, 1)
+    out = scaled.index_select(0, at.output)
+    add_rows(out, at.destination, scaled.index_select(0, at.merged))
+    shape = (batch, matching.num_tokens - matching.r)
+    return out.div_(new_size).to(x.dtype).view(*shape, channels), new_size.view(*shape, 1)
+
+
+def merge_corrections(x: Tensor, size: Tensor | None, matching: Matching) -> tuple[Tensor, Tensor]:
+    """A destination token b that receives tokens a_m becomes
+    ``b + sum_m (a_m - b) * s_m / S``, with S its merged size: one gather of the
+    output plus work on the r merged rows only."""
+    batch, _, channels = x.shape
+    moved_size, new_size = merged_sizes(size, matching, batch)
+    weight = moved_size / new_size.index_select(0, rows(matching).destination)
+    if torch.is_grad_enabled() and x.requires_grad:
+        out = _CorrectedRows.apply(_flat(x), matching, weight)
+    else:
+        out = _corrected_rows(_flat(x), matching, weight)
+    shape = (batch, matching.num_tokens - matching.r)
+    return out.view(*shape, channels), new_size.view(*shape, 1)
+
+
+def _corrected_rows(flat: Tensor, matching: Matching, weight: Tensor) -> Tensor:
+    """The output rows of a merge of (B * N, C) rows, merged rows weighted by ``weight``
+    (B * r, 1) as in :func:`merge_corrections`; half precision is computed in float32
+    and rounded once."""
+    at = rows(matching)
+    out = _wide(flat.index_select(0, at.output))
+    moved = _wide(flat.index_select(0, at.merged))
+    correction = moved.sub_(out.index_select(0, at.destination)).mul_(weight)
+    return add_rows(out, at.destination, correction).to(flat.dtype)
+
+
+class _CorrectedRows(torch.autograd.Function):
+    """:func:`_corrected_rows` with its gradient written out. Autograd's own backward of
+    the three row gathers fills and scatters into full-size zero buffers and adds them;
+    this one writes every input row's gradient once (the output and merged rows
+    together are all input rows), plus work on the merged rows only."""
+
+    @staticmethod
+    def forward(ctx, flat: Tensor, matching: Matching, weight: Tensor) -> Tensor:
+        ctx.matching, ctx.num_rows = matching, flat.shape[0]
+        ctx.save_for_backward(weight)
+        return _corrected_rows(flat, matching, weight)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        (weight,) = ctx.saved_tensors
+        at = rows(ctx.matching)
+        # d out[b] / d a_m = w_m and d out[b] / d b = 1 - sum_m w_m, for every a_m merged into b.
+        wide = _wide(grad)
+        to_moved = wide.index_select(0, at.destination).mul_(weight)
+        grad_flat = wide.new_empty(ctx.num_rows, grad.shape[1])
+        grad_flat.index_copy_(0, at.output, wide)
+        grad_flat.index_copy_(0, at.merged, to_moved)
+        add_rows(grad_flat, at.output.index_select(0, at.destination), to_moved.neg())
+        return grad_flat.to(grad.dtype), None, None
+
+
+def _wide(x: Tensor) -> Tensor:
+    """Half precision as float32, for sums; other dtypes as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
