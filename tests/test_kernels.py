@@ -11,7 +11,9 @@ from tokenmerge.merge import bipartite_soft_matching, merge_wavg
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("path", ["scaled_sums", "corrections"])
 @pytest.mark.parametrize("with_sizes", [False, True])
-@pytest.mark.parametrize("shape,r,p", [((2, 17, 4), 3, 1), ((3, 65, 32), 32, 1), ((1, 198, 64), 60, 2), ((4, 50, 8), 25, 0)])
+@pytest.mark.parametrize(
+    "shape,r,p", [((2, 17, 4), 3, 1), ((3, 65, 32), 32, 1), ((1, 198, 64), 60, 2), ((4, 50, 8), 25, 0)]
+)
 def test_every_path_gives_the_reference_merge(dtype, path, with_sizes, shape, r, p):
     """Both formulations, at any size, in any dtype, equal the plain size-weighted
     average: half precision is averaged in float32 and rounded once on both paths, so

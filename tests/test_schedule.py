@@ -59,6 +59,17 @@ def test_bad_linear_parameters():
         Linear(-1)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_linear_parameters_are_refused_when_made(bad):
+    """Not later, as a conversion error deep in a forward pass."""
+    with pytest.raises(ValueError, match="finite mean r"):
+        Linear(bad)
+    with pytest.raises(ValueError, match="slope"):
+        Linear(8, bad)
+    with pytest.raises(ValueError, match="finite mean r"):
+        schedule.parse(f"linear:{bad}")
+
+
 def test_token_counts_apply_caps():
     assert schedule.token_counts(197, [8] * 3, 1) == [189, 181, 173]
     # 11 tokens, 1 protected: at most 5, then 2 (5 mergeable), then 1, then 1.

@@ -119,8 +119,10 @@ FEW_ADDED_VALUES = 1 << 14
 
 
 def add_rows(out: Tensor, rows: Tensor, values: Tensor) -> Tensor:
-    """``out[rows[i]] += values[i]`` in place for (M, C) ``values``, repeated rows adding up."""
-    if out.device.type == "cpu" and values.numel() < FEW_ADDED_VALUES:
+    """``out[rows[i]] += values[i]`` in place for (M, C) ``values``, repeated rows adding up.
+    While a graph is traced the choice must not depend on the batch size, which may be
+    symbolic: ``index_add_``."""
+    if out.device.type == "cpu" and not tracing() and values.numel() < FEW_ADDED_VALUES:
         return out.index_put_((rows,), values, accumulate=True)
     return out.index_add_(0, rows, values)
 
@@ -153,8 +155,9 @@ FEW_VALUES = 1 << 18
 def merge_weighted(x: Tensor, size: Tensor | None, matching: Matching) -> tuple[Tensor, Tensor]:
     """Merge (B, N, C) features as size-weighted averages; returns the new features
     (B, N - r, C) and sizes (B, N - r, 1). ``size`` is (B, N, 1) or ``None`` while every
-    token stands for one patch."""
-    if x.numel() < FEW_VALUES:
+    token stands for one patch. While a graph is traced, one formulation for every batch
+    size (which may be symbolic): the plain one, which compilers fuse."""
+    if tracing() or x.numel() < FEW_VALUES:
         return merge_scaled_sums(x, size, matching)
     return merge_corrections(x, size, matching)
 

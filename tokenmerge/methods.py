@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from .attention import log_size_bias
-from .kernels import merge_weighted, merged_sizes, rows, shape_cache
+from .kernels import merge_weighted, merged_sizes, rows, shape_cache, tracing
 from .merge import Matching, bipartite_soft_matching, merge_source
 
 Reduction = tuple[Tensor, Optional[Tensor], Optional[Tensor]]
@@ -78,8 +78,9 @@ class Method:
 def sum_over_heads(keys: Tensor) -> Tensor:
     """(B, heads, N, D) keys summed over heads. Keys sliced out of a fused qkv
     projection are strided; for large batches a contiguous copy first makes the sum
-    several times faster on the CPU, for small ones the copy costs more than it saves."""
-    if not keys.is_contiguous() and keys.numel() > 1 << 17:
+    several times faster on the CPU, for small ones the copy costs more than it saves
+    (a choice left to the compiler while a graph is traced)."""
+    if not keys.is_contiguous() and not tracing() and keys.numel() > 1 << 17:
         keys = keys.contiguous()
     return keys.sum(dim=1)
 

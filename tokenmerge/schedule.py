@@ -10,6 +10,7 @@ A schedule is one of:
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Union
@@ -30,9 +31,9 @@ class Linear:
     slope: float = 1.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, (int, float)) or self.r < 0:
-            raise ValueError(f"Linear schedule needs a mean r >= 0, got {self.r!r}")
-        if isinstance(self.slope, bool) or not isinstance(self.slope, (int, float)) or not -1 <= self.slope <= 1:
+        if not _is_real(self.r) or not 0 <= self.r < math.inf:
+            raise ValueError(f"Linear schedule needs a finite mean r >= 0, got {self.r!r}")
+        if not _is_real(self.slope) or not -1 <= self.slope <= 1:
             raise ValueError(f"Linear schedule needs a slope in [-1, 1], got {self.slope!r}")
 
     def per_block(self, depth: int) -> list[int]:
@@ -42,6 +43,11 @@ class Linear:
             round(self.r * (1 + self.slope * (1 - 2 * i / (depth - 1))))
             for i in range(depth)
         ]
+
+
+def _is_real(value: object) -> bool:
+    """An int or float, not a bool; NaN fails every comparison made with it afterwards."""
+    return not isinstance(value, bool) and isinstance(value, (int, float))
 
 
 Schedule = Union[int, Sequence[int], Linear]

@@ -183,7 +183,8 @@ class MergeState:
         self._warned_cap = False
 
     def _settings(self, r: schedules.Schedule, method: str, prop_attn: bool, trace_source: bool) -> Settings:
-        return Settings(tuple(schedules.resolve(r, self.depth)), method, methods.resolve(method), prop_attn, trace_source)
+        r_per_block = tuple(schedules.resolve(r, self.depth))
+        return Settings(r_per_block, method, methods.resolve(method), prop_attn, trace_source)
 
     def update(
         self,

@@ -108,7 +108,8 @@ CASES = [
     Case("transformers_dinov2_registers", hf("Dinov2WithRegistersConfig", "Dinov2WithRegistersForImageClassification",
                                              mlp_ratio=2, num_register_tokens=2, num_labels=7), hf_output),
     Case("transformers_siglip", hf("SiglipVisionConfig", "SiglipVisionModel", intermediate_size=96), hf_output),
-    Case("transformers_clip", hf_clip, lambda model, images: model.get_image_features(pixel_values=images).pooler_output),
+    Case("transformers_clip", hf_clip,
+         lambda model, images: model.get_image_features(pixel_values=images).pooler_output),
     Case("torchvision_vit", torchvision_vit),
     Case("open_clip_tok", open_clip_model(), lambda model, images: model.encode_image(images)),
     Case("open_clip_avg", open_clip_model(pool_type="avg"), lambda model, images: model.encode_image(images)),
@@ -293,7 +294,8 @@ def test_saved_models_load_and_compute_the_same_in_a_fresh_process(tmp_path):
         "for path, entry in zip(sys.argv[1:], saved):\n"
         "    case, model = CASES_BY_ID[path.rsplit('/', 1)[-1][:-3]], entry['model']\n"
         "    assert tokenmerge.is_applied(model), case.id\n"
-        "    assert all(type(b).__name__.startswith('TokenMerge') for b in find_adapter(model).blocks(model)), case.id\n"
+        "    blocks = find_adapter(model).blocks(model)\n"
+        "    assert all(type(block).__name__.startswith('TokenMerge') for block in blocks), case.id\n"
         "    assert torch.equal(run(case, model, images(2)), entry['expected']), case.id\n"
         "print('loaded', len(sys.argv) - 1)\n"
     )

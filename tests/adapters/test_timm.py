@@ -78,7 +78,7 @@ def paired_input(model, size, batch=2):
     position embedding is made to repeat the same way: every patch token then has an
     exact twin, the one it is matched with in the alternate A/B split."""
     patch = model.patch_embed.patch_size[0]
-    grid_h, grid_w = size[0] // patch, size[1] // patch
+    grid_w = size[1] // patch
     x = torch.randn(batch, 3, *size)
     for j in range(0, grid_w, 2):
         x[..., (j + 1) * patch:(j + 2) * patch] = x[..., j * patch:(j + 1) * patch]
@@ -310,20 +310,6 @@ def test_not_a_module_is_refused():
         tokenmerge.apply("vit_tiny_patch16_224", r=4)
 
 
-def test_patched_model_pickles_and_stays_patched():
-    import pickle
-
-    model = make_model("vit_tiny_patch16_224", {})
-    tokenmerge.apply(model, r=8)
-    x = torch.randn(1, 3, 224, 224)
-    copy_ = pickle.loads(pickle.dumps(model))
-    assert tokenmerge.get_state(copy_).r == 8
-    with torch.no_grad():
-        assert torch.equal(copy_(x), model(x))
-    tokenmerge.remove(copy_)
-    assert type(copy_) is VisionTransformer
-
-
 def test_bfloat16_autocast_merges_without_overflow():
     model = make_model("vit_tiny_patch16_224", {"global_pool": "avg"})
     tokenmerge.apply(model, r=12)
@@ -335,3 +321,79 @@ def test_bfloat16_autocast_merges_without_overflow():
     assert tokenmerge.get_state(model).size.dtype == torch.float32
     assert torch.isfinite(actual).all()
     assert torch.nn.functional.cosine_similarity(actual.float(), expected).min() > 0.95
+
+
+def test_forward_head_pools_the_features_it_is_given_with_their_own_sizes():
+    """forward_features(A), forward_features(B), forward_head(A): A is pooled with A's
+    sizes, also when the batches differ in size."""
+    model = make_model("vit_tiny_patch16_224", {"global_pool": "avg"})
+    tokenmerge.apply(model, r=13)
+    a, b = torch.randn(2, 3, 224, 224), torch.randn(3, 3, 224, 224)
+    with torch.no_grad():
+        expected = model(a)
+        features_a = model.forward_features(a)
+        model.forward_features(b)
+        assert torch.equal(model.forward_head(features_a), expected)
+
+
+def test_forward_head_refuses_merged_tokens_it_cannot_know_the_sizes_of():
+    model = make_model("vit_tiny_patch16_224", {"global_pool": "avg"})
+    tokenmerge.apply(model, r=13)
+    with torch.no_grad():
+        features = model.forward_features(torch.randn(2, 3, 224, 224))
+        with pytest.raises(ValueError, match="no forward_features of this model returned"):
+            model.forward_head(features * 2)
+        tokenmerge.apply(model, r=0)
+        unmerged = model.forward_features(torch.randn(2, 3, 224, 224))
+        tokenmerge.apply(model, r=13)
+        model.forward_head(unmerged * 2)  # a whole grid of tokens: each stands for one patch
+
+
+def test_blocks_run_directly_protect_the_class_token_and_merge_like_forward_features():
+    model = make_model("vit_tiny_patch16_224", {})
+    tokenmerge.apply(model, r=13, trace_source=True)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = model.forward_features(x)
+        tokens = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+        out = model.norm(model.blocks(tokens))
+    state = tokenmerge.get_state(model)
+    assert torch.equal(out, expected)
+    assert torch.equal(state.source[:, 0], torch.zeros(2, dtype=torch.long)) and (state.source[:, 1:] > 0).all()
+
+
+def test_each_thread_reads_the_sizes_of_its_own_last_pass():
+    import threading
+
+    model = make_model("vit_tiny_patch16_224", {})
+    tokenmerge.apply(model, r=13)
+    seen = {}
+
+    def call(batch):
+        with torch.no_grad():
+            model(torch.randn(batch, 3, 224, 224))
+        seen[batch] = tokenmerge.get_state(model).size.shape
+
+    thread = threading.Thread(target=call, args=(3,))
+    thread.start()
+    thread.join()
+    call(2)
+    assert seen == {3: (3, 41, 1), 2: (2, 41, 1)}
+
+
+def test_reentrant_gradient_checkpointing_is_refused_with_what_to_use():
+    """Reentrant checkpointing recomputes blocks from detached copies of their tokens,
+    whose pass cannot be found: a clear error rather than merging them afresh."""
+    from timm.layers import set_reentrant_ckpt, use_reentrant_ckpt
+
+    model = make_model("vit_tiny_patch16_224", {}).train()
+    model.set_grad_checkpointing(True)
+    tokenmerge.apply(model, r=8)
+    previous = use_reentrant_ckpt()
+    set_reentrant_ckpt(True)
+    try:
+        out = model(torch.randn(2, 3, 224, 224, requires_grad=True))
+        with pytest.raises(RuntimeError, match="use_reentrant=False"):
+            out.sum().backward()
+    finally:
+        set_reentrant_ckpt(previous)

@@ -25,3 +25,32 @@ def test_accuracy_on_the_shared_sample(pretrained, timm_sample_predictions):
     assert torch.equal(rows[1][1], plain), "r=0 must predict exactly what plain timm predicts"
     assert top1["timm"] == pytest.approx(82.6, abs=0.05)
     assert top1["timm"] - top1["r=8"] <= 1.5
+
+
+@pytest.mark.parametrize("r", [13, 16])
+def test_two_threads_on_real_photographs_get_what_sequential_calls_get(pretrained, r):
+    """A threaded server's use: two threads with batches of 2 and 3 real photographs
+    each call one merged model; every logit equals that of the same call made alone."""
+    import threading
+
+    model, images, _ = pretrained
+    inputs = [images[:40].split(2), images[40:100].split(3)]
+    tokenmerge.apply(model, r=r)
+    try:
+        with torch.no_grad():
+            expected = [[model(batch) for batch in batches] for batches in inputs]
+        results = [[], []]
+
+        def call(index):
+            with torch.no_grad():
+                results[index].extend(model(batch) for batch in inputs[index])
+
+        threads = [threading.Thread(target=call, args=(index,)) for index in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        tokenmerge.remove(model)
+    for got, want in zip(results, expected):
+        assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))

@@ -1,6 +1,5 @@
 """torchvision integration: exactness, invariants, gradients, restore, errors (random weights)."""
 import copy
-import pickle
 import warnings
 from functools import partial
 
@@ -329,18 +328,6 @@ def test_a_different_image_size_is_refused():
         tokenmerge.token_counts(model, r=2, img_size=(64, 64))
     with pytest.raises(ValueError, match="only 32x32 inputs"):
         tokenmerge.flops_per_image(model, r=2, img_size=(48, 48))
-
-
-def test_patched_model_pickles_and_stays_patched():
-    model = make_model()
-    tokenmerge.apply(model, r=4)
-    x = images(model, 1)
-    copy_ = pickle.loads(pickle.dumps(model))
-    assert tokenmerge.get_state(copy_).r == 4
-    with torch.no_grad():
-        assert torch.equal(copy_(x), model(x))
-    tokenmerge.remove(copy_)
-    assert type(copy_.encoder.layers[0]) is EncoderBlock and type(copy_.encoder) is tv_vit.Encoder
 
 
 def test_bfloat16_autocast_merges_without_overflow():

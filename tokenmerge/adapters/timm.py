@@ -52,7 +52,8 @@ class TimmAdapter(Adapter):
         if model.attn_pool is not None:
             if type(model.attn_pool) is not AttentionPoolLatent:
                 raise TypeError(
-                    f"tokenmerge does not support pooling module {type(model.attn_pool).__name__}. Supported: {SUPPORTED}"
+                    f"tokenmerge does not support pooling module {type(model.attn_pool).__name__}. "
+                    f"Supported: {SUPPORTED}"
                 )
             if model.attn_pool.pos_embed is not None:
                 raise TypeError(
@@ -62,10 +63,8 @@ class TimmAdapter(Adapter):
         elif model.global_pool not in SUPPORTED_POOLS:
             raise TypeError(f"tokenmerge does not support global_pool={model.global_pool!r}. Supported: {SUPPORTED}")
 
-
     def input_size(self, model: torch.nn.Module) -> tuple[int, int]:
         return tuple(model.patch_embed.img_size)
-
 
     def token_layout(self, model: torch.nn.Module, img_size: Optional[tuple[int, int]] = None) -> tuple[int, int]:
         embed = model.patch_embed
@@ -75,7 +74,6 @@ class TimmAdapter(Adapter):
             height, width = embed.dynamic_feat_size(img_size)
             num_patches = height * width
         return num_patches + model.num_prefix_tokens, model.num_prefix_tokens
-
 
     def flop_shape(self, model: torch.nn.Module, img_size: Optional[tuple[int, int]] = None) -> FlopShape:
         num_patches = self.token_layout(model, img_size)[0] - model.num_prefix_tokens
@@ -99,7 +97,7 @@ class TimmAdapter(Adapter):
     def blocks(self, model: torch.nn.Module) -> list[torch.nn.Module]:
         return list(model.blocks)
 
-    def block_mixin(self, model: torch.nn.Module) -> type[MergingTimmBlock]:
+    def block_mixin(self, model: torch.nn.Module) -> type[MergingBlock]:
         return MergingTimmBlock
 
     def num_protected(self, model: torch.nn.Module) -> int:

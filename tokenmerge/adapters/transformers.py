@@ -4,10 +4,11 @@ the ``eager`` and ``sdpa`` attention implementations.
 
 The layers, their attention modules and the modules that pool tokens are patched; the
 ``PreTrainedModel`` classes whose forward records hidden states and attentions are
-not, because transformers looks up what a model records by its exact class. Attention goes through the library's own attention function for
-the configured implementation, with the log-size bias as its additive attention mask.
-With ``output_hidden_states`` or ``output_attentions`` (eager), every layer reports the
-tokens it received and left, so later layers report fewer tokens.
+not, because transformers looks up what a model records by its exact class. Attention
+goes through the library's own attention function for the configured implementation,
+with the log-size bias as its additive attention mask. With ``output_hidden_states`` or
+``output_attentions`` (eager), every layer reports the tokens it received and left, so
+later layers report fewer tokens.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from transformers.utils.generic import can_return_tuple
 from ..block import MergingBlock
 from ..attention import log_size_bias
 from ..flops import FlopShape, linear_flops_per_token
+from ..kernels import tracing
 from ..merge import weighted_mean
 from ..state import MergeState
 from .base import Adapter, is_swapped
@@ -115,6 +117,11 @@ class MergingAttention:
         if tokenmerge is None:
             return super().forward(hidden_states, attention_mask, **kwargs)
         _check_implementation(self.config._attn_implementation)
+        if attention_mask is not None and tracing():
+            raise NotImplementedError(
+                "tokenmerge cannot yet export or compile a merging transformers model: while a graph is traced, "
+                "transformers builds an attention mask over the unmerged token grid; trace it at r=0, or use eager mode"
+            )
         if attention_mask is not None:
             raise NotImplementedError(
                 "tokenmerge does not support an attention_mask while merging: it masks the token grid that "

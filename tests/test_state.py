@@ -1,0 +1,68 @@
+"""Per-pass state: settings taken once per pass, side tensors that follow reductions,
+and what copies of a state carry."""
+import pickle
+
+import pytest
+import torch
+
+import tokenmerge
+from tests.adapters.test_contract import CASES_BY_ID, R, images, make
+from tokenmerge.methods import METHODS
+from tokenmerge.state import MergeState, Pass
+
+
+def test_a_setting_changed_during_a_pass_applies_from_the_next_pass():
+    model = tokenmerge.apply(make(CASES_BY_ID["timm_class_token"]), r=R)
+    state = tokenmerge.get_state(model)
+    counts = []
+    model.blocks[0].register_forward_hook(lambda module, args, out: setattr(state, "r", 2))
+    for block in model.blocks:
+        block.register_forward_hook(lambda module, args, out: counts.append(out.shape[1]))
+    with torch.no_grad():
+        model(images(1))
+        assert counts == [65 - R, 65 - 2 * R, 65 - 3 * R]
+        counts.clear()
+        model(images(1))
+    assert counts == [63, 61, 59]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_side_tensors_follow_every_reduction(method):
+    """A per-token side tensor (here each token's own position) is reduced with the
+    tokens: every output token carries the position of an input token it holds."""
+    num_protected = 1
+    state = MergeState(depth=2, r=5, method=method, trace_source=True, num_protected=num_protected)
+    run = Pass(state, first_block=0)
+    x = torch.randn(2, 21, 8)
+    queries = keys = x.view(2, 1, 21, 8)
+    position = torch.arange(21.0).view(1, 21, 1).expand(2, -1, -1)
+    run.set_side(0, "position", position)
+    plan = run.plan(0, x, queries, keys)
+    out = run.reduce(0, x, plan)
+    followed = run.side(1, "position")
+    assert followed.shape == (2, out.shape[1], 1)
+    assert torch.equal(followed[:, :num_protected], position[:, :num_protected])
+    source = run.sources[1]
+    for b in range(2):
+        for token, held in enumerate(followed[b, :, 0].long().tolist()):
+            assert source[b, held] == token or method == "evit-fuse" and token == out.shape[1] - 1
+
+
+def test_a_pass_that_reduces_nothing_keeps_its_side_tensors():
+    state = MergeState(depth=2, r=0, num_protected=1)
+    run = Pass(state, first_block=0)
+    side = torch.randn(1, 5, 2)
+    run.set_side(0, "angles", side)
+    run.pass_through(0)
+    assert run.side(1, "angles") is side
+
+
+def test_copies_of_a_state_carry_its_settings_and_none_of_its_passes():
+    model = tokenmerge.apply(make(CASES_BY_ID["timm_class_token"]), r=R, trace_source=True)
+    with torch.no_grad():
+        model(images(2))
+    state = tokenmerge.get_state(model)
+    assert state.size is not None
+    copied = pickle.loads(pickle.dumps(state))
+    assert (copied.r, copied.trace_source, copied.num_protected) == (R, True, 1)
+    assert copied.size is None and copied.sizes == {}

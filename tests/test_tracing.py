@@ -1,0 +1,66 @@
+"""torch.compile and torch.export of patched models, and the eager passes after them:
+shape caches must not keep tensors made while tracing, and nothing about a pass may
+depend on a batch size that is symbolic."""
+import pytest
+import torch
+
+import tokenmerge
+from tests.adapters.test_contract import CASES_BY_ID, R, images, make, run
+
+@pytest.mark.parametrize("case_id", ["timm_class_token", "torchvision_vit", "open_clip_tok"])
+def test_eager_passes_after_an_export_return_real_tensors_equal_to_before(case_id):
+    """Once, exporting poisoned the shape caches: every later eager pass at that shape,
+    of any patched model, returned fake tensors."""
+    case = CASES_BY_ID[case_id]
+    model, other = tokenmerge.apply(make(case), r=R), tokenmerge.apply(make(case), r=R)
+    x = images(2)
+    before, other_before = run(case, model, x), run(case, other, x)
+    torch.export.export(model, (x,))
+    after, other_after = run(case, model, x), run(case, other, x)
+    assert type(after) is torch.Tensor and type(other_after) is torch.Tensor
+    assert torch.equal(after, before) and torch.equal(other_after, other_before)
+    assert type(tokenmerge.get_state(model).size) is torch.Tensor
+
+
+def test_exporting_a_merging_transformers_model_is_refused_and_leaves_eager_passes_exact():
+    """transformers materialises an attention mask over the unmerged tokens while a graph
+    is traced, which merged tokens cannot use: a clear refusal, not a wrong graph."""
+    case = CASES_BY_ID["transformers_vit"]
+    model = tokenmerge.apply(make(case), r=R)
+    x = images(2)
+    before = run(case, model, x)
+    with pytest.raises(NotImplementedError, match="cannot yet export or compile a merging transformers model"):
+        torch.export.export(model, (x,))
+    after = run(case, model, x)
+    assert type(after) is torch.Tensor and torch.equal(after, before)
+
+
+@pytest.mark.parametrize("case_id", ["timm_class_token", "torchvision_vit"])
+def test_export_with_a_dynamic_batch_gives_the_eager_outputs(case_id):
+    case = CASES_BY_ID[case_id]
+    model = tokenmerge.apply(make(case), r=R)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    exported = torch.export.export(model, (images(2),), dynamic_shapes=({0: batch},)).module()
+    for size in (1, 3, 5):
+        x = images(size, seed=size)
+        with torch.no_grad():
+            torch.testing.assert_close(exported(x), run(case, model, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case_id", ["timm_class_token", "torchvision_vit", "open_clip_avg"])
+def test_a_compiled_model_has_no_graph_break_and_eager_passes_after_it_are_exact(case_id):
+    case = CASES_BY_ID[case_id]
+    model = tokenmerge.apply(make(case), r=R, trace_source=True)
+    x = images(2)
+    forward = lambda images: case.output(model, images)  # noqa: E731
+    before = run(case, model, x)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(forward)(x)
+    assert explained.graph_break_count == 0, [reason.reason for reason in explained.break_reasons]
+    compiled = torch.compile(forward, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), before, atol=1e-6, rtol=1e-6)
+        assert tokenmerge.get_state(model).size.shape == (2, 65 - 3 * R, 1)
+        after = run(case, model, x)
+    assert type(after) is torch.Tensor and torch.equal(after, before)
