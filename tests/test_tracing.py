@@ -59,8 +59,11 @@ def test_a_compiled_model_has_no_graph_break_and_eager_passes_after_it_are_exact
         explained = torch._dynamo.explain(forward)(x)
     assert explained.graph_break_count == 0, [reason.reason for reason in explained.break_reasons]
     compiled = torch.compile(forward, backend="eager")
+    torch._dynamo.utils.counters.clear()
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), before, atol=1e-6, rtol=1e-6)
         assert tokenmerge.get_state(model).size.shape == (2, 65 - 3 * R, 1)
+        compiled(images(2, seed=1))  # another pass: nothing of the last one is guarded on
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
         after = run(case, model, x)
     assert type(after) is torch.Tensor and torch.equal(after, before)

@@ -289,13 +289,15 @@ class MergeState:
                     "checkpointing detaches them from their pass; use non-reentrant checkpointing "
                     "(use_reentrant=False, the default of timm, transformers and open_clip)"
                 )
-        current = self.last_pass if not _exporting() else getattr(self._local, "traced", None)
-        if (
-            block > 0 and current is not None and current.last_block == block - 1
-            and current.shape_out == tuple(tokens.shape[:2])
-        ):
-            return current
+        if block > 0:  # (block 0 never reads the thread's pass: a compiled graph need not guard on it)
+            current = self._current()
+            if current is not None and current.last_block == block - 1 and current.shape_out == tuple(tokens.shape[:2]):
+                return current
         return Pass(self, block)
+
+    def _current(self) -> Optional[Pass]:
+        """The pass the calling thread ran last; while torch.export traces, the one it traces."""
+        return getattr(self._local, "traced" if _exporting() else "current", None)
 
     def record(self, run: Pass, block: int, out: Tensor, tokens: Tensor) -> Tensor:
         """Note that ``out`` (the same as (B, N, C) ``tokens``) left block ``block`` in
@@ -329,7 +331,7 @@ class MergeState:
             known = self._tokens.get(tokens)
             run = None if known is None else known[0]
         if run is None and (within_forward or tracing()):
-            run = self.last_pass if not _exporting() else getattr(self._local, "traced", None)
+            run = self._current()
         if run is not None and run.shape_out != tuple(tokens.shape[:2]):
             raise ValueError(
                 f"the head got {tokens.shape[1]} tokens for {tokens.shape[0]} images, but this thread's last pass "
