@@ -312,31 +312,41 @@ class MergeState:
         return out
 
     def adopt(self, out: Tensor) -> Tensor:
-        """Note that ``out`` holds the tokens the calling thread's pass has just left
-        after the last block, changed token by token (by a final norm, inside the
-        model's own forward), so that a head given ``out`` later pools with their
-        sizes. Returns ``out``."""
+        """Note that the (B, N, C) tokens ``out`` are those the calling thread's pass has
+        just left after the last block, maybe changed token by token (by a final norm)
+        inside the model's own forward, so that a head given ``out``, now or later, pools
+        with their sizes. Returns ``out``."""
         run = self.last_pass
-        if run is not None and run.last_block == self.depth - 1 and not tracing():
+        if (
+            not tracing() and run is not None and run.last_block == self.depth - 1
+            and run.shape_out == tuple(out.shape[:2])
+        ):
             self._tokens[out] = (run, self.depth)
         return out
 
-    def pass_of(self, tokens: Tensor, *, within_forward: bool) -> Optional[Pass]:
-        """The pass that left the (B, N, C) ``tokens`` after its last block, for pooling:
-        the remembered one; for a head that runs inside the model's own forward
-        (``within_forward``) or while compiling, also the thread's current pass.
-        None when not found; a found pass whose tokens do not have this shape is an error."""
-        run = None
-        if not tracing():
+    def pass_of(self, tokens: Tensor, grid_tokens: Optional[int] = None) -> Optional[Pass]:
+        """The pass that left the (B, N, C) ``tokens`` after its last block, for a pooling
+        head: the one remembered for them (while a graph is traced, the thread's current
+        pass). Tokens no pass left are fine as a whole patch grid (``grid_tokens``, the
+        model's own, or that of the thread's last pass), each standing for one patch:
+        then None. Otherwise their sizes are unknown, and guessing would be wrong: an error."""
+        if tracing():
+            run = self._current()
+        else:
             known = self._tokens.get(tokens)
             run = None if known is None else known[0]
-        if run is None and (within_forward or tracing()):
-            run = self._current()
-        if run is not None and run.shape_out != tuple(tokens.shape[:2]):
+        if run is None:
+            last = self.last_pass
+            if not self.merges_anything() or tokens.shape[1] in (grid_tokens, last and last.num_input_tokens):
+                return None
             raise ValueError(
-                f"the head got {tokens.shape[1]} tokens for {tokens.shape[0]} images, but this thread's last pass "
-                f"left {run.shape_out[1]} tokens for {run.shape_out[0]}; it pools the tokens of the model's own "
-                "forward pass"
+                f"a pooling head got {tokens.shape[1]} tokens that no forward pass of this model left, so the "
+                "number of patches each stands for is unknown; pass it the tokens the model returned, unchanged"
+            )
+        if run.shape_out != tuple(tokens.shape[:2]):
+            raise ValueError(
+                f"a pooling head got {tokens.shape[1]} tokens for {tokens.shape[0]} images, but their pass left "
+                f"{run.shape_out[1]} tokens for {run.shape_out[0]}; pass it the tokens the model returned, unchanged"
             )
         return run
 

@@ -341,7 +341,7 @@ def test_forward_head_refuses_merged_tokens_it_cannot_know_the_sizes_of():
     tokenmerge.apply(model, r=13)
     with torch.no_grad():
         features = model.forward_features(torch.randn(2, 3, 224, 224))
-        with pytest.raises(ValueError, match="no forward_features of this model returned"):
+        with pytest.raises(ValueError, match="no forward pass of this model left"):
             model.forward_head(features * 2)
         tokenmerge.apply(model, r=0)
         unmerged = model.forward_features(torch.randn(2, 3, 224, 224))

@@ -96,6 +96,14 @@ class Adapter(ABC):
                 module.__dict__.pop(name, None)
 
 
+class KeepsSizes:
+    """Mixin for a module that changes the tokens of the last block one by one (a final
+    norm before a pooling head): its output keeps their sizes."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._tokenmerge_state.adopt(super().forward(input))
+
+
 def already_patched(model: nn.Module) -> Optional[str]:
     """The name of a part of ``model`` that tokenmerge has patched ("" for the model itself), or None."""
     return next((name for name, module in model.named_modules() if is_swapped(module)), None)

@@ -122,7 +122,8 @@ class OpenClipAdapter(Adapter):
         return NUM_PROTECTED
 
     def mixins(self, model: nn.Module) -> list[tuple[nn.Module, type]]:
-        return [(_vision_tower(model), MergingVisionTransformer)]
+        visual = _vision_tower(model)
+        return [(visual.transformer, MergingTransformer), (visual, MergingVisionTransformer)]
 
 
 def _check_block(block: nn.Module, batch_first: bool, where: str) -> None:
@@ -278,6 +279,14 @@ class MergingResidualAttentionBlock(MergingBlock):
         return _switch_layout(self, x)
 
 
+class MergingTransformer:
+    """open_clip ``Transformer`` of the visual tower, whose output (batch first again
+    where its blocks ran sequence first) keeps the sizes of its last block's tokens."""
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
+        return self._tokenmerge_state.adopt(super().forward(x, attn_mask=attn_mask))
+
+
 class MergingVisionTransformer:
     """open_clip ``VisionTransformer`` that pools merged tokens by the patches they stand for."""
 
@@ -290,7 +299,7 @@ class MergingVisionTransformer:
         return super().forward_intermediates(x, *args, **kwargs)
 
     def _pool(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        run = self._tokenmerge_state.pass_of(x, within_forward=True)
+        run = self._tokenmerge_state.pass_of(x, self.grid_size[0] * self.grid_size[1] + NUM_PROTECTED)
         size = None if run is None else run.size
         if size is None:
             return super()._pool(x)

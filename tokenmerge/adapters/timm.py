@@ -18,7 +18,7 @@ from ..block import MergingBlock
 from ..attention import log_size_bias, proportional_attention
 from ..flops import FlopShape, linear_flops_per_token
 from ..merge import weighted_mean
-from ..state import MergeState, Pass
+from ..state import Pass
 from .base import Adapter
 
 T = TypeVar("T")
@@ -168,13 +168,7 @@ class MergingVisionTransformer:
         return super().forward_intermediates(*args, **kwargs)
 
     def pool(self, x: Tensor, pool_type: Optional[str] = None) -> Tensor:
-        state: MergeState = self._tokenmerge_state
-        run = state.pass_of(x, within_forward=False)
-        if run is None and state.merges_anything() and not _is_token_grid(self, state, x):
-            raise ValueError(
-                f"forward_head got {x.shape[1]} tokens that no forward_features of this model returned, so their "
-                "sizes are unknown; pass it the tensor forward_features returned, unchanged"
-            )
+        run = self._tokenmerge_state.pass_of(x, self.patch_embed.num_patches + self.num_prefix_tokens)
         size = None if run is None else run.size
         pool_type = self.global_pool if pool_type is None else pool_type
         if size is None or (self.attn_pool is None and pool_type in ("", "token", "max")):
@@ -189,15 +183,6 @@ class MergingVisionTransformer:
         if pool_type == "avgmax":
             return 0.5 * (x.amax(dim=1) + mean)
         raise NotImplementedError(f"tokenmerge does not support global_pool={pool_type!r}")
-
-
-def _is_token_grid(model: torch.nn.Module, state: MergeState, x: Tensor) -> bool:
-    """Whether (B, N, C) tokens of unknown origin are as many as a whole patch grid (of
-    the model's image size, or of the last pass run by this thread), so that each
-    stands for one patch."""
-    last = state.last_pass
-    grids = {model.patch_embed.num_patches + model.num_prefix_tokens, last and last.num_input_tokens}
-    return x.shape[1] in grids
 
 
 ADAPTER = TimmAdapter()

@@ -36,7 +36,7 @@ from ..flops import FlopShape, linear_flops_per_token
 from ..kernels import tracing
 from ..merge import weighted_mean
 from ..state import MergeState
-from .base import Adapter, is_swapped
+from .base import Adapter, KeepsSizes, is_swapped
 from .multihead import check_multihead, multihead_size_mask
 
 if int(transformers.__version__.split(".")[0]) < 5:
@@ -179,7 +179,7 @@ class MergingAttentionPoolingHead:
     patches it holds when proportional attention is on."""
 
     def forward(self, hidden_state: Tensor) -> Tensor:
-        run = self._tokenmerge_state.pass_of(hidden_state, within_forward=True)
+        run = self._tokenmerge_state.pass_of(hidden_state)
         size = None if run is None else run.size
         if size is None or not run.settings.prop_attn:
             return super().forward(hidden_state)
@@ -205,7 +205,7 @@ class MergingDinov2Classifier:
         outputs = getattr(self, self.base_model_prefix)(pixel_values, attention_mask=attention_mask, **kwargs)
         tokens = outputs.last_hidden_state
         state: MergeState = self._tokenmerge_state
-        run = state.pass_of(tokens, within_forward=True)
+        run = state.pass_of(tokens)
         size = None if run is None else run.size
         prefix = state.num_protected
         patch_mean = _mean_over_patches(tokens[:, prefix:], None if size is None else size[:, prefix:])
@@ -308,9 +308,9 @@ def _pooling(model: torch.nn.Module) -> list[tuple[torch.nn.Module, type]]:
     tower = _tower(model)
     found = []
     if _model_class(model) in PATCH_MEAN_CLASSIFIERS:
-        found.append((model, MergingDinov2Classifier))
+        found += [(tower.layernorm, KeepsSizes), (model, MergingDinov2Classifier)]
     if type(tower) is siglip.SiglipVisionModel and tower.use_head:
-        found.append((tower.head, MergingAttentionPoolingHead))
+        found += [(tower.post_layernorm, KeepsSizes), (tower.head, MergingAttentionPoolingHead)]
     return found
 
 
