@@ -59,15 +59,6 @@ def test_half_precision_merge_keeps_range_on_the_tuned_path():
     torch.testing.assert_close(merged.float(), torch.full(merged.shape, 60000.0), rtol=2e-3, atol=0)
 
 
-def test_merge_sum_preserves_the_total():
-    x = torch.randn(2, 17, 5)
-    m = bipartite_soft_matching(x, 6, num_protected=1)
-    merged = kernels.merge_sum(x, m)
-    assert merged.shape == (2, 11, 5)
-    torch.testing.assert_close(merged.sum(1), x.sum(1))
-
-
-
 @pytest.mark.parametrize("first", [True, False])
 def test_both_merge_formulations_agree(first, monkeypatch):
     x = torch.randn(3, 41, 16, dtype=torch.float64)

@@ -127,14 +127,6 @@ def add_rows(out: Tensor, rows: Tensor, values: Tensor) -> Tensor:
     return out.index_add_(0, rows, values)
 
 
-def merge_sum(x: Tensor, matching: Matching) -> Tensor:
-    """Apply a matching to (B, N, C) features, adding merged tokens together."""
-    flat, at = _flat(x), rows(matching)
-    out = flat.index_select(0, at.output)
-    add_rows(out, at.destination, flat.index_select(0, at.merged))
-    return out.view(x.shape[0], matching.num_tokens - matching.r, x.shape[-1])
-
-
 def merged_sizes(size: Tensor | None, matching: Matching, batch: int) -> tuple[Tensor, Tensor]:
     """(sizes of the merged A tokens, all sizes after the merge), both flat (rows, 1), float32."""
     at = rows(matching)
