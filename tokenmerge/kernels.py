@@ -10,8 +10,8 @@ arranged for speed, and tested for equality against it.
   operations, for large ones the one that reads and writes the features once, with
   its gradient written by hand (:class:`_CorrectedRows`).
 
-Sizes are float32 and half-precision features are averaged in float32 and rounded
-once on every path, so a token's value does not depend on which path its batch took.
+Sizes are float32, and half-precision features are averaged in float32 and rounded
+once, on every path.
 """
 from __future__ import annotations
 
@@ -119,10 +119,10 @@ FEW_ADDED_VALUES = 1 << 14
 
 
 def add_rows(out: Tensor, rows: Tensor, values: Tensor) -> Tensor:
-    """``out[rows[i]] += values[i]`` in place for (M, C) ``values``, repeated rows adding up.
-    While a graph is traced the choice must not depend on the batch size, which may be
-    symbolic: ``index_add_``."""
-    if out.device.type == "cpu" and not tracing() and values.numel() < FEW_ADDED_VALUES:
+    """``out[rows[i]] += values[i]`` in place for (M, C) ``values``, repeated rows adding
+    up; ``index_add_`` where the number of values is symbolic (torch.export with a
+    dynamic batch)."""
+    if out.device.type == "cpu" and _fewer(values.numel(), FEW_ADDED_VALUES):
         return out.index_put_((rows,), values, accumulate=True)
     return out.index_add_(0, rows, values)
 
@@ -147,11 +147,21 @@ FEW_VALUES = 1 << 18
 def merge_weighted(x: Tensor, size: Tensor | None, matching: Matching) -> tuple[Tensor, Tensor]:
     """Merge (B, N, C) features as size-weighted averages; returns the new features
     (B, N - r, C) and sizes (B, N - r, 1). ``size`` is (B, N, 1) or ``None`` while every
-    token stands for one patch. While a graph is traced, one formulation for every batch
-    size (which may be symbolic): the plain one, which compilers fuse."""
-    if tracing() or x.numel() < FEW_VALUES:
+    token stands for one patch.
+
+    Half precision always takes the scaled sums: the two formulations round differently
+    in their last float32 bits, which a rounding to half precision can turn into a whole
+    step, and the choice between them depends on the batch size, so an image would merge
+    differently alone and in a batch. So do symbolic sizes (torch.export with a dynamic
+    batch)."""
+    if x.dtype in (torch.float16, torch.bfloat16) or _fewer(x.numel(), FEW_VALUES):
         return merge_scaled_sums(x, size, matching)
     return merge_corrections(x, size, matching)
+
+
+def _fewer(count: int, threshold: int) -> bool:
+    """``count < threshold``, and True for a symbolic count, which must not decide a path."""
+    return type(count) is not int or count < threshold
 
 
 def merge_scaled_sums(x: Tensor, size: Tensor | None, matching: Matching) -> tuple[Tensor, Tensor]:

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from .attention import log_size_bias
-from .kernels import merge_weighted, merged_sizes, rows, shape_cache, tracing
+from .kernels import merge_weighted, merged_sizes, rows, shape_cache
 from .merge import Matching, bipartite_soft_matching, merge_source
 
 Reduction = tuple[Tensor, Optional[Tensor], Optional[Tensor]]
@@ -79,8 +79,9 @@ def sum_over_heads(keys: Tensor) -> Tensor:
     """(B, heads, N, D) keys summed over heads. Keys sliced out of a fused qkv
     projection are strided; for large batches a contiguous copy first makes the sum
     several times faster on the CPU, for small ones the copy costs more than it saves
-    (a choice left to the compiler while a graph is traced)."""
-    if not keys.is_contiguous() and not tracing() and keys.numel() > 1 << 17:
+    (and a symbolic size, from torch.export with a dynamic batch, decides nothing)."""
+    numel = keys.numel()
+    if not keys.is_contiguous() and type(numel) is int and numel > 1 << 17:
         keys = keys.contiguous()
     return keys.sum(dim=1)
 

@@ -54,3 +54,15 @@ def test_two_threads_on_real_photographs_get_what_sequential_calls_get(pretraine
         tokenmerge.remove(model)
     for got, want in zip(results, expected):
         assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_logits_do_not_depend_on_the_batch(pretrained, dtype):
+    """The shared ViT-Ti merged at r=13 in half precision: a photograph's logits alone
+    and in a batch of 8 are the same bit for bit, as unpatched (once up to 3 apart)."""
+    import copy
+
+    model, images, _ = pretrained
+    half, x = tokenmerge.apply(copy.deepcopy(model).to(dtype), r=13), images[:8].to(dtype)
+    with torch.no_grad():
+        assert torch.equal(half(x[:1]), half(x)[:1])
