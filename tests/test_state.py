@@ -32,7 +32,7 @@ def test_side_tensors_follow_every_reduction(method):
     tokens: every output token carries the position of an input token it holds."""
     num_protected = 1
     state = MergeState(depth=2, r=5, method=method, trace_source=True, num_protected=num_protected)
-    run = Pass(state, first_block=0)
+    run = Pass(state, first_block=0, num_input_tokens=21)
     x = torch.randn(2, 21, 8)
     queries = keys = x.view(2, 1, 21, 8)
     position = torch.arange(21.0).view(1, 21, 1).expand(2, -1, -1)
@@ -50,7 +50,7 @@ def test_side_tensors_follow_every_reduction(method):
 
 def test_a_pass_that_reduces_nothing_keeps_its_side_tensors():
     state = MergeState(depth=2, r=0, num_protected=1)
-    run = Pass(state, first_block=0)
+    run = Pass(state, first_block=0, num_input_tokens=5)
     side = torch.randn(1, 5, 2)
     run.set_side(0, "angles", side)
     run.pass_through(0)

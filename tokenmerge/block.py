@@ -52,7 +52,6 @@ class MergingBlock:
         state, index = self._tokenmerge_state, self._tokenmerge_index
         tokens = self._tokenmerge_tokens(x)
         run = state.block_pass(x, tokens, index)
-        run.enter(index, tokens)
         if run.passes_through(index):
             out = unpatched()
             run.pass_through(index)

@@ -215,7 +215,7 @@ def prune(x: Tensor, size: Optional[Tensor], source: Optional[Tensor], selection
     tokens get source -1, fused ones the fused token. Sizes, if any, are kept for the
     kept tokens; the fused token counts as one."""
     batch, num_tokens, channels = x.shape
-    keep = selection.keep.expand(batch, -1) if selection.keep.dim() == 1 else selection.keep
+    keep = _kept_per_image(selection, batch)
     num_kept = keep.shape[1]
     out = x.gather(1, keep.unsqueeze(-1).expand(-1, -1, channels))
     out_size = None if size is None else size.gather(1, keep.unsqueeze(-1))
@@ -232,11 +232,15 @@ def prune(x: Tensor, size: Optional[Tensor], source: Optional[Tensor], selection
     return out, out_size, source
 
 
+def _kept_per_image(selection: Selection, batch: int) -> Tensor:
+    """(B, N - r) the tokens each image keeps."""
+    return selection.keep.expand(batch, -1) if selection.keep.dim() == 1 else selection.keep
+
+
 def follow_prune(side: Tensor, selection: Selection) -> Tensor:
     """Side values of the kept tokens; a fused token takes those of the dropped token
     that weighs most in it."""
-    batch = side.shape[0]
-    keep = selection.keep.expand(batch, -1) if selection.keep.dim() == 1 else selection.keep
+    keep = _kept_per_image(selection, side.shape[0])
     if selection.fuse is not None:
         keep = torch.cat([keep, selection.fuse.argmax(dim=1, keepdim=True)], dim=1)
     index = keep.view(*keep.shape, *([1] * (side.dim() - 2))).expand(-1, -1, *side.shape[2:])

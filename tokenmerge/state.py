@@ -42,6 +42,7 @@ class Settings:
     """The settings one pass runs with, taken once when it starts: a change made while
     a pass is in flight (from another thread, say) applies to the next pass."""
 
+    r: schedules.Schedule
     r_per_block: tuple[int, ...]
     method: str
     steps: methods.Method
@@ -56,14 +57,14 @@ class Pass:
     tokens that entered the first block. Entries are keyed by block index, so a block
     recomputed by gradient checkpointing reads the sizes it read the first time."""
 
-    def __init__(self, state: MergeState, first_block: int):
+    def __init__(self, state: MergeState, first_block: int, num_input_tokens: int, mode: str = "eager"):
         self.state, self.settings = state, state.settings
         self.num_protected = state.num_protected
         self.sizes: dict[int, Optional[Tensor]] = {}
         self.sources: dict[int, Optional[Tensor]] = {}
         self.sides: dict[int, dict[str, Tensor]] = {}
-        self.num_input_tokens: Optional[int] = None
-        self.first_block = first_block
+        self.num_input_tokens = num_input_tokens
+        self.mode = mode  # "eager", or "compile" / "export" while a graph is traced
         self.last_block = first_block - 1  # the last block whose output is recorded
         self.shape_out: Optional[tuple[int, int]] = None  # (batch, tokens) leaving it
 
@@ -98,11 +99,6 @@ class Pass:
         if block < len(r_per_block) and r_per_block[block]:
             return False
         return self.attention_size(block) is None
-
-    def enter(self, block: int, tokens: Tensor) -> None:
-        """Note the (B, N, C) tokens entering block ``block``."""
-        if block == self.first_block:
-            self.num_input_tokens = tokens.shape[1]
 
     def pass_through(self, block: int) -> None:
         """Record that block ``block`` left the tokens as they were."""
@@ -171,9 +167,6 @@ class MergeState:
         num_protected: int = 0,
     ):
         self.depth, self.num_protected = depth, num_protected
-        self._r, self._method = r, method
-        self._prop_attn = _check_flag("prop_attn", prop_attn)
-        self._trace_source = _check_flag("trace_source", trace_source)
         self.settings = self._settings(r, method, prop_attn, trace_source)
         self._reset_runtime()
 
@@ -183,8 +176,11 @@ class MergeState:
         self._warned_cap = False
 
     def _settings(self, r: schedules.Schedule, method: str, prop_attn: bool, trace_source: bool) -> Settings:
+        """Validated settings: a bad one raises before anything changes."""
         r_per_block = tuple(schedules.resolve(r, self.depth))
-        return Settings(r_per_block, method, methods.resolve(method), prop_attn, trace_source)
+        steps = methods.resolve(method)
+        return Settings(r, r_per_block, method, steps, _check_flag("prop_attn", prop_attn),
+                        _check_flag("trace_source", trace_source))
 
     def update(
         self,
@@ -195,17 +191,18 @@ class MergeState:
         trace_source: Optional[bool] = None,
     ) -> None:
         """Change several settings at once, all validated before any changes."""
-        r = self._r if r is None else r
-        method = self._method if method is None else method
-        prop_attn = self._prop_attn if prop_attn is None else _check_flag("prop_attn", prop_attn)
-        trace_source = self._trace_source if trace_source is None else _check_flag("trace_source", trace_source)
-        self.settings = self._settings(r, method, prop_attn, trace_source)
-        self._r, self._method, self._prop_attn, self._trace_source = r, method, prop_attn, trace_source
+        old = self.settings
+        self.settings = self._settings(
+            old.r if r is None else r,
+            old.method if method is None else method,
+            old.prop_attn if prop_attn is None else prop_attn,
+            old.trace_source if trace_source is None else trace_source,
+        )
         self._warned_cap = False
 
     @property
     def r(self) -> schedules.Schedule:
-        return self._r
+        return self.settings.r
 
     @r.setter
     def r(self, value: schedules.Schedule) -> None:
@@ -217,7 +214,7 @@ class MergeState:
 
     @property
     def method(self) -> str:
-        return self._method
+        return self.settings.method
 
     @method.setter
     def method(self, value: str) -> None:
@@ -225,19 +222,19 @@ class MergeState:
 
     @property
     def prop_attn(self) -> bool:
-        return self._prop_attn
+        return self.settings.prop_attn
 
     @prop_attn.setter
     def prop_attn(self, value: bool) -> None:
-        self.update(prop_attn=_check_flag("prop_attn", value))
+        self.update(prop_attn=value)
 
     @property
     def trace_source(self) -> bool:
-        return self._trace_source
+        return self.settings.trace_source
 
     @trace_source.setter
     def trace_source(self, value: bool) -> None:
-        self.update(trace_source=_check_flag("trace_source", value))
+        self.update(trace_source=value)
 
     def merges_anything(self) -> bool:
         return any(self.settings.r_per_block)
@@ -279,7 +276,8 @@ class MergeState:
     def block_pass(self, x: Tensor, tokens: Tensor, block: int) -> Pass:
         """The pass that the tokens ``x`` given to block ``block`` belong to (see the
         module docstring); ``tokens`` is the same as (B, N, C)."""
-        if not tracing():
+        mode = _trace_mode()
+        if mode == "eager":
             known = self._tokens.get(x)
             if known is not None and known[1] == block:
                 return known[0]
@@ -290,23 +288,23 @@ class MergeState:
                     "(use_reentrant=False, the default of timm, transformers and open_clip)"
                 )
         if block > 0:  # (block 0 never reads the thread's pass: a compiled graph need not guard on it)
-            current = self._current()
+            current = self._current(mode)
             if current is not None and current.last_block == block - 1 and current.shape_out == tuple(tokens.shape[:2]):
                 return current
-        return Pass(self, block)
+        return Pass(self, block, tokens.shape[1], mode)
 
-    def _current(self) -> Optional[Pass]:
+    def _current(self, mode: str) -> Optional[Pass]:
         """The pass the calling thread ran last; while torch.export traces, the one it traces."""
-        return getattr(self._local, "traced" if _exporting() else "current", None)
+        return getattr(self._local, "traced" if mode == "export" else "current", None)
 
     def record(self, run: Pass, block: int, out: Tensor, tokens: Tensor) -> Tensor:
         """Note that ``out`` (the same as (B, N, C) ``tokens``) left block ``block`` in
         ``run``; returns ``out``."""
         run.last_block, run.shape_out = block, tuple(tokens.shape[:2])
-        if _exporting():
+        if run.mode == "export":
             self._local.traced = run
             return out
-        if not tracing():
+        if run.mode == "eager":
             self._tokens[out] = (run, block + 1)
         self._local.current = run
         return out
@@ -330,8 +328,9 @@ class MergeState:
         pass). Tokens no pass left are fine as a whole patch grid (``grid_tokens``, the
         model's own, or that of the thread's last pass), each standing for one patch:
         then None. Otherwise their sizes are unknown, and guessing would be wrong: an error."""
-        if tracing():
-            run = self._current()
+        mode = _trace_mode()
+        if mode != "eager":
+            run = self._current(mode)
         else:
             known = self._tokens.get(tokens)
             run = None if known is None else known[0]
@@ -364,7 +363,7 @@ class MergeState:
     # --- copies and pickles carry the settings only --------------------------------
 
     def __getstate__(self) -> dict[str, Any]:
-        return {key: value for key, value in self.__dict__.items() if key not in ("_local", "_tokens", "_warned_cap")}
+        return {"depth": self.depth, "num_protected": self.num_protected, "settings": self.settings}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -372,15 +371,19 @@ class MergeState:
 
     def __repr__(self) -> str:
         return (
-            f"MergeState(r={schedules.describe(self._r)}, method={self._method!r}, prop_attn={self._prop_attn}, "
-            f"trace_source={self._trace_source}, depth={self.depth}, num_protected={self.num_protected})"
+            f"MergeState(r={schedules.describe(self.r)}, method={self.method!r}, prop_attn={self.prop_attn}, "
+            f"trace_source={self.trace_source}, depth={self.depth}, num_protected={self.num_protected})"
         )
 
 
-def _exporting() -> bool:
-    """Whether torch.export traces (not torch.compile, whose side effects are replayed
-    with real tensors)."""
-    return torch.compiler.is_exporting() or (tracing() and not torch.compiler.is_dynamo_compiling())
+def _trace_mode() -> str:
+    """"eager"; "compile" while torch.compile traces (its side effects on Python objects
+    are replayed with real tensors); "export" while torch.export (or fake tensors) trace."""
+    if not tracing():
+        return "eager"
+    if torch.compiler.is_dynamo_compiling() and not torch.compiler.is_exporting():
+        return "compile"
+    return "export"
 
 
 def _check_flag(name: str, value: object) -> bool:

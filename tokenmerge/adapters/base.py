@@ -33,8 +33,6 @@ class Adapter(ABC):
     contract suite in the tests runs every adapter through the same checks.
     """
 
-    #: Top-level package of the library's model classes (``type(model).__module__``).
-    library: ClassVar[str]
     #: One line naming the supported classes, for error messages.
     supported: ClassVar[str]
 

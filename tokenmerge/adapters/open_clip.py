@@ -63,7 +63,6 @@ NUM_PROTECTED = 1  # the class token
 
 
 class OpenClipAdapter(Adapter):
-    library = "open_clip"
     supported = SUPPORTED
 
     def check(self, model: nn.Module) -> None:

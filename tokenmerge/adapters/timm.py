@@ -32,7 +32,6 @@ SUPPORTED_POOLS = ("token", "avg", "avgmax", "max", "")
 
 
 class TimmAdapter(Adapter):
-    library = "timm"
     supported = SUPPORTED
 
     def check(self, model: torch.nn.Module) -> None:

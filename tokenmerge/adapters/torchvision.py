@@ -32,7 +32,6 @@ NUM_PROTECTED = 1  # the class token
 
 
 class TorchvisionAdapter(Adapter):
-    library = "torchvision"
     supported = SUPPORTED
 
     def check(self, model: nn.Module) -> None:

@@ -315,7 +315,6 @@ def _pooling(model: torch.nn.Module) -> list[tuple[torch.nn.Module, type]]:
 
 
 class TransformersAdapter(Adapter):
-    library = "transformers"
     supported = SUPPORTED
 
     def check(self, model: torch.nn.Module) -> None:
