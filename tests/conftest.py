@@ -40,7 +40,7 @@ def imagenet_sample(timm_vit_tiny):
     import timm
     from torch.utils.data import DataLoader
 
-    from tokenmerge.data import ImageFiles, synset_samples
+    from tokenmerge.tools.data import ImageFiles, synset_samples
 
     transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=timm_vit_tiny))
     loader = DataLoader(ImageFiles(synset_samples(IMAGENET_SAMPLE), transform), batch_size=100, num_workers=2)

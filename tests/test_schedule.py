@@ -21,10 +21,11 @@ def test_linear_schedules_keep_the_mean_and_direction():
 
 
 def test_parse_round_trips():
-    for text in ["13", "1/2/3", "linear:13:0.5", "linear:8:-1"]:
+    for text in ["13", "1/2/3", "linear:13:0.5", "decreasing:13", "increasing:8"]:
         assert schedule.describe(schedule.parse(text)) == text
     assert schedule.parse("decreasing:8") == Linear(8, 1.0)
     assert schedule.parse("increasing:8") == Linear(8, -1.0)
+    assert schedule.describe(schedule.parse("linear:8:-1")) == "increasing:8", "shown by its name"
 
 
 @pytest.mark.parametrize("text", ["", "abc", "linear:", "linear:1:2:3", "decreasing:x", "1//2"])

@@ -25,6 +25,16 @@ __version__ = "0.1.0"
 ModelT = TypeVar("ModelT", bound=torch.nn.Module)
 
 
+def __getattr__(name: str):
+    """``tokenmerge.visualize`` and ``tokenmerge.tools`` after ``import tokenmerge``,
+    imported on first use: applying merging needs neither plotting nor image decoding."""
+    if name in ("visualize", "tools"):
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def apply(
     model: ModelT, r: Schedule, *, prop_attn: bool = True, trace_source: bool = False, method: str = "tome"
 ) -> ModelT:

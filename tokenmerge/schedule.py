@@ -56,7 +56,8 @@ Schedule = Union[int, Sequence[int], Linear]
 def describe(schedule: Schedule) -> str:
     """A short text for a schedule, the inverse of :func:`parse`."""
     if isinstance(schedule, Linear):
-        return f"linear:{schedule.r:g}:{schedule.slope:g}"
+        named = {1.0: "decreasing", -1.0: "increasing"}.get(schedule.slope)
+        return f"{named}:{schedule.r:g}" if named else f"linear:{schedule.r:g}:{schedule.slope:g}"
     if isinstance(schedule, int):
         return str(schedule)
     return "/".join(str(r) for r in schedule)

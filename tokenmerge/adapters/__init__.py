@@ -11,24 +11,8 @@ import importlib
 
 import torch
 
+from ..libraries import LIBRARIES, install_command
 from .base import Adapter
-
-# Top-level package of a model's class -> the adapter module that handles it. Adapter
-# modules import their library, so they are imported only for a model of that library.
-ADAPTERS = {
-    "timm": "tokenmerge.adapters.timm",
-    "transformers": "tokenmerge.adapters.transformers",
-    "open_clip": "tokenmerge.adapters.open_clip",
-    "torchvision": "tokenmerge.adapters.torchvision",
-}
-
-# Library -> the extra that installs the versions tokenmerge supports.
-EXTRAS = {
-    "timm": "tokenmerge",
-    "transformers": "tokenmerge[transformers]",
-    "open_clip": "tokenmerge[open_clip]",
-    "torchvision": "tokenmerge[torchvision]",
-}
 
 
 def supported_summary() -> str:
@@ -36,23 +20,24 @@ def supported_summary() -> str:
     installed is named with the extra that installs it. Imports the installed libraries,
     so it is for error messages only."""
     parts = []
-    for library in ADAPTERS:
+    for library in LIBRARIES.values():
         try:
-            parts.append(load_adapter(library).supported)
+            parts.append(load_adapter(library.name).supported)
         except ImportError:
-            parts.append(f"{library} models (pip install '{EXTRAS[library]}')")
+            parts.append(f"{library.name} models ({install_command(library.extra)})")
     return "; ".join(parts)
 
 
 def load_adapter(library: str) -> Adapter:
     """The adapter of ``library``; a clear error naming the extra to install when the
     library is missing or of a version the adapter cannot use."""
+    entry = LIBRARIES[library]
     try:
-        return importlib.import_module(ADAPTERS[library]).ADAPTER
+        return importlib.import_module(entry.adapter).ADAPTER
     except ImportError as error:
         raise ImportError(
             f"tokenmerge's {library} support could not be loaded ({error}); "
-            f"install the supported versions with: pip install '{EXTRAS[library]}'"
+            f"install the supported versions with: {install_command(entry.extra)}"
         ) from error
 
 
@@ -62,7 +47,7 @@ def find_adapter(model: object) -> Adapter:
         raise TypeError(f"tokenmerge patches torch.nn.Module models, got {type(model).__name__}")
     for cls in type(model).__mro__:
         library = cls.__module__.split(".")[0]
-        if library in ADAPTERS:
+        if library in LIBRARIES:
             return load_adapter(library)
     raise TypeError(
         f"tokenmerge does not support {type(model).__module__}.{type(model).__name__}. "

@@ -3,6 +3,7 @@ indices, or class folders mapped to indices by a class map, and a dataset that
 reports unreadable files instead of failing on them."""
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Sequence
@@ -85,6 +86,27 @@ def class_map_samples(root: str | Path, class_map: str | Path) -> list[tuple[Pat
     if ambiguous:
         raise ValueError(f"class map {class_map} names {', '.join(ambiguous)} more than once")
     return labelled_samples(root, folders, {name: found[0] for name, found in lines.items()})
+
+
+def balanced_subset(samples: Sequence[tuple[Path, int]], count: int, seed: int = 0) -> list[tuple[Path, int]]:
+    """``count`` of the labelled ``samples``, as evenly spread over their classes as
+    ``count`` allows (classes drawn in a seeded order, images within each class
+    drawn by the same seed), in the order of ``samples``; all of them if ``count``
+    is not smaller. The same seed gives the same subset."""
+    if count >= len(samples):
+        return list(samples)
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for index, (_, label) in enumerate(samples):
+        by_class.setdefault(label, []).append(index)
+    queues = [rng.sample(indices, len(indices)) for indices in by_class.values()]
+    rng.shuffle(queues)
+    chosen: list[int] = []
+    while len(chosen) < count:
+        for queue in queues:
+            if queue and len(chosen) < count:
+                chosen.append(queue.pop())
+    return [samples[index] for index in sorted(chosen)]
 
 
 def folder_samples(root: str | Path, class_map: Optional[str | Path] = None) -> list[tuple[Path, int]]:

@@ -7,10 +7,10 @@ from PIL import Image
 
 import tokenmerge
 from tests.conftest import CHECKPOINT, IMAGENET_SAMPLE, require_shared
-from tokenmerge.cli import main
-from tokenmerge.models import create_timm_model
+from tokenmerge.tools.cli import main
+from tokenmerge.tools.models import create_timm_model
 from tokenmerge.schedule import Linear
-from tokenmerge.visualize import (
+from tokenmerge.tools.visualize import (
     group_borders,
     group_mean_colours,
     merge_groups,
@@ -232,7 +232,7 @@ def test_cli_names_an_image_it_cannot_use(tmp_path, capsys, content, message):
 
 def test_cli_rejects_a_figure_name_it_cannot_write(tmp_path, capsys):
     assert main(["visualize", "any.jpg", "--output", str(tmp_path / "merges.txt")]) == 2
-    assert "use a file name ending in .png" in capsys.readouterr().err
+    assert "use a .png, .pdf or .svg file name" in capsys.readouterr().err
 
 
 def test_pretrained_model_merges_patches_that_look_alike(tmp_path, capsys):

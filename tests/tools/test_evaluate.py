@@ -18,9 +18,9 @@ from PIL import Image
 
 import tokenmerge
 from tests.conftest import CHECKPOINT, IMAGENET_SAMPLE, require_shared
-from tokenmerge import evaluate as evaluation
-from tokenmerge.cli import main
-from tokenmerge.data import (
+from tokenmerge.tools import distributed, evaluation
+from tokenmerge.tools.cli import main
+from tokenmerge.tools.data import (
     TolerantImageFiles,
     Unreadable,
     class_map_samples,
@@ -28,8 +28,11 @@ from tokenmerge.data import (
     folder_samples,
     synset_samples,
 )
-from tokenmerge.evaluate import correct_predictions, evaluate, rotated, shard_loader
-from tokenmerge.models import create_timm_model, timm_transform
+from tokenmerge.tools.accuracy import correct_predictions
+from tokenmerge.tools.distributed import shard_loader
+from tokenmerge.tools.evaluate import evaluate
+from tokenmerge.tools.evaluation import rotated
+from tokenmerge.tools.models import create_timm_model, timm_transform
 
 MODEL = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
 CLASSES = 16
@@ -199,8 +202,8 @@ def test_processes_take_whole_batches_in_turn(monkeypatch):
     dataset = list(range(21))
     shares = []
     for process in range(3):
-        monkeypatch.setattr(evaluation, "rank", lambda process=process: process)
-        monkeypatch.setattr(evaluation, "world_size", lambda: 3)
+        monkeypatch.setattr(distributed, "rank", lambda process=process: process)
+        monkeypatch.setattr(distributed, "world_size", lambda: 3)
         shares.append(list(shard_loader(dataset, batch_size=4, workers=0).batch_sampler))
     assert shares == [[[0, 1, 2, 3], [12, 13, 14, 15]], [[4, 5, 6, 7], [16, 17, 18, 19]], [[8, 9, 10, 11], [20]]]
 
@@ -250,9 +253,9 @@ def test_class_map_errors(class_map_folder, tmp_path):
         ("named", "is not named by an ImageNet-1k synset (like n01440764); for other class folders give a class map"),
         ("unknown class", "has no line for the class folders tench"),
         ("unknown model", "timm has no model named 'vit_tiniest'"),
-        ("plot suffix", "use a file name ending in .png"),
-        ("limit", "--limit must be at least 1"),
-        ("index too large", "gives class index 1000, but the model has only 1000 classes"),
+        ("plot suffix", "use a .png, .pdf or .svg file name"),
+        ("limit", "argument --limit: must be at least 1, got 0"),
+        ("index too large", "names 1001 classes, but the model has 1000; give the class map of the model's classes"),
         ("21k model", "labelled with ImageNet-1k indices, but the model has 21843 classes; give --class-map"),
         ("no gpu", "torch sees no CUDA GPU here; use --device cpu"),
     ],
@@ -284,6 +287,10 @@ def test_errors_say_what_to_do(case, message, tmp_path, capsys):
         if torch.cuda.is_available():
             pytest.skip("this machine has a CUDA GPU")
         extra = ["--device", "cuda"]
-    assert main(["eval", "--model", model, "--data", str(data), *extra]) == 2
+    try:
+        code = main(["eval", "--model", model, "--data", str(data), *extra])
+    except SystemExit as usage:  # argparse's own errors
+        code = usage.code
+    assert code == 2
     err = capsys.readouterr().err
-    assert err.startswith("tokenmerge eval: error: ") and message in err
+    assert err.splitlines()[-1].startswith("tokenmerge eval: error: ") and message in err

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from tests.conftest import CHECKPOINT, require_shared
-from tokenmerge.cli import main
+from tokenmerge.tools.cli import main
 
 FAST = ["--runs", "2", "--warmup", "0", "--batch-size", "1"]
 
@@ -19,9 +19,10 @@ def table_rows(out):
 def test_bench_prints_a_row_per_setting(capsys):
     assert main(["bench", "--model", "vit_tiny_patch16_224", "--r", "0,8,decreasing:4", *FAST]) == 0
     out = capsys.readouterr().out
-    assert "vit_tiny_patch16_224, batch 1" in out.splitlines()[0] and "threads" in out.splitlines()[0]
+    assert "vit_tiny_patch16_224 (random weights), batch 1" in out.splitlines()[0]
+    assert "threads" in out.splitlines()[0]
     rows = table_rows(out)
-    assert set(rows) == {"unpatched", "r=0", "r=8", "r=linear:4:1"}
+    assert set(rows) == {"unpatched", "r=0", "r=8", "r=decreasing:4"}
     assert rows["unpatched"][1] == rows["r=0"][1] == "197"
     assert rows["r=8"][1] == "101"
     assert rows["unpatched"][-1] == "1.00"
@@ -30,7 +31,7 @@ def test_bench_prints_a_row_per_setting(capsys):
 
 def test_bench_limit_rows_outputs_and_dtypes(tmp_path, capsys):
     json_path, csv_path = tmp_path / "bench.json", tmp_path / "bench.csv"
-    args = ["bench", "--model", "vit_tiny_patch16_224", "--r", "0,8", "--limit", "--per-block", *FAST]
+    args = ["bench", "--model", "vit_tiny_patch16_224", "--r", "0,8", "--cut-limit", "--per-block", *FAST]
     assert main([*args, "--output", str(json_path)]) == 0
     out = capsys.readouterr().out
     assert "cut r=8" in out and "of limit" in out and "189 181 173" in out
@@ -86,7 +87,7 @@ def test_checkpoint_that_does_not_fit_the_model(capsys):
 
 def test_bench_times_another_method_against_its_limit(tmp_path):
     output = tmp_path / "bench.json"
-    assert main(["bench", "--model", "vit_tiny_patch16_224", "--r", "8", "--method", "evit", "--limit",
+    assert main(["bench", "--model", "vit_tiny_patch16_224", "--r", "8", "--method", "evit", "--cut-limit",
                  "--output", str(output), *FAST]) == 0
     rows = {row["setting"]: row for row in json.loads(output.read_text())["rows"]}
     assert set(rows) == {"unpatched", "evit r=8", "cut evit r=8"}

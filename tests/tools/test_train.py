@@ -16,9 +16,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import tokenmerge
-from tokenmerge import train as training
-from tokenmerge.cli import main
-from tokenmerge.train import TrainConfig, evaluate_accuracy, train, train_step
+from tokenmerge.tools.train import checkpoints, loop
+from tokenmerge.tools.train import splits as train_splits
+from tokenmerge.tools.cli import main
+from tokenmerge.tools.train import TrainConfig, evaluate_accuracy, train, train_step
 
 TINY = dict(model="vit_tiny_patch16_224", model_kwargs={"patch_size": 8, "depth": 2}, img_size=32)
 CLASSES = ("cat", "dog", "fox")
@@ -157,7 +158,7 @@ def test_resuming_continues_with_identical_state(data, tmp_path, monkeypatch):
     history = train(whole)
 
     interrupted = config(data, tmp_path / "interrupted", drop_path=0.1, augment=True, warmup_epochs=1)
-    real_step, calls = training.train_step, []
+    real_step, calls = loop.train_step, []
 
     def interrupt_in_second_epoch(*args, **kwargs):
         calls.append(1)
@@ -165,11 +166,11 @@ def test_resuming_continues_with_identical_state(data, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(training, "train_step", interrupt_in_second_epoch)
+    monkeypatch.setattr(loop, "train_step", interrupt_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         train(interrupted)
-    monkeypatch.setattr(training, "train_step", real_step)
-    assert [folder.name for _, folder in training.finished_checkpoints(tmp_path / "interrupted")] == ["epoch-1"]
+    monkeypatch.setattr(loop, "train_step", real_step)
+    assert [folder.name for _, folder in checkpoints.finished_checkpoints(tmp_path / "interrupted")] == ["epoch-1"]
     (tmp_path / "interrupted" / ".epoch-2.partial").mkdir()  # as if cut off while writing
     resumed = train(interrupted)
 
@@ -213,18 +214,26 @@ def test_splits_are_labelled_by_the_training_classes(data, tmp_path):
     (root / "test").mkdir(parents=True)
     (root / "train").symlink_to(data / "train")
     (root / "test" / "fox").symlink_to(data / "val" / "fox")
-    splits = training.read_splits(root, "test")
+    splits = train_splits.read_splits(root, "test")
     assert splits.classes == list(CLASSES) and len(splits.train) == 24
     assert [(path.parent.name, label) for path, label in splits.val] == [("fox", 2), ("fox", 2)]
     (root / "test" / "owl").mkdir()
     with pytest.raises(ValueError, match="test has classes that .*train lacks: owl"):
-        training.read_splits(root, "test")
+        train_splits.read_splits(root, "test")
 
 
 def test_global_batch_must_split_evenly_between_processes(data, tmp_path, monkeypatch):
-    monkeypatch.setattr(training, "world_size", lambda: 3)
+    monkeypatch.setattr(loop, "world_size", lambda: 3)
     with pytest.raises(ValueError, match="the global batch of 8 images cannot be shared evenly by 3 processes"):
         train(config(data, tmp_path / "out"))
+
+
+def test_an_r_beyond_a_block_is_capped_with_a_note_as_everywhere(data, tmp_path, capsys):
+    args = ["train", *TINY_ARGS, "--data", str(data), "--output", str(tmp_path / "out"), "--batch-size", "8",
+            "--epochs", "1", "--max-steps-per-epoch", "1", "--merge-r", "6"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "note: r=6 is more than blocks 1 can merge" in err and "they merge 6/5 instead, leaving 6 tokens" in err
 
 
 @pytest.mark.parametrize(
@@ -233,11 +242,9 @@ def test_global_batch_must_split_evenly_between_processes(data, tmp_path, monkey
         ("missing data", [], "data folder {data}/missing does not exist"),
         ("no val", [], "has no val/ folder"),
         ("unknown model", ["--model", "vit_tiniest"], "timm has no model named 'vit_tiniest'"),
-        ("r too large", ["--merge-r", "6"], "r 6 is more than vit_tiny_patch16_224 can take: block 1 gets 11 tokens "
-                                            "(1 protected) and can merge at most 5"),
         ("eval r per block", ["--eval-r", "2/2/2"], "eval r 2/2/2: a per-block r schedule needs exactly one r per "
                                                     "block: the model has 2 blocks"),
-        ("float16 on cpu", ["--amp", "float16"], "amp float16 needs a CUDA device"),
+        ("float16 on cpu", ["--amp", "float16"], "--amp float16 needs a GPU"),
         ("plateau", ["--sched", "plateau"], "sched 'plateau' needs a metric every epoch"),
         ("batch too large", ["--batch-size", "100"], "24 training images are fewer than one batch of 100"),
         ("unknown optimizer", ["--opt", "adamx"], "adamx"),

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from tests.conftest import make_class_folder
-from tokenmerge.bench import UNPATCHED, Setting
-from tokenmerge.cli import main
-from tokenmerge.compare import VARIANTS, comparison_settings, curves
-from tokenmerge.evaluate import evaluate_settings
+from tokenmerge.tools.settings import UNPATCHED, Setting
+from tokenmerge.tools.cli import main
+from tokenmerge.tools.compare import curves
+from tokenmerge.tools.settings import VARIANTS, comparison_settings
+from tokenmerge.tools.evaluation import evaluate_settings
 
 CLASSES = ["ant", "bee", "cat"]
 
@@ -34,7 +35,7 @@ def test_compare_writes_a_row_per_setting_and_a_curve_per_method(class_folder, t
     output, plot = tmp_path / "compare.json", tmp_path / "compare.png"
     methods = "tome,tome-no-prop-attn,random,evit-fuse"
     assert main(["compare", "--model", "vit_tiny_patch16_224", "--data", str(root), "--class-map", str(class_map),
-                 "--methods", methods, "--r", "4,8", "--batch-size", "5", "--output", str(output),
+                 "--methods", methods, "--r", "4,8", "--batch-size", "5", "--num-classes", "3", "--output", str(output),
                  "--plot", str(plot)]) == 0
     rows = json.loads(output.read_text())["rows"]
     assert [row["setting"] for row in rows] == ["unpatched"] + [
@@ -48,7 +49,7 @@ def test_compare_writes_a_row_per_setting_and_a_curve_per_method(class_folder, t
 
 
 def test_curves_group_rows_by_method():
-    from tokenmerge.evaluate import EvalRow
+    from tokenmerge.tools.evaluation import EvalRow
 
     def row(setting, r):
         return EvalRow(setting, "", r, 10, 50.0, 80.0, 1, 2, 2, 10.0, 1.0)

@@ -1,0 +1,256 @@
+"""``tokenmerge bench``: speed of a model with token merging against the same model
+unpatched, and against the zero-overhead limit.
+
+Settings are timed interleaved (unpatched, r1, r2, ..., unpatched, r1, ...) so that a
+noisy machine slows them alike; every figure is a median over the timed rounds,
+warm-up rounds excluded, and speed-ups are ratios within the same run. The limit of
+a schedule is the same model with the same token counts per block where the tokens
+are cut instead of matched and merged: what merging would give if it cost nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+import tokenmerge
+from tokenmerge import schedule as schedules
+from tokenmerge.adapters import find_adapter
+from tokenmerge.flops import count_flops
+from tokenmerge.state import CappedRWarning
+
+from . import options
+from .models import load_model, unwrap
+from .reports import check_output_path, describe_environment, environment, format_table, run_record, write_rows
+from .settings import UNPATCHED, Setting, cap_notes, configure, default_sweep, sweep_settings, unique
+from .timing import spread_percent, time_interleaved, untrusted
+
+@dataclass
+class BenchRow:
+    setting: str
+    tokens_per_block: list[int]
+    tokens_left: int
+    gflops: float
+    counted_gflops: float
+    images_per_second: float
+    iqr_percent: float
+    latency_ms: float
+    speedup: float
+    of_limit: Optional[float]
+
+
+def prepare_runners(
+    model: torch.nn.Module, settings: Sequence[Setting], compile_model: bool, amp: str = "none"
+) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """A callable per setting, under autocast to ``amp``. Without compilation one model
+    switches settings before each pass (patching is cheap); with it, every setting
+    gets its own compiled copy."""
+    def under_amp(run: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        def run_with_amp(x: torch.Tensor) -> torch.Tensor:
+            with options.autocast(x.device, amp):
+                return run(x)
+        return run_with_amp
+
+    if not compile_model:
+        def runner(setting: Setting) -> Callable[[torch.Tensor], torch.Tensor]:
+            def run(x: torch.Tensor) -> torch.Tensor:
+                configure(model, setting)
+                return model(x)
+            return run
+        return {s.name: under_amp(runner(s)) for s in settings}
+    runners = {}
+    for setting in settings:
+        variant = copy.deepcopy(model)
+        configure(variant, setting)
+        runners[setting.name] = under_amp(torch.compile(variant))
+    return runners
+
+
+def check_input_size(model: torch.nn.Module, img_size: tuple[int, int], device: torch.device, dtype: torch.dtype) -> None:
+    """One image of ``img_size`` through the unpatched model, so that a size the model
+    cannot take is a one-line error before any timing."""
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(1, 3, *img_size, device=device, dtype=dtype))
+    except (AssertionError, RuntimeError, ValueError) as error:
+        reason = " ".join(str(error).split())[:200]
+        raise ValueError(f"the model cannot take {img_size[0]}x{img_size[1]} inputs ({reason}); give the size it "
+                         "was built for, or build it for this one (--img-size builds timm models for it)") from None
+
+
+def counted_flops(model: torch.nn.Module, settings: Sequence[Setting], image: torch.Tensor) -> dict[str, int]:
+    """FLOPs per image of every setting as ``FlopCounterMode`` counts them, a check
+    on the analytic figures (merging's own small operations are not counted)."""
+    counts = {}
+    for setting in settings:
+        configure(model, setting)
+        counts[setting.name] = count_flops(model, image)
+    configure(model, Setting(UNPATCHED))
+    return counts
+
+
+def benchmark(
+    model: torch.nn.Module,
+    rs: Sequence[schedules.Schedule],
+    method: str = "tome",
+    prop_attn: Optional[bool] = None,
+    with_limit: bool = False,
+    **kwargs,
+) -> list[BenchRow]:
+    """Tokens, GFLOPs per image, images per second, latency at batch size 1 and
+    speed-ups of ``model`` unpatched and with ``method`` (a method or variant, see
+    :data:`tokenmerge.tools.settings.VARIANTS`) at every schedule in ``rs`` and,
+    ``with_limit``, their zero-overhead limits; ``kwargs`` go to :func:`benchmark_settings`."""
+    settings, _ = unique(sweep_settings(rs, method, prop_attn, with_limit))
+    return benchmark_settings(model, settings, **kwargs)
+
+
+def benchmark_settings(
+    model: torch.nn.Module,
+    settings: Sequence[Setting],
+    batch_size: int = 16,
+    runs: int = 8,
+    warmup: int = 2,
+    img_size: Optional[tuple[int, int]] = None,
+    dtype: torch.dtype = torch.float32,
+    amp: str = "none",
+    device: str | torch.device = "cpu",
+    compile_model: bool = False,
+    latency_runs: Optional[int] = None,
+    progress: bool = True,
+) -> list[BenchRow]:
+    """Tokens, GFLOPs per image, images per second at ``batch_size``, latency per
+    image at batch size 1 and speed-ups of ``model`` in every setting (the first the
+    unpatched model; a setting named ``cut NAME`` is the limit of setting ``NAME``),
+    timed interleaved. Blocks that cannot merge the full r merge what they can
+    without a warning here (see :func:`tokenmerge.tools.settings.cap_notes`): the
+    token counts show it."""
+    if runs < 1 or warmup < 0 or batch_size < 1:
+        raise ValueError("--runs and --batch-size must be at least 1, --warmup at least 0")
+    if not settings or settings[0].r is not None:
+        raise ValueError("the first setting must be the unpatched model, which the speed-ups are relative to")
+    network = unwrap(model)
+    adapter = find_adapter(network)
+    adapter.check(network)
+    img_size = tuple(img_size or adapter.input_size(network))
+    counts = {s.name: tokenmerge.token_counts(network, r=s.r or 0, img_size=img_size) for s in settings}  # validates r
+    device = torch.device(device)
+    model = model.to(device=device, dtype=dtype)
+    check_input_size(model, img_size, device, dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CappedRWarning)
+        inputs = torch.randn(batch_size, 3, *img_size, device=device, dtype=dtype)
+        counted = counted_flops(model, settings, inputs[:1])
+        runners = prepare_runners(model, settings, compile_model, amp)
+        times = time_interleaved(runners, inputs, runs, warmup, progress, f"batch {batch_size}")
+        latencies = time_interleaved(runners, inputs[:1], latency_runs or 4 * runs, warmup, progress, "batch 1")
+    configure(model, Setting(UNPATCHED))
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    rows = []
+    for setting in settings:
+        limit = f"cut {setting.name}"
+        rows.append(BenchRow(
+            setting=setting.name,
+            tokens_per_block=counts[setting.name],
+            tokens_left=counts[setting.name][-1],
+            gflops=tokenmerge.flops_per_image(network, r=setting.r or 0, img_size=img_size, method=setting.method) / 1e9,
+            counted_gflops=counted[setting.name] / 1e9,
+            images_per_second=batch_size / medians[setting.name],
+            iqr_percent=spread_percent(times[setting.name]),
+            latency_ms=1000 * statistics.median(latencies[setting.name]),
+            speedup=medians[UNPATCHED] / medians[setting.name],
+            of_limit=medians[limit] / medians[setting.name] if limit in medians else None,
+        ))
+    return rows
+
+
+COLUMNS = [
+    ("setting", "setting", "<"),
+    ("tokens_left", "tokens left", "d"),
+    ("gflops", "GFLOPs", ".2f"),
+    ("counted_gflops", "counted", ".2f"),
+    ("images_per_second", "img/s", ".1f"),
+    ("iqr_percent", "IQR %", ".1f"),
+    ("latency_ms", "ms/img @1", ".1f"),
+    ("speedup", "speed-up", ".2f"),
+]
+
+
+def format_rows(rows: Sequence[BenchRow], per_block: bool = False) -> str:
+    table = [asdict(row) for row in rows]
+    columns = list(COLUMNS)
+    if any(row.of_limit is not None for row in rows):
+        for row in table:
+            row["of_limit"] = "" if row["of_limit"] is None else f"{100 * row['of_limit']:.1f}%"
+        columns.append(("of_limit", "of limit", ">"))
+    if per_block:
+        for row in table:
+            row["tokens_per_block"] = " ".join(map(str, row["tokens_per_block"]))
+        columns.append(("tokens_per_block", "tokens after each block", "<"))
+    return format_table(table, columns)
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="speed and GFLOPs for a sweep of r against the unpatched model",
+        description="Measure tokens left, GFLOPs per image, images per second, latency and speed-up over "
+        "the unpatched model, all in one interleaved run: settings take turns, every figure is a median over "
+        "the timed rounds, warm-up excluded, and a spread too large to trust is said.",
+    )
+    options.add_model_options(parser, default_model=options.DEFAULT_MODEL)
+    options.add_sweep_option(parser, options.DEFAULT_SWEEP_HELP)
+    options.add_method_option(parser)
+    parser.add_argument("--batch-size", type=options.positive_int, default=16,
+                        help="images per batch for throughput (default: 16)")
+    options.add_runtime_options(parser)
+    parser.add_argument("--compile", action="store_true", help="torch.compile every setting")
+    parser.add_argument("--runs", type=options.positive_int, default=8, help="timed rounds per setting (default: 8)")
+    parser.add_argument("--warmup", type=options.non_negative_int, default=2,
+                        help="untimed rounds first (default: 2)")
+    parser.add_argument("--cut-limit", action="store_true",
+                        help="also time every schedule with tokens cut instead of merged, the zero-overhead limit")
+    parser.add_argument("--limit", action=options.Renamed,
+                        message="bench times the cut limit with --cut-limit; --limit N counts images in eval "
+                        "and compare")
+    parser.add_argument("--per-block", action="store_true", help="show the tokens after every block")
+    parser.add_argument("--output", metavar="FILE",
+                        help="write the rows, the options and the environment to a .json or .csv file")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    check_output_path(args.output)
+    device = options.check_runtime(args)
+    model = load_model(args.library, args.model, args.checkpoint, num_classes=args.num_classes,
+                       model_kwargs=args.model_kwargs, img_size=args.img_size)
+    network = unwrap(model)
+    rs = args.r if args.r is not None else default_sweep(network)
+    settings, notes = unique(sweep_settings(rs, args.method, args.prop_attn, args.cut_limit))
+    for text in notes + cap_notes(network, settings):
+        options.note("bench", text)
+    env = environment(device)
+    amp = f", autocast {args.amp}" if args.amp != "none" else ""
+    print(
+        f"{args.model} ({model.weights or 'random weights'}), batch {args.batch_size}, {args.dtype}{amp}"
+        f"{', compiled' if args.compile else ''}; {args.runs} timed rounds after {args.warmup} warm-up, "
+        f"interleaved, medians; {describe_environment(env)}",
+        flush=True,
+    )
+    rows = benchmark_settings(
+        model, settings, batch_size=args.batch_size, runs=args.runs, warmup=args.warmup,
+        dtype=options.DTYPES[args.dtype], amp=args.amp, device=device, compile_model=args.compile,
+    )
+    print(format_rows(rows, per_block=args.per_block))
+    warning = untrusted({row.setting: row.iqr_percent for row in rows})
+    if warning:
+        options.note("bench", warning, kind="warning")
+    if args.output:
+        record = run_record(args) | {"r": [schedules.describe(r) for r in rs]}
+        write_rows(args.output, [asdict(row) for row in rows], record, env)
+        print(f"wrote {args.output}")

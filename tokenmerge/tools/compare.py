@@ -1,0 +1,79 @@
+"""``tokenmerge compare``: token merging against token pruning and against its own
+ablations, at the same token counts, on the same images, in the same run.
+
+Every method removes the same number of tokens in every block for a given r, so the
+methods differ only in which tokens they drop or combine and what that costs. Each
+batch goes through the unpatched model and every (method, r) setting in turn (see
+:mod:`tokenmerge.tools.evaluation`), so accuracy and throughput of all settings come
+from the same images under the same machine load. The figure plots top-1 against
+measured images per second with one curve per method: at equal speed, the higher
+curve loses less accuracy.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Optional, Sequence
+
+import torch
+
+from . import options
+from .evaluation import EvalRow, add_evaluation_options, run_settings
+from .settings import UNPATCHED, VARIANTS, comparison_settings, default_sweep
+
+
+def curves(rows: Sequence[EvalRow]) -> dict[str, list[EvalRow]]:
+    """The rows of every method, in the order of their settings."""
+    by_method: dict[str, list[EvalRow]] = {}
+    for row in rows:
+        if row.setting != UNPATCHED:
+            by_method.setdefault(row.setting.rsplit(" r=", 1)[0], []).append(row)
+    return by_method
+
+
+def draw_comparison(rows: Sequence[EvalRow], title: Optional[str] = None):
+    """A matplotlib ``Figure`` of top-1 against measured images per second: one curve
+    per method through its r values (labelled ``r=R``), the unpatched model as a star."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7.5, 5), layout="constrained")
+    ax = figure.subplots()
+    for index, (method, points) in enumerate(curves(rows).items()):
+        style = "-" if method.startswith("tome") else "--"
+        width = 2.2 if method == "tome" else 1.2
+        ax.plot([p.images_per_second for p in points], [p.top1 for p in points], style, marker="o",
+                linewidth=width, markersize=4, color=f"C{index}", label=method)
+        for point in points:
+            ax.annotate(f"r={point.r}", (point.images_per_second, point.top1), textcoords="offset points",
+                        xytext=(3, 3), fontsize=6, color=f"C{index}")
+    unpatched = next(row for row in rows if row.setting == UNPATCHED)
+    ax.plot(unpatched.images_per_second, unpatched.top1, "*", markersize=12, color="black", label=UNPATCHED)
+    ax.set_xlabel("images / s (measured)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    if title:
+        ax.set_title(title, fontsize=9)
+    return figure
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "compare",
+        help="merging against pruning and against merging's ablations, accuracy against measured speed",
+        description="Evaluate the unpatched model and every method at every r on an image folder, in one run "
+        "in which every batch goes through every setting, so that accuracy and throughput are comparable. "
+        f"Methods: {', '.join(VARIANTS)}.",
+    )
+    options.add_sweep_option(parser, "the sweep of eval without r=0, at which every method is the unpatched "
+                             "model: 8,13,16 for a 197-token, 12-block ViT")
+    options.add_method_option(parser, many=True)
+    add_evaluation_options(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    def settings(network: torch.nn.Module):
+        rs = args.r if args.r is not None else default_sweep(network, with_zero=False)
+        return comparison_settings(args.methods, rs, args.prop_attn)
+
+    run_settings(args, "compare", settings, draw_comparison)

@@ -1,0 +1,253 @@
+"""The one vocabulary of the command-line tools: every option means the same thing,
+with the same syntax, in every command that has it, and is checked before any work
+(:func:`check_runtime`, :func:`tokenmerge.tools.reports.check_output_path`, the model
+loaders), so that a mistake costs a one-line error, not a finished run.
+
+Options that ``torchrun`` would read as an abbreviation of its own (``--r``) have an
+alias every command accepts (``--merge-r``; ``--sweep`` for a sweep).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from contextlib import nullcontext
+from typing import Optional, Sequence
+
+import torch
+from timm.utils import ParseKwargs
+
+from tokenmerge import schedule as schedules
+from tokenmerge.libraries import LIBRARIES
+
+from .settings import VARIANTS
+
+#: The model of the commands that can run without data: bench and visualize.
+DEFAULT_MODEL = "vit_small_patch16_224"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AMP_DTYPES = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Data loading processes by default on a GPU; on the CPU they would take cores from the model.
+CUDA_WORKERS = 4
+
+SCHEDULE_SYNTAX = "an int, one int per block '8/8/4/...', 'decreasing:R', 'increasing:R' or 'linear:R:SLOPE'"
+DEFAULT_SWEEP_HELP = ("0 and a half, four fifths and all of (patch tokens) // (blocks), so it follows the model: "
+                      "0,8,13,16 for a 197-token, 12-block ViT, 0,2,3,4 for a 50-token one")
+CAP_POLICY = ("a block merges at most half of its mergeable tokens; an r beyond that merges what the block can, "
+              "with a note")
+
+
+def parse_schedule(text: str) -> schedules.Schedule:
+    """One schedule: ``"13"``, ``"decreasing:13"``, ``"8/8/4/..."``."""
+    try:
+        return schedules.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def parse_sweep(text: str) -> list[schedules.Schedule]:
+    """A comma-separated sweep of schedules: ``"0,8,13,16,decreasing:13"``."""
+    return [parse_schedule(item) for item in text.split(",")]
+
+
+def parse_methods(text: str) -> list[str]:
+    """Comma-separated method names, each known."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown method {', '.join(unknown) or '(none given)'}; known: {', '.join(VARIANTS)}"
+        )
+    return names
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+class Renamed(argparse.Action):
+    """An option a command does not have, refused with a pointer to what it has."""
+
+    def __init__(self, option_strings, dest, message: str = "", **kwargs):
+        super().__init__(option_strings, dest, nargs="?", help=argparse.SUPPRESS, **kwargs)
+        self.message = message
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise argparse.ArgumentError(self, self.message)
+
+
+class ModelKwargs(ParseKwargs):
+    """timm's ``KEY=VALUE`` parsing (values as Python literals, else text), with an
+    argparse error for an item without ``=``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for value in values:
+            if value and ("=" not in value or value.startswith("=")):
+                raise argparse.ArgumentError(self, f"expected KEY=VALUE items, got {value!r}")
+        super().__call__(parser, namespace, values, option_string)
+
+
+class ImageSize(argparse.Action):
+    """``--img-size S`` (square) or ``--img-size H W``, stored as (H, W)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if len(values) > 2:
+            raise argparse.ArgumentError(self, f"expected SIZE or HEIGHT WIDTH, got {len(values)} numbers")
+        setattr(namespace, self.dest, (values[0], values[-1]))
+
+
+# --- the model ---------------------------------------------------------------------
+
+
+def add_model_options(parser: argparse.ArgumentParser, default_model: Optional[str] = None) -> None:
+    """``--library``, ``--model``, ``--checkpoint``, ``--num-classes``, ``--model-kwargs``
+    and ``--img-size``: how every command builds its model."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--library", choices=list(LIBRARIES), default="timm",
+                       help="the library the model comes from (default: timm)")
+    group.add_argument("--model", default=default_model, required=default_model is None,
+                       help="model name in its library: timm or torchvision model name, open_clip architecture, "
+                       "transformers local folder" + (f" (default: {default_model})" if default_model else ""))
+    group.add_argument("--checkpoint", metavar="FILE",
+                       help="local weights: a file (timm: loaded through the model's pretrained config; torchvision: "
+                       "a state dict; open_clip: a checkpoint), or for transformers a folder written by "
+                       "save_pretrained; a model written by 'tokenmerge train' is OUTPUT/model.safetensors with "
+                       "--num-classes (default: random weights)")
+    group.add_argument("--num-classes", type=positive_int, metavar="N",
+                       help="classes of the model's classifier, e.g. of a model fine-tuned by 'tokenmerge train' "
+                       "(default: the model's own)")
+    group.add_argument("--model-kwargs", nargs="*", default={}, action=ModelKwargs, metavar="KEY=VALUE",
+                       help="more arguments for building the model (timm.create_model, torchvision's get_model), "
+                       "e.g. depth=6 dynamic_img_size=True")
+    group.add_argument("--img-size", type=positive_int, nargs="+", action=ImageSize, metavar="SIZE",
+                       help="input size, SIZE or HEIGHT WIDTH: timm models are built for it (default: the model's)")
+
+
+def check_library(args: argparse.Namespace, command: str, supported: Sequence[str]) -> None:
+    """A command that builds models of some libraries only says so, naming the others."""
+    if args.library not in supported:
+        every = "bench, eval and compare"
+        raise ValueError(f"tokenmerge {command} supports {', '.join(supported)} models only; "
+                         f"{every} take --library {args.library}")
+
+
+# --- what to run -------------------------------------------------------------------
+
+
+def add_sweep_option(parser: argparse.ArgumentParser, default_help: str) -> None:
+    parser.add_argument("--r", "--sweep", "--merge-r", dest="r", type=parse_sweep, metavar="SWEEP",
+                        help=f"comma-separated r schedules, each {SCHEDULE_SYNTAX}; {CAP_POLICY} "
+                        f"(default: {default_help}); under torchrun write --sweep")
+
+
+def add_schedule_option(parser: argparse.ArgumentParser, default_help: str, default=None) -> None:
+    parser.add_argument("--r", "--merge-r", dest="r", type=parse_schedule, default=default, metavar="R",
+                        help=f"r schedule, {SCHEDULE_SYNTAX}; {CAP_POLICY} (default: {default_help}); "
+                        "under torchrun write --merge-r")
+
+
+def add_method_option(parser: argparse.ArgumentParser, many: bool = False) -> None:
+    """``--method`` (``--methods`` for a comparison) and ``--prop-attn``."""
+    if many:
+        parser.add_argument("--methods", type=parse_methods, default=list(VARIANTS), metavar="M,M,...",
+                            help=f"comma-separated methods (default: all: {','.join(VARIANTS)})")
+    else:
+        parser.add_argument("--method", choices=list(VARIANTS), default="tome",
+                            help="token reduction method (default: tome, token merging); "
+                            "see tokenmerge compare --help")
+    add_prop_attn_option(parser, default=None)
+
+
+def add_prop_attn_option(parser: argparse.ArgumentParser, default: Optional[bool] = True) -> None:
+    parser.add_argument("--prop-attn", action=argparse.BooleanOptionalAction, default=default,
+                        help="proportional attention: attention weighs every token by the patches it stands for "
+                        "(default: on" + (", except for a *-no-prop-attn method)" if default is None else ")"))
+
+
+# --- where and how -----------------------------------------------------------------
+
+
+def add_runtime_options(
+    parser: argparse.ArgumentParser, dtype: bool = True, amp: bool = True, workers: bool = False
+) -> None:
+    """``--device``, ``--threads`` and, where the command has them, ``--dtype``,
+    ``--amp`` and ``--workers``."""
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ... (default: cpu)")
+    group.add_argument("--threads", type=positive_int, metavar="N",
+                       help="torch threads per process (default: torch's choice)")
+    if dtype:
+        group.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                           help="precision of the weights and inputs (default: float32)")
+    if amp:
+        group.add_argument("--amp", choices=list(AMP_DTYPES), default="none",
+                           help="mixed precision through torch.autocast: bfloat16 or float16 (default: none)")
+    if workers:
+        group.add_argument("--workers", type=non_negative_int, metavar="N",
+                           help=f"data loading processes per process (default: 0 on CPU, where they would take "
+                           f"cores from the model; {CUDA_WORKERS} on CUDA)")
+
+
+def check_device(text: str) -> torch.device:
+    """The device ``text`` names, if torch can use it here; a one-line error otherwise."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {text}: not a device name; use cpu, cuda, cuda:1, mps, ...") from None
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        name = {"cuda": "CUDA GPU", "mps": "MPS (Apple GPU)"}.get(device.type, f"{device.type} device")
+        raise ValueError(f"--device {text}: torch sees no {name} here; use --device cpu")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"--device {text}: there {'is' if count == 1 else 'are'} only {count} {device.type} "
+                         f"device{'s' if count != 1 else ''} here (numbered from 0)")
+    return device
+
+
+def check_runtime(args: argparse.Namespace) -> torch.device:
+    """Check ``--device`` (and ``--amp`` on it) and set ``--threads``; the device."""
+    device = check_device(args.device)
+    if getattr(args, "amp", "none") == "float16" and device.type == "cpu":
+        raise ValueError("--amp float16 needs a GPU; use --amp bfloat16 on the CPU")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return device
+
+
+def autocast(device: torch.device, amp: str):
+    """``torch.autocast`` to the ``--amp`` precision on ``device``, or nothing for none."""
+    dtype = AMP_DTYPES[amp]
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def default_workers(workers: Optional[int], device: torch.device) -> int:
+    return workers if workers is not None else CUDA_WORKERS if device.type == "cuda" else 0
+
+
+def note(command: str, text: str, kind: str = "note") -> None:
+    """A line on stderr that the user should read but that does not stop the run:
+    a ``note``, or a ``warning`` that a result is not to be trusted."""
+    print(f"tokenmerge {command}: {kind}: {text}", file=sys.stderr, flush=True)
+
+
+def debugging(args: Optional[argparse.Namespace] = None) -> bool:
+    """Whether errors show their traceback: ``--debug`` or ``TOKENMERGE_DEBUG=1``."""
+    return bool(getattr(args, "debug", False)) or os.environ.get("TOKENMERGE_DEBUG", "") not in ("", "0")

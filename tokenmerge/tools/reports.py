@@ -1,0 +1,121 @@
+"""What the tools print and write: the environment, tables, result files that say
+what was run, and figures; output paths are checked before any work."""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from tokenmerge import schedule as schedules
+
+TABLE_SUFFIXES = (".json", ".csv")
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
+
+
+def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Versions, device and threads, for every report: figures are only comparable with them."""
+    import timm
+
+    from tokenmerge import __version__
+
+    return {
+        "tokenmerge": __version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def describe_environment(env: dict[str, Any]) -> str:
+    return ", ".join(f"{key} {value}" for key, value in env.items())
+
+
+def run_record(args: argparse.Namespace) -> dict[str, Any]:
+    """The command and every option it was run with, as JSON values: what a result
+    file needs to say how it was made."""
+    record = {}
+    for key, value in vars(args).items():
+        if callable(value) or key == "debug":
+            continue
+        record[key] = _jsonable(value)
+    return record
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (schedules.Linear, int)) and not isinstance(value, bool):
+        return schedules.describe(value) if isinstance(value, schedules.Linear) else value
+    if isinstance(value, (list, tuple)):
+        if value and all(isinstance(item, int) and not isinstance(item, bool) for item in value):
+            return list(value)
+        return [_jsonable(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if value is None or isinstance(value, (bool, float, str)):
+        return value
+    return str(value)
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
+    """A plain-text table; ``columns`` are (key, heading, format spec) triples."""
+    cells = [[format(row[key], spec) for key, _, spec in columns] for row in rows]
+    widths = [max([len(heading)] + [len(line[i]) for line in cells]) for i, (_, heading, _) in enumerate(columns)]
+    lines = ["  ".join(heading.rjust(width) for (_, heading, _), width in zip(columns, widths))]
+    lines.append("  ".join("-" * width for width in widths))
+    lines += ["  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in cells]
+    return "\n".join(lines)
+
+
+def check_output_path(path: str | Path | None, suffixes: Sequence[str] = TABLE_SUFFIXES, option: str = "--output") -> None:
+    """Fail before a long run, not after it, on a file that cannot be written: a
+    wrong suffix, a folder, a missing or read-only folder, a read-only file."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.suffix.lower() not in suffixes:
+        either = ", ".join(suffixes[:-1]) + f" or {suffixes[-1]}" if len(suffixes) > 1 else suffixes[0]
+        raise ValueError(f"{option} {path}: use a {either} file name")
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a folder; give a file name inside it, such as {path / ('results' + suffixes[0])}")
+    folder = path.resolve().parent
+    if not folder.is_dir():
+        raise ValueError(f"{option} {path}: its folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"{option} {path} cannot be written (permission denied); choose another file")
+
+
+def check_figure_path(path: str | Path | None, option: str = "--plot") -> None:
+    check_output_path(path, FIGURE_SUFFIXES, option)
+
+
+def write_rows(
+    path: str | Path, rows: Sequence[dict[str, Any]], run: dict[str, Any], env: dict[str, Any]
+) -> None:
+    """Write result rows with what was run and where: JSON as ``{"run", "environment",
+    "rows"}``, CSV with the run's options and the environment as columns of every row
+    (prefixed ``run_`` and ``env_``), chosen by the suffix."""
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        path.write_text(json.dumps({"run": run, "environment": env, "rows": list(rows)}, indent=2) + "\n")
+        return
+    context = {f"run_{key}": _csv_value(value) for key, value in run.items()}
+    context |= {f"env_{key}": value for key, value in env.items()}
+    table = [{key: _csv_value(value) for key, value in row.items()} | context for row in rows]
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(table[0]) if table else list(context))
+        writer.writeheader()
+        writer.writerows(table)
+
+
+def _csv_value(value: Any) -> Any:
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return value
+

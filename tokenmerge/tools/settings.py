@@ -1,0 +1,161 @@
+"""The ways a tool runs a model: unpatched, or reducing tokens with a method (and its
+variant of attention) at a schedule; and the sweeps of them that commands measure.
+
+A sweep never holds the same setting twice: two would be counted into one tally.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+import tokenmerge
+from tokenmerge import schedule as schedules
+from tokenmerge.adapters import find_adapter
+
+UNPATCHED = "unpatched"
+
+#: Every method name a command accepts: a reduction method of :func:`tokenmerge.apply`
+#: and whether its attention is proportional. ``tome`` is the paper's method; the
+#: ``tome-*`` variants change one of its choices; ``random`` and ``evit*`` prune.
+VARIANTS: dict[str, tuple[str, bool]] = {
+    "tome": ("tome", True),
+    "tome-no-prop-attn": ("tome", False),
+    "tome-random-split": ("tome-random-split", True),
+    "tome-unweighted": ("tome-unweighted", True),
+    "tome-features": ("tome-features", True),
+    "random": ("random", True),
+    "evit": ("evit", True),
+    "evit-fuse": ("evit-fuse", True),
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One way to run the model: unpatched (``r=None``) or reducing tokens with
+    ``method``, with or without proportional attention."""
+
+    name: str
+    r: Optional[schedules.Schedule] = None
+    method: str = "tome"
+    prop_attn: bool = True
+
+    @property
+    def key(self) -> tuple:
+        """What the setting computes: settings with equal keys are the same setting."""
+        if self.r is None:
+            return (UNPATCHED,)
+        return schedules.describe(self.r), self.method, self.prop_attn
+
+
+def variant(name: str, prop_attn: Optional[bool] = None) -> tuple[str, bool]:
+    """(method, prop_attn) of variant ``name``; ``prop_attn`` given overrides the
+    variant's own, except that a ``*-no-prop-attn`` variant never has it."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(VARIANTS)}")
+    method, own = VARIANTS[name]
+    return method, own and (True if prop_attn is None else prop_attn)
+
+
+def configure(model: torch.nn.Module, setting: Setting) -> None:
+    """Put ``model`` (or the network of a :class:`tokenmerge.tools.models.ImageModel`) in ``setting``."""
+    model = getattr(model, "network", model)
+    if setting.r is None:
+        if tokenmerge.is_applied(model):
+            tokenmerge.remove(model)
+    else:
+        tokenmerge.apply(model, r=setting.r, method=setting.method, prop_attn=setting.prop_attn)
+
+
+def label(r: schedules.Schedule, name: str = "tome") -> str:
+    """``r=R`` for merging, ``NAME r=R`` for any other method or variant."""
+    return ("" if name == "tome" else f"{name} ") + f"r={schedules.describe(r)}"
+
+
+def sweep_settings(
+    rs: Sequence[schedules.Schedule], name: str = "tome", prop_attn: Optional[bool] = None, with_limit: bool = False
+) -> list[Setting]:
+    """The unpatched model, then method (or variant) ``name`` at every r, each
+    followed by its cut limit ``with_limit`` (the same token counts, tokens cut
+    unseen: what the method would give if it cost nothing)."""
+    method, attention = variant(name, prop_attn)
+    settings = [Setting(UNPATCHED)]
+    for r in rs:
+        settings.append(Setting(label(r, name), r, method, attention))
+        if with_limit and schedules.describe(r) != "0":
+            settings.append(Setting(f"cut {label(r, name)}", r, "cut", attention))
+    return settings
+
+
+def comparison_settings(
+    names: Sequence[str], rs: Sequence[schedules.Schedule], prop_attn: Optional[bool] = None
+) -> list[Setting]:
+    """The unpatched model, then every method or variant at every r."""
+    settings = [Setting(UNPATCHED)]
+    for name in names:
+        method, attention = variant(name, prop_attn)
+        settings += [Setting(f"{name} r={schedules.describe(r)}", r, method, attention) for r in rs]
+    return settings
+
+
+def unique(settings: Sequence[Setting]) -> tuple[list[Setting], list[str]]:
+    """``settings`` without repeats (the first of equal settings kept), and a note
+    for every one left out."""
+    kept: dict[tuple, Setting] = {}
+    notes = []
+    for setting in settings:
+        first = kept.setdefault(setting.key, setting)
+        if first is not setting:
+            same = "" if first.name == setting.name else f" (the same as {first.name})"
+            notes.append(f"{setting.name} is given more than once{same}; it is measured once")
+    return list(kept.values()), notes
+
+
+def largest_r(network: torch.nn.Module, img_size: Optional[tuple[int, int]] = None) -> int:
+    """The constant r that merges about every patch token by the last block:
+    (patch tokens) // (blocks), the paper's r=16 for a 197-token, 12-block ViT."""
+    adapter = find_adapter(network)
+    num_tokens, num_protected = adapter.token_layout(network, img_size)
+    return max(1, (num_tokens - num_protected) // adapter.depth(network))
+
+
+def default_sweep(
+    network: torch.nn.Module, img_size: Optional[tuple[int, int]] = None, with_zero: bool = True
+) -> list[int]:
+    """The sweep a command measures unless told: r=0 (merging nothing, which shows
+    what patching alone costs) and a half, four fifths and all of :func:`largest_r`:
+    0, 8, 13, 16 for a 197-token ViT with 12 blocks, 0, 2, 3, 4 for a 50-token one."""
+    top = largest_r(network, img_size)
+    rs = sorted({round(top / 2), round(0.8 * top), top} | ({0} if with_zero else set()))
+    return [r for r in rs if with_zero or r > 0]
+
+
+def cap_notes(
+    network: torch.nn.Module, settings: Sequence[Setting], img_size: Optional[tuple[int, int]] = None
+) -> list[str]:
+    """For every setting whose r asks a block for more than it can merge (at most half
+    of its mergeable tokens), a note saying what the blocks merge instead; every r
+    is validated on the way (a per-block list of the wrong length is an error)."""
+    adapter = find_adapter(network)
+    num_tokens, num_protected = adapter.token_layout(network, img_size)
+    depth = adapter.depth(network)
+    notes, seen = [], set()
+    for setting in settings:
+        if setting.r is None:
+            continue
+        wanted = schedules.resolve(setting.r, depth)
+        taken = schedules.capped(wanted, num_tokens, num_protected)
+        text = schedules.describe(setting.r)
+        if taken != wanted and text not in seen:
+            seen.add(text)
+            blocks = [i for i, (want, take) in enumerate(zip(wanted, taken)) if want != take]
+            notes.append(f"r={text} is more than blocks {_ranges(blocks)} can merge ({num_protected} protected "
+                         f"tokens, at most half of the others per block); they merge {'/'.join(map(str, taken))} "
+                         f"instead, leaving {schedules.token_counts(num_tokens, wanted, num_protected)[-1]} tokens")
+    return notes
+
+
+def _ranges(blocks: Sequence[int]) -> str:
+    return f"{blocks[0]}-{blocks[-1]}" if len(blocks) > 1 and blocks[-1] - blocks[0] == len(blocks) - 1 else \
+        ", ".join(map(str, blocks))

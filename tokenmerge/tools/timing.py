@@ -1,0 +1,72 @@
+"""Timing forward passes: synchronised, warm-up excluded, settings interleaved, and
+the spread of the timings judged before a figure is trusted."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Sequence
+
+import torch
+from tqdm import tqdm
+
+#: An interquartile range above this share of the median makes a timing untrustworthy.
+TRUSTED_SPREAD_PERCENT = 10.0
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(run: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The output of ``run(inputs)`` and the seconds it took, the device synchronised."""
+    synchronize(inputs.device)
+    start = time.perf_counter()
+    output = run(inputs)
+    synchronize(inputs.device)
+    return output, time.perf_counter() - start
+
+
+def time_interleaved(
+    runners: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+    inputs: torch.Tensor,
+    runs: int,
+    warmup: int,
+    progress: bool = True,
+    description: str = "timing",
+) -> dict[str, list[float]]:
+    """Seconds per forward pass of every runner over ``runs`` interleaved rounds
+    (runner 1, runner 2, ..., runner 1, ...), after ``warmup`` untimed rounds."""
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    total = (runs + warmup) * len(runners)
+    with torch.inference_mode(), tqdm(total=total, disable=not progress, desc=description, unit="pass") as bar:
+        for round_index in range(warmup + runs):
+            for name, run in runners.items():
+                _, seconds = timed(run, inputs)
+                if round_index >= warmup:
+                    times[name].append(seconds)
+                bar.update()
+    return times
+
+
+def interquartile_range(values: Sequence[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    quartiles = statistics.quantiles(values, n=4)
+    return quartiles[2] - quartiles[0]
+
+
+def spread_percent(values: Sequence[float]) -> float:
+    """The interquartile range of ``values`` in percent of their median."""
+    return 100 * interquartile_range(values) / statistics.median(values)
+
+
+def untrusted(spreads: dict[str, float]) -> str:
+    """A warning naming the timings whose spread is too large to trust, or ``""``."""
+    noisy = {name: spread for name, spread in spreads.items() if spread > TRUSTED_SPREAD_PERCENT}
+    if not noisy:
+        return ""
+    worst = max(noisy.values())
+    return (f"the timings of {', '.join(noisy)} vary by up to {worst:.0f}% (interquartile range over the median, "
+            f"trusted up to {TRUSTED_SPREAD_PERCENT:.0f}%): the machine was busy and their speed-ups are not to be "
+            "trusted; measure again with more --runs, fewer --threads or on a quieter machine")

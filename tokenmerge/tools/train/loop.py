@@ -1,0 +1,248 @@
+"""A fine-tuning run from start to end: build it, resume it, train and validate
+every epoch, write what it finished."""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import tokenmerge
+from tokenmerge import schedule as schedules
+
+from ..data import ImageFiles
+from ..distributed import combine, process_group, rank, shard_loader, world_size
+from ..models import create_timm_model
+from ..options import default_workers, note
+from ..reports import describe_environment, environment
+from ..settings import Setting, cap_notes
+from .checkpoints import CHECKPOINT_PREFIX, Progress, resume, save_checkpoint
+from .config import AMP_DTYPES, TrainConfig, check_config
+from .metrics import METRIC_COLUMNS, draw_metrics, keep_steps, write_metrics, write_steps
+from .splits import SeededImages, Splits, data_transforms, read_splits, train_loader
+from .steps import evaluate_accuracy, train_step, unwrap_parallel
+
+
+def create_model(config: TrainConfig, num_classes: int) -> torch.nn.Module:
+    """The timm model with a new ``num_classes`` classifier, its pretrained weights
+    read from ``config.checkpoint`` (random without), and drop path set."""
+    kwargs = dict(config.model_kwargs, num_classes=num_classes, drop_path_rate=config.drop_path)
+    if config.img_size is not None:
+        kwargs["img_size"] = config.img_size
+    return create_timm_model(config.model, config.checkpoint, **kwargs)
+
+
+def schedule_notes(model: torch.nn.Module, config: TrainConfig) -> list[str]:
+    """What the cap policy says about the training and validation schedules (see
+    :func:`tokenmerge.tools.settings.cap_notes`); an error for a schedule the model
+    cannot take at all, such as a per-block list of the wrong length."""
+    settings = [Setting("r", config.r, config.method), Setting("eval r", config.eval_r, config.method)]
+    for setting in settings:
+        try:
+            cap_notes(model, [setting])
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{setting.name} {schedules.describe(setting.r)}: {error}") from None
+    return cap_notes(model, settings)
+
+
+def method_text(config: TrainConfig) -> str:
+    attention = "" if config.prop_attn else " without proportional attention"
+    return "" if config.method == "tome" and config.prop_attn else f"{config.method}{attention}, "
+
+
+def check_output_folder(output: Path) -> None:
+    """The output folder must be a folder this process can write, or creatable."""
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"output {output} is a file, not a folder")
+    existing = next((folder for folder in (output, *output.parents) if folder.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"output {output} cannot be written ({existing}: permission denied)")
+
+
+def seed_epoch(seed: int, epoch: int) -> None:
+    """Derive every random state of an epoch (augmentation, dropout, drop path, data
+    loading workers) from the seed, the epoch and the process: a resumed run draws
+    what an uninterrupted one would, and processes draw differently."""
+    value = (seed * 1_000_003 + epoch) * 1_009 + rank()
+    random.seed(value)
+    torch.manual_seed(value)
+
+
+@dataclass
+class Run:
+    """What the epochs of one run share."""
+
+    config: TrainConfig
+    device: torch.device
+    model: torch.nn.Module  # in DistributedDataParallel under a process group
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Optional[torch.amp.GradScaler]
+    train_loader: DataLoader
+    val_loader: DataLoader
+    steps_per_epoch: int
+
+    @property
+    def network(self) -> torch.nn.Module:
+        return unwrap_parallel(self.model)
+
+
+def train_epoch(run: Run, epoch: int, progress: Progress) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Train one epoch; returns its figures over all processes and a row per step."""
+    config, device = run.config, run.device
+    dtype = AMP_DTYPES[config.amp]
+    run.train_loader.sampler.set_epoch(epoch)
+    run.train_loader.dataset.set_epoch(epoch)
+    tokenmerge.apply(run.network, r=config.r, method=config.method, prop_attn=config.prop_attn)
+    loss_sum = correct = images = 0.0
+    steps = []
+    bar = tqdm(total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step",
+               disable=not (config.progress and rank() == 0))
+    start = time.perf_counter()
+    for batch, labels in islice(run.train_loader, run.steps_per_epoch):
+        batch, labels = batch.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        lr = run.optimizer.param_groups[0]["lr"]
+        loss, hits = train_step(run.model, run.optimizer, batch, labels, autocast_dtype=dtype, scaler=run.scaler)
+        progress.step += 1
+        if run.scheduler is not None:
+            run.scheduler.step_update(num_updates=progress.step)
+        loss_total, hits, count = combine([loss * len(labels), hits, len(labels)], device)
+        if not math.isfinite(loss_total):
+            bar.close()
+            raise ValueError(
+                f"the training loss became {loss_total / count} at step {progress.step} (epoch {epoch + 1}); the run "
+                f"stops, and {config.output} keeps the checkpoint of every finished epoch ({epoch}); lower --lr, "
+                "or train in bfloat16 rather than float16")
+        loss_sum, correct, images = loss_sum + loss_total, correct + hits, images + count
+        steps.append({"epoch": epoch + 1, "step": progress.step, "loss": loss_total / count, "lr": lr})
+        bar.update()
+        bar.set_postfix(loss=f"{loss_total / count:.4f}")
+    seconds = time.perf_counter() - start
+    bar.close()
+    return {"train_loss": loss_sum / images, "train_top1": 100 * correct / images,
+            "images_per_second": images / seconds, "lr": steps[-1]["lr"]}, steps
+
+
+def validate(run: Run) -> float:
+    """Top-1 on the validation images with the evaluation schedule."""
+    tokenmerge.apply(run.network, r=run.config.eval_r, method=run.config.method, prop_attn=run.config.prop_attn)
+    return evaluate_accuracy(run.model, run.val_loader, run.device, autocast_dtype=AMP_DTYPES[run.config.amp])
+
+
+def finish_epoch(run: Run, epoch: int, progress: Progress, steps: list[dict[str, Any]]) -> None:
+    """On the first process: the step rows, the checkpoint, then the metrics files."""
+    if rank() != 0:
+        return
+    output, config = Path(run.config.output), run.config
+    write_steps(output / "steps.csv", steps)
+    state = {"epoch": epoch + 1, "step": progress.step, "processes": world_size(), "config": config.identity(),
+             "history": progress.history, "scaler": run.scaler.state_dict() if run.scaler else None}
+    save_checkpoint(output, epoch + 1, run.network, run.optimizer, state)
+    write_metrics(output, progress.history)
+    title = (f"{config.model}: {method_text(config)}r={schedules.describe(config.r)} training, "
+             f"r={schedules.describe(config.eval_r)} validation")
+    draw_metrics(progress.history, title).savefig(output / "metrics.png", dpi=120)
+
+
+def describe_epoch(row: dict[str, Any], config: TrainConfig) -> str:
+    return (f"epoch {row['epoch']}/{config.epochs}: loss {row['train_loss']:.4f}, "
+            f"train top-1 {row['train_top1']:.2f}%, "
+            f"val top-1 {row['val_top1']:.2f}% (r={schedules.describe(config.eval_r)}), "
+            f"{row['images_per_second']:.1f} img/s, {row['epoch_seconds']:.1f} s, lr {row['lr']:.3g}")
+
+
+def build_run(config: TrainConfig, splits: Splits, device: torch.device) -> Run:
+    """Model, optimizer, scheduler and loaders on this process, merging applied."""
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    if config.batch_size % world_size():
+        raise ValueError(f"the global batch of {config.batch_size} images cannot be shared evenly by "
+                         f"{world_size()} processes; give a multiple of {world_size()}")
+    if len(splits.train) < config.batch_size:
+        raise ValueError(f"{len(splits.train)} training images are fewer than one batch of {config.batch_size}")
+    torch.manual_seed(config.seed)
+    model = create_model(config, len(splits.classes))
+    if rank() == 0:
+        for text in schedule_notes(model, config):
+            note("train", text)
+    tokenmerge.apply(model, r=config.r, method=config.method, prop_attn=config.prop_attn)
+    model.to(device)
+    optimizer = create_optimizer_v2(model, config.opt, lr=config.lr, weight_decay=config.weight_decay)
+    workers = default_workers(config.workers, device)
+    train_transform, eval_transform = data_transforms(model, config.augment)
+    loader = train_loader(SeededImages(splits.train, train_transform, config.seed), config,
+                          config.batch_size // world_size(), workers, device.type == "cuda")
+    steps = min(len(loader), config.max_steps_per_epoch or len(loader))
+    scheduler, _ = create_scheduler_v2(optimizer, config.sched, num_epochs=config.epochs,
+                                       warmup_epochs=config.warmup_epochs, step_on_epochs=False,
+                                       updates_per_epoch=steps)
+    scaler = torch.amp.GradScaler(device.type) if config.amp == "float16" else None
+    parallel = model
+    if world_size() > 1:
+        parallel = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    val_loader = shard_loader(ImageFiles(splits.val, eval_transform), config.batch_size, workers)
+    return Run(config, device, parallel, optimizer, scheduler, scaler, loader, val_loader, steps)
+
+
+def announce(config: TrainConfig, splits: Splits, progress: Progress) -> None:
+    weights = config.checkpoint or "random weights"
+    processes = ""
+    if world_size() > 1:
+        processes = f" ({config.batch_size // world_size()} per process x {world_size()} processes)"
+    print(f"{config.model} ({weights}) on {len(splits.train)} training and {len(splits.val)} validation images of "
+          f"{len(splits.classes)} classes in {config.data}; batch {config.batch_size}{processes}, "
+          f"{method_text(config)}r={schedules.describe(config.r)} training, r={schedules.describe(config.eval_r)} validation, "
+          f"amp {config.amp}; {describe_environment(environment(config.device))}", flush=True)
+    if progress.epoch:
+        print(f"resuming after epoch {progress.epoch} from {config.output}/{CHECKPOINT_PREFIX}{progress.epoch}",
+              flush=True)
+
+
+def prepare_output(config: TrainConfig, splits: Splits, progress: Progress) -> None:
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "classes.txt").write_text("\n".join(splits.classes) + "\n")
+    if progress.epoch:
+        keep_steps(output, progress.step)
+    else:
+        (output / "steps.csv").unlink(missing_ok=True)
+
+
+def train(config: TrainConfig) -> list[dict[str, Any]]:
+    """Fine-tune as ``config`` says, on one process or in the ``torchrun`` group the
+    environment describes, resuming after the last finished epoch of a checkpoint in
+    the output folder; returns a row of metrics per epoch (earlier runs' included)."""
+    check_config(config)
+    check_output_folder(Path(config.output))
+    splits = read_splits(config.data, config.val_split)
+    with process_group(config.device) as device:
+        run = build_run(config, splits, device)
+        progress = resume(config, run.network, run.optimizer, run.scaler)
+        if rank() == 0:
+            prepare_output(config, splits, progress)
+            announce(config, splits, progress)
+        if run.scheduler is not None:
+            run.scheduler.step_update(num_updates=progress.step)
+        for epoch in range(progress.epoch, config.epochs):
+            start = time.perf_counter()
+            seed_epoch(config.seed, epoch)
+            figures, steps = train_epoch(run, epoch, progress)
+            row = {"epoch": epoch + 1, **figures, "val_top1": validate(run),
+                   "epoch_seconds": time.perf_counter() - start}
+            row = {key: row[key] for key, _, _ in METRIC_COLUMNS}
+            progress.history.append(row)
+            finish_epoch(run, epoch, progress, steps)
+            if rank() == 0:
+                print(describe_epoch(row, config), flush=True)
+        tokenmerge.remove(run.network)
+    return progress.history

@@ -1,0 +1,72 @@
+"""One optimisation step, and top-1 accuracy on a loader: what a run does with a batch."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from ..accuracy import correct_predictions
+from ..distributed import combine
+
+
+def unwrap_parallel(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside ``DistributedDataParallel``, or ``model`` itself."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    autocast_dtype: Optional[torch.dtype] = None,
+    scaler: Optional[torch.amp.GradScaler] = None,
+) -> tuple[float, int]:
+    """One optimisation step on a batch, the model in train mode (a plain model or one
+    in ``DistributedDataParallel``): cross-entropy under autocast to
+    ``autocast_dtype`` if given, backward (through ``scaler`` if given), optimizer
+    step. Returns the batch's mean loss and its number of correct top-1 predictions."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(images.device, autocast_dtype):
+        logits = model(images)
+    loss = F.cross_entropy(logits.float(), labels)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return loss.item(), correct_predictions(logits, labels)[0]
+
+
+def evaluate_accuracy(
+    model: torch.nn.Module,
+    loader: Iterable,
+    device: str | torch.device,
+    *,
+    autocast_dtype: Optional[torch.dtype] = None,
+) -> float:
+    """Top-1 accuracy in percent of ``model`` (in eval mode, without gradients) on the
+    ``(images, labels, ...)`` batches of ``loader``; in a process group the counts of
+    all processes are summed, so each loader should hold its share of the images."""
+    device = torch.device(device)
+    model = unwrap_parallel(model).eval()
+    correct = total = 0
+    with torch.inference_mode(), autocast(device, autocast_dtype):
+        for images, labels, *_ in loader:
+            correct += correct_predictions(model(images.to(device)), labels.to(device))[0]
+            total += len(labels)
+    correct, total = combine([correct, total], device)
+    if total == 0:
+        raise ValueError("there are no images to evaluate")
+    return 100 * correct / total
