@@ -19,9 +19,11 @@ import warnings
 import timm
 import torch
 
-from tokenmerge.bench import Setting, interquartile_range, prepare_runners, time_interleaved
-from tokenmerge.report import describe_environment, environment
 from tokenmerge.state import CappedRWarning
+from tokenmerge.tools.bench import prepare_runners
+from tokenmerge.tools.reports import describe_environment, environment
+from tokenmerge.tools.settings import Setting
+from tokenmerge.tools.timing import interquartile_range, time_interleaved
 
 
 def settings_for(rs: list[int]) -> list[Setting]:

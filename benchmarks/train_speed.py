@@ -33,10 +33,10 @@ from torch.utils.data import DataLoader, RandomSampler
 from tqdm import tqdm
 
 import tokenmerge
-from tokenmerge.data import ImageFiles, class_folders, images_in
-from tokenmerge.models import create_timm_model, timm_transform
-from tokenmerge.report import describe_environment, environment
-from tokenmerge.train import evaluate_accuracy, train_step
+from tokenmerge.tools.data import ImageFiles, class_folders, images_in
+from tokenmerge.tools.models import create_timm_model, timm_transform
+from tokenmerge.tools.reports import describe_environment, environment
+from tokenmerge.tools.train import evaluate_accuracy, train_step
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 MODEL = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"

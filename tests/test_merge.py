@@ -1,8 +1,8 @@
+"""The reference algorithm of :mod:`tokenmerge.merge`: matching, the size-weighted merge,
+source maps and unmerging."""
 import pytest
 import torch
 
-"""The reference algorithm of :mod:`tokenmerge.merge`: matching, the size-weighted merge,
-source maps and unmerging."""
 from tokenmerge.merge import (
     bipartite_soft_matching,
     initial_source,

@@ -7,6 +7,7 @@ import torch
 import tokenmerge
 from tests.adapters.test_contract import CASES_BY_ID, R, images, make, run
 
+
 @pytest.mark.parametrize("case_id", ["timm_class_token", "torchvision_vit", "open_clip_tok"])
 def test_eager_passes_after_an_export_return_real_tensors_equal_to_before(case_id):
     """Once, exporting poisoned the shape caches: every later eager pass at that shape,

@@ -15,9 +15,10 @@ once, on every path.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache, wraps
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import torch
 from torch import Tensor

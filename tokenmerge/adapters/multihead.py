@@ -7,7 +7,8 @@ and a planning callback on the queries and keys, for the configurations those bl
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, TypeVar
+from collections.abc import Callable
+from typing import Optional, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,9 @@ def check_multihead(attention: torch.nn.Module, where: str) -> None:
     if not attention._qkv_same_embed_dim:
         raise TypeError(f"tokenmerge does not support nn.MultiheadAttention with kdim/vdim ({where})")
     if attention.bias_k is not None or attention.add_zero_attn:
-        raise TypeError(f"tokenmerge does not support nn.MultiheadAttention with add_bias_kv or add_zero_attn ({where})")
+        raise TypeError(
+            f"tokenmerge does not support nn.MultiheadAttention with add_bias_kv or add_zero_attn ({where})"
+        )
 
 
 def multihead_attention_with_plan(

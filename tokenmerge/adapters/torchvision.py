@@ -10,8 +10,9 @@ keys and to add the log-size bias.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from torch import Tensor, nn
 from torchvision.models.vision_transformer import Encoder, EncoderBlock, MLPBlock, VisionTransformer

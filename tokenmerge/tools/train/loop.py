@@ -201,7 +201,8 @@ def announce(config: TrainConfig, splits: Splits, progress: Progress) -> None:
         processes = f" ({config.batch_size // world_size()} per process x {world_size()} processes)"
     print(f"{config.model} ({weights}) on {len(splits.train)} training and {len(splits.val)} validation images of "
           f"{len(splits.classes)} classes in {config.data}; batch {config.batch_size}{processes}, "
-          f"{method_text(config)}r={schedules.describe(config.r)} training, r={schedules.describe(config.eval_r)} validation, "
+          f"{method_text(config)}r={schedules.describe(config.r)} training, "
+          f"r={schedules.describe(config.eval_r)} validation, "
           f"amp {config.amp}; {describe_environment(environment(config.device))}", flush=True)
     if progress.epoch:
         print(f"resuming after epoch {progress.epoch} from {config.output}/{CHECKPOINT_PREFIX}{progress.epoch}",

@@ -3,9 +3,10 @@ augmentation drawn for every image from the seed, the epoch and the image alone.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler

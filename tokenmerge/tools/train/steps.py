@@ -1,8 +1,9 @@
 """One optimisation step, and top-1 accuracy on a loader: what a run does with a batch."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from contextlib import nullcontext
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
