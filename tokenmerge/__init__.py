@@ -18,7 +18,8 @@ from .schedule import Linear, Schedule
 from .state import CappedRWarning, MergeState
 
 __all__ = [
-    "apply", "remove", "is_applied", "get_state", "token_counts", "flops_per_image", "Linear", "MergeState", "CappedRWarning", "schedule",
+    "apply", "remove", "is_applied", "get_state", "token_counts", "flops_per_image", "Linear", "MergeState",
+    "CappedRWarning", "schedule",
 ]
 __version__ = "0.1.0"
 

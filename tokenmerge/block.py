@@ -8,8 +8,9 @@ search for the forward pass the tokens belong to and the bookkeeping live here.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from torch import Tensor
 
@@ -51,14 +52,14 @@ class MergingBlock:
         sizes, otherwise the merge step (``kwargs`` go to the attention branch)."""
         state, index = self._tokenmerge_state, self._tokenmerge_index
         tokens = self._tokenmerge_tokens(x)
-        run = state.block_pass(x, tokens, index)
+        run = state._block_pass(x, tokens, index)
         if run.passes_through(index):
             out = unpatched()
             run.pass_through(index)
-            return state.record(run, index, out, self._tokenmerge_tokens(out))
+            return state._record(run, index, out, self._tokenmerge_tokens(out))
         attended, plan = self._tokenmerge_attention(
             tokens, run.attention_size(index), partial(run.plan, index, tokens), run, **kwargs
         )
         tokens = run.reduce(index, tokens + attended, plan)
         tokens = tokens + self._tokenmerge_mlp(tokens)
-        return state.record(run, index, self._tokenmerge_layout(tokens), tokens)
+        return state._record(run, index, self._tokenmerge_layout(tokens), tokens)

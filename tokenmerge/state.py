@@ -8,7 +8,7 @@ the pass of the tokens it is given, so that any number of threads can run one mo
 at once, and a pooling head uses the sizes of the tokens it pools, not those of
 whichever pass ran last.
 
-How a block finds its pass (:meth:`MergeState.block_pass`): the tokens a block returns
+How a block finds its pass (:meth:`MergeState._block_pass`): the tokens a block returns
 are remembered, weakly, as entering the next block of their pass; a block given tokens
 it does not know continues the pass its thread just ran if that pass left the
 previous block with tokens of this shape (tokens that a hook or a library replaced
@@ -88,7 +88,7 @@ class Pass:
         r = r_per_block[block] if block < len(r_per_block) else 0
         limit = max_merges(num_tokens, self.num_protected)
         if r > limit:
-            self.state.warn_capped(r, block, num_tokens, limit)
+            self.state._warn_capped(r, block, num_tokens, limit)
             r = limit
         return r
 
@@ -236,44 +236,44 @@ class MergeState:
     def trace_source(self, value: bool) -> None:
         self.update(trace_source=value)
 
-    def merges_anything(self) -> bool:
+    def _merges_anything(self) -> bool:
         return any(self.settings.r_per_block)
 
     # --- what the calling thread's last pass computed -------------------------------
 
     @property
-    def last_pass(self) -> Optional[Pass]:
+    def _last_pass(self) -> Optional[Pass]:
         """The last forward pass run by the calling thread (None before any)."""
         return getattr(self._local, "current", None)
 
     @property
     def size(self) -> Optional[Tensor]:
-        run = self.last_pass
+        run = self._last_pass
         return None if run is None else run.size
 
     @property
     def source(self) -> Optional[Tensor]:
-        run = self.last_pass
+        run = self._last_pass
         return None if run is None else run.source
 
     @property
     def sizes(self) -> dict[int, Optional[Tensor]]:
-        run = self.last_pass
+        run = self._last_pass
         return {} if run is None else run.sizes
 
     @property
     def sources(self) -> dict[int, Optional[Tensor]]:
-        run = self.last_pass
+        run = self._last_pass
         return {} if run is None else run.sources
 
     @property
     def num_input_tokens(self) -> Optional[int]:
-        run = self.last_pass
+        run = self._last_pass
         return None if run is None else run.num_input_tokens
 
     # --- for adapters ----------------------------------------------------------------
 
-    def block_pass(self, x: Tensor, tokens: Tensor, block: int) -> Pass:
+    def _block_pass(self, x: Tensor, tokens: Tensor, block: int) -> Pass:
         """The pass that the tokens ``x`` given to block ``block`` belong to (see the
         module docstring); ``tokens`` is the same as (B, N, C)."""
         mode = _trace_mode()
@@ -297,7 +297,7 @@ class MergeState:
         """The pass the calling thread ran last; while torch.export traces, the one it traces."""
         return getattr(self._local, "traced" if mode == "export" else "current", None)
 
-    def record(self, run: Pass, block: int, out: Tensor, tokens: Tensor) -> Tensor:
+    def _record(self, run: Pass, block: int, out: Tensor, tokens: Tensor) -> Tensor:
         """Note that ``out`` (the same as (B, N, C) ``tokens``) left block ``block`` in
         ``run``; returns ``out``."""
         run.last_block, run.shape_out = block, tuple(tokens.shape[:2])
@@ -309,12 +309,12 @@ class MergeState:
         self._local.current = run
         return out
 
-    def adopt(self, out: Tensor) -> Tensor:
+    def _adopt(self, out: Tensor) -> Tensor:
         """Note that the (B, N, C) tokens ``out`` are those the calling thread's pass has
         just left after the last block, maybe changed token by token (by a final norm)
         inside the model's own forward, so that a head given ``out``, now or later, pools
         with their sizes. Returns ``out``."""
-        run = self.last_pass
+        run = self._last_pass
         if (
             not tracing() and run is not None and run.last_block == self.depth - 1
             and run.shape_out == tuple(out.shape[:2])
@@ -322,7 +322,7 @@ class MergeState:
             self._tokens[out] = (run, self.depth)
         return out
 
-    def pass_of(self, tokens: Tensor, grid_tokens: Optional[int] = None) -> Optional[Pass]:
+    def _pass_of(self, tokens: Tensor, grid_tokens: Optional[int] = None) -> Optional[Pass]:
         """The pass that left the (B, N, C) ``tokens`` after its last block, for a pooling
         head: the one remembered for them (while a graph is traced, the thread's current
         pass). Tokens no pass left are fine as a whole patch grid (``grid_tokens``, the
@@ -335,8 +335,8 @@ class MergeState:
             known = self._tokens.get(tokens)
             run = None if known is None else known[0]
         if run is None:
-            last = self.last_pass
-            if not self.merges_anything() or tokens.shape[1] in (grid_tokens, last and last.num_input_tokens):
+            last = self._last_pass
+            if not self._merges_anything() or tokens.shape[1] in (grid_tokens, last and last.num_input_tokens):
                 return None
             raise ValueError(
                 f"a pooling head got {tokens.shape[1]} tokens that no forward pass of this model left, so the "
@@ -349,7 +349,7 @@ class MergeState:
             )
         return run
 
-    def warn_capped(self, r: int, block: int, num_tokens: int, limit: int) -> None:
+    def _warn_capped(self, r: int, block: int, num_tokens: int, limit: int) -> None:
         if self._warned_cap:
             return
         self._warned_cap = True
@@ -357,7 +357,7 @@ class MergeState:
             f"r={r} is more than block {block} can merge from {num_tokens} tokens "
             f"({self.num_protected} protected); merging {limit} there instead. Lower r to silence this warning.",
             CappedRWarning,
-            stacklevel=2,
+            stacklevel=_caller_stacklevel(),
         )
 
     # --- copies and pickles carry the settings only --------------------------------
@@ -374,6 +374,22 @@ class MergeState:
             f"MergeState(r={schedules.describe(self.r)}, method={self.method!r}, prop_attn={self.prop_attn}, "
             f"trace_source={self.trace_source}, depth={self.depth}, num_protected={self.num_protected})"
         )
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside tokenmerge, torch and the model
+    libraries: the user's line that ran the model, which a warning should point at."""
+    import os
+    import sys
+
+    from .libraries import LIBRARIES
+
+    packages = ["tokenmerge", "torch", *(name for name in LIBRARIES if name in sys.modules)]
+    inside = tuple(os.path.dirname(sys.modules[name].__file__) + os.sep for name in packages)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _trace_mode() -> str:

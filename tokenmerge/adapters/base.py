@@ -99,7 +99,7 @@ class KeepsSizes:
     norm before a pooling head): its output keeps their sizes."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._tokenmerge_state.adopt(super().forward(input))
+        return self._tokenmerge_state._adopt(super().forward(input))
 
 
 def already_patched(model: nn.Module) -> Optional[str]:

@@ -5,8 +5,9 @@ scale norms, drop path, gated attention, class/distillation/register tokens,
 gradient checkpointing)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Optional, TypeVar
 
 import torch
 from timm.layers import Attention, AttentionPoolLatent
@@ -14,8 +15,8 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor
 
-from ..block import MergingBlock
 from ..attention import log_size_bias, proportional_attention
+from ..block import MergingBlock
 from ..flops import FlopShape, linear_flops_per_token
 from ..merge import weighted_mean
 from ..state import Pass
@@ -156,10 +157,10 @@ class MergingVisionTransformer:
 
     def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         out = super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
-        return self._tokenmerge_state.adopt(out)
+        return self._tokenmerge_state._adopt(out)
 
     def forward_intermediates(self, *args, **kwargs):
-        if self._tokenmerge_state.merges_anything():
+        if self._tokenmerge_state._merges_anything():
             raise NotImplementedError(
                 "forward_intermediates returns token grids, which merged tokens no longer form; "
                 "use forward_features, or set r=0"
@@ -167,7 +168,7 @@ class MergingVisionTransformer:
         return super().forward_intermediates(*args, **kwargs)
 
     def pool(self, x: Tensor, pool_type: Optional[str] = None) -> Tensor:
-        run = self._tokenmerge_state.pass_of(x, self.patch_embed.num_patches + self.num_prefix_tokens)
+        run = self._tokenmerge_state._pass_of(x, self.patch_embed.num_patches + self.num_prefix_tokens)
         size = None if run is None else run.size
         pool_type = self.global_pool if pool_type is None else pool_type
         if size is None or (self.attn_pool is None and pool_type in ("", "token", "max")):

@@ -13,9 +13,10 @@ later layers report fewer tokens.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import transformers
@@ -30,8 +31,8 @@ from transformers.models.siglip import modeling_siglip as siglip
 from transformers.models.vit import modeling_vit as vit
 from transformers.utils.generic import can_return_tuple
 
-from ..block import MergingBlock
 from ..attention import log_size_bias
+from ..block import MergingBlock
 from ..flops import FlopShape, linear_flops_per_token
 from ..kernels import tracing
 from ..merge import weighted_mean
@@ -179,7 +180,7 @@ class MergingAttentionPoolingHead:
     patches it holds when proportional attention is on."""
 
     def forward(self, hidden_state: Tensor) -> Tensor:
-        run = self._tokenmerge_state.pass_of(hidden_state)
+        run = self._tokenmerge_state._pass_of(hidden_state)
         size = None if run is None else run.size
         if size is None or not run.settings.prop_attn:
             return super().forward(hidden_state)
@@ -205,7 +206,7 @@ class MergingDinov2Classifier:
         outputs = getattr(self, self.base_model_prefix)(pixel_values, attention_mask=attention_mask, **kwargs)
         tokens = outputs.last_hidden_state
         state: MergeState = self._tokenmerge_state
-        run = state.pass_of(tokens)
+        run = state._pass_of(tokens)
         size = None if run is None else run.size
         prefix = state.num_protected
         patch_mean = _mean_over_patches(tokens[:, prefix:], None if size is None else size[:, prefix:])
