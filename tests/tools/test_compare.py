@@ -6,11 +6,10 @@ import pytest
 import torch
 
 from tests.conftest import make_class_folder
-from tokenmerge.tools.settings import UNPATCHED, Setting
 from tokenmerge.tools.cli import main
 from tokenmerge.tools.compare import curves
-from tokenmerge.tools.settings import VARIANTS, comparison_settings
 from tokenmerge.tools.evaluation import evaluate_settings
+from tokenmerge.tools.settings import UNPATCHED, VARIANTS, Setting, comparison_settings
 
 CLASSES = ["ant", "bee", "cat"]
 

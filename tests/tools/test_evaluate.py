@@ -18,7 +18,8 @@ from PIL import Image
 
 import tokenmerge
 from tests.conftest import CHECKPOINT, IMAGENET_SAMPLE, require_shared
-from tokenmerge.tools import distributed, evaluation
+from tokenmerge.tools import distributed
+from tokenmerge.tools.accuracy import correct_predictions
 from tokenmerge.tools.cli import main
 from tokenmerge.tools.data import (
     TolerantImageFiles,
@@ -28,7 +29,6 @@ from tokenmerge.tools.data import (
     folder_samples,
     synset_samples,
 )
-from tokenmerge.tools.accuracy import correct_predictions
 from tokenmerge.tools.distributed import shard_loader
 from tokenmerge.tools.evaluate import evaluate
 from tokenmerge.tools.evaluation import rotated

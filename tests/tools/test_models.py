@@ -128,7 +128,8 @@ try:
     load_adapter("transformers")
 except ImportError as error:
     assert install_command("transformers") in str(error), error
-    assert install_command("transformers").startswith("pip install") and "[transformers]" in install_command("transformers")
+    hint = install_command("transformers")
+    assert hint.startswith("pip install") and "[transformers]" in hint
 else:
     raise AssertionError("no error")
 assert main(["bench", "--library", "open_clip", "--model", "ViT-B-32"]) == 2

@@ -16,10 +16,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import tokenmerge
-from tokenmerge.tools.train import checkpoints, loop
-from tokenmerge.tools.train import splits as train_splits
 from tokenmerge.tools.cli import main
-from tokenmerge.tools.train import TrainConfig, evaluate_accuracy, train, train_step
+from tokenmerge.tools.train import TrainConfig, checkpoints, evaluate_accuracy, loop, train, train_step
+from tokenmerge.tools.train import splits as train_splits
 
 TINY = dict(model="vit_tiny_patch16_224", model_kwargs={"patch_size": 8, "depth": 2}, img_size=32)
 CLASSES = ("cat", "dog", "fox")

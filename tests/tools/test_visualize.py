@@ -7,9 +7,9 @@ from PIL import Image
 
 import tokenmerge
 from tests.conftest import CHECKPOINT, IMAGENET_SAMPLE, require_shared
+from tokenmerge.schedule import Linear
 from tokenmerge.tools.cli import main
 from tokenmerge.tools.models import create_timm_model
-from tokenmerge.schedule import Linear
 from tokenmerge.tools.visualize import (
     group_borders,
     group_mean_colours,

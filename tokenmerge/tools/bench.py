@@ -13,8 +13,9 @@ import argparse
 import copy
 import statistics
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -29,6 +30,7 @@ from .models import load_model, unwrap
 from .reports import check_output_path, describe_environment, environment, format_table, run_record, write_rows
 from .settings import UNPATCHED, Setting, cap_notes, configure, default_sweep, sweep_settings, unique
 from .timing import spread_percent, time_interleaved, untrusted
+
 
 @dataclass
 class BenchRow:
@@ -71,7 +73,9 @@ def prepare_runners(
     return runners
 
 
-def check_input_size(model: torch.nn.Module, img_size: tuple[int, int], device: torch.device, dtype: torch.dtype) -> None:
+def check_input_size(
+    model: torch.nn.Module, img_size: tuple[int, int], device: torch.device, dtype: torch.dtype
+) -> None:
     """One image of ``img_size`` through the unpatched model, so that a size the model
     cannot take is a one-line error before any timing."""
     try:
@@ -158,7 +162,7 @@ def benchmark_settings(
             setting=setting.name,
             tokens_per_block=counts[setting.name],
             tokens_left=counts[setting.name][-1],
-            gflops=tokenmerge.flops_per_image(network, r=setting.r or 0, img_size=img_size, method=setting.method) / 1e9,
+            gflops=tokenmerge.flops_per_image(network, setting.r or 0, img_size, setting.method) / 1e9,
             counted_gflops=counted[setting.name] / 1e9,
             images_per_second=batch_size / medians[setting.name],
             iqr_percent=spread_percent(times[setting.name]),

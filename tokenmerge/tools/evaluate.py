@@ -11,7 +11,8 @@ For notebooks::
 from __future__ import annotations
 
 import argparse
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from torch.utils.data import Dataset

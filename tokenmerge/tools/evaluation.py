@@ -21,9 +21,10 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Optional
 
 import torch
 from torch.utils.data import Dataset
@@ -39,7 +40,13 @@ from .data import Batch, TolerantImageFiles, Unreadable, balanced_subset, folder
 from .distributed import combine, first_process, gather_objects, process_group, rank, shard_loader, world_size
 from .models import ImageModel, load_model, unwrap, with_zero_shot_head
 from .reports import (
-    check_figure_path, check_output_path, describe_environment, environment, format_table, run_record, write_rows,
+    check_figure_path,
+    check_output_path,
+    describe_environment,
+    environment,
+    format_table,
+    run_record,
+    write_rows,
 )
 from .settings import UNPATCHED, Setting, cap_notes, configure, unique
 from .timing import timed

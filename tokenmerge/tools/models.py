@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import importlib
 import pickle
+import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -102,7 +104,8 @@ def check_checkpoint_path(path: Path, folder: bool = False) -> Path:
     if not path.exists():
         raise ValueError(f"checkpoint {path} does not exist")
     if folder and not path.is_dir():
-        raise ValueError(f"checkpoint {path} is a file; give the folder save_pretrained wrote (config.json and weights)")
+        raise ValueError(f"checkpoint {path} is a file; give the folder save_pretrained wrote "
+                         "(config.json and weights)")
     if not folder and path.is_dir():
         inside = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.pt*")) or sorted(path.glob("*.bin"))
         hint = f", such as {inside[0]}" if inside else ""
@@ -125,7 +128,7 @@ def read_weights(path: Path) -> dict[str, Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = str(error).strip().splitlines()[0]
+        reason = _unpickling_reason(error)
         raise ValueError(f"checkpoint {path} holds pickled objects other than tensors, which tokenmerge does not "
                          f"load ({reason}); if you trust the file, load it in Python and save its state_dict "
                          "(safetensors is safest)") from None
@@ -138,6 +141,14 @@ def read_weights(path: Path) -> dict[str, Tensor]:
     if not isinstance(state, dict) or not all(torch.is_tensor(value) for value in state.values()):
         raise ValueError(f"checkpoint {path} is not a state dict of tensors")
     return state
+
+
+def _unpickling_reason(error: pickle.UnpicklingError) -> str:
+    """What torch's weights-only unpickler refused, in one sentence: the line naming
+    the global or operand it met (without the terminal colour codes torch adds)."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()]
+    line = next((line for line in lines if "unsupported" in line.lower()), lines[0] if lines else "no detail")
+    return line.split(". ")[0].rstrip(".")
 
 
 def _does_not_fit(path: Path, name: str, error: Exception, classes: Optional[int] = None) -> ValueError:
@@ -167,17 +178,19 @@ def create_timm_model(name: str, checkpoint: Optional[str | Path] = None, **kwar
     if not timm.is_model(name.split(".")[0]):
         close = timm.list_models(f"*{name.split('.')[0].split('_')[0]}*")[:8]
         raise ValueError(f"timm has no model named {name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
-    weights = None
+    weights, cfg = None, timm.models.get_pretrained_cfg(name) or timm.models.get_pretrained_cfg(name.split(".")[0])
+    key = getattr(cfg, "classifier", None) if cfg is not None else None
+    wanted = kwargs.get("num_classes", getattr(cfg, "num_classes", None) if cfg is not None else None)
     if checkpoint is not None:
         checkpoint = check_checkpoint_path(Path(checkpoint))
         weights = read_weights(checkpoint)
-        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(checkpoint)))
+        overlay = dict(file=str(checkpoint))
+        if key and f"{key}.weight" in weights and weights[f"{key}.weight"].shape[0] == wanted:
+            overlay["num_classes"] = wanted  # a classifier of the classes asked for is kept, not re-created
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=overlay)
     try:
         model = timm.create_model(name, **kwargs)
     except RuntimeError as error:
-        cfg = timm.models.get_pretrained_cfg(name.split(".")[0]) or timm.models.get_pretrained_cfg(name)
-        key = getattr(cfg, "classifier", None) if cfg is not None else None
-        wanted = kwargs.get("num_classes", getattr(cfg, "num_classes", None) if cfg is not None else None)
         raise _does_not_fit(checkpoint, name, error, _classifier_classes(weights or {}, key, wanted)) from None
     except (TypeError, AssertionError) as error:
         shown = {key: value for key, value in kwargs.items() if key not in ("pretrained", "pretrained_cfg_overlay")}
@@ -294,7 +307,8 @@ def torchvision_model(name: str, checkpoint: Optional[Path], num_classes: Option
     known = torchvision.models.list_models(module=torchvision.models)
     if name not in known:
         close = [model for model in known if model.startswith(name.split("_")[0])][:8]
-        raise ValueError(f"torchvision has no model named {name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
+        similar = f"; similar: {', '.join(close)}" if close else ""
+        raise ValueError(f"torchvision has no model named {name!r}{similar}")
     _no_img_size("torchvision", img_size, "image_size=...")
     if num_classes is not None:
         kwargs["num_classes"] = num_classes

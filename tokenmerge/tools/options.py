@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 from contextlib import nullcontext
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from timm.utils import ParseKwargs

@@ -7,8 +7,9 @@ import csv
 import json
 import os
 import platform
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -73,17 +74,20 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
     return "\n".join(lines)
 
 
-def check_output_path(path: str | Path | None, suffixes: Sequence[str] = TABLE_SUFFIXES, option: str = "--output") -> None:
+def check_output_path(
+    path: str | Path | None, suffixes: Sequence[str] = TABLE_SUFFIXES, option: str = "--output"
+) -> None:
     """Fail before a long run, not after it, on a file that cannot be written: a
     wrong suffix, a folder, a missing or read-only folder, a read-only file."""
     if path is None:
         return
     path = Path(path)
+    if path.is_dir():
+        example = path / f"results{suffixes[0]}"
+        raise ValueError(f"{option} {path} is a folder; give a file name inside it, such as {example}")
     if path.suffix.lower() not in suffixes:
         either = ", ".join(suffixes[:-1]) + f" or {suffixes[-1]}" if len(suffixes) > 1 else suffixes[0]
         raise ValueError(f"{option} {path}: use a {either} file name")
-    if path.is_dir():
-        raise ValueError(f"{option} {path} is a folder; give a file name inside it, such as {path / ('results' + suffixes[0])}")
     folder = path.resolve().parent
     if not folder.is_dir():
         raise ValueError(f"{option} {path}: its folder {folder} does not exist; create it first")

@@ -5,8 +5,9 @@ A sweep never holds the same setting twice: two would be counted into one tally.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 

@@ -23,10 +23,11 @@ every map run from 0 to (tokens - protected - 1).
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
