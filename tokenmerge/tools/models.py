@@ -129,6 +129,9 @@ def read_weights(path: Path) -> dict[str, Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         reason = _unpickling_reason(error)
+        if "global" not in reason.lower():  # bytes the unpickler could not read, not an object it refused
+            raise ValueError(f"checkpoint {path} is not a readable torch weights file ({reason}); it may be "
+                             "truncated or corrupt") from None
         raise ValueError(f"checkpoint {path} holds pickled objects other than tensors, which tokenmerge does not "
                          f"load ({reason}); if you trust the file, load it in Python and save its state_dict "
                          "(safetensors is safest)") from None
@@ -272,6 +275,12 @@ def transformers_model(name: str, checkpoint: Optional[Path], num_classes: Optio
     try:
         network = auto.from_pretrained(source, config=config) if weights else auto.from_config(config)
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
+        refused = next((cause for cause in (error, error.__cause__, error.__context__)
+                        if isinstance(cause, pickle.UnpicklingError)), None)
+        if refused is not None and "global" in _unpickling_reason(refused).lower():
+            raise ValueError(f"cannot load the weights of transformers model {source!r}: they hold pickled objects "
+                             f"other than tensors, which tokenmerge does not load ({_unpickling_reason(refused)})"
+                             ) from None
         reason = " ".join(str(error).split())[:300]
         raise ValueError(f"cannot load the weights of transformers model {source!r}: {reason}") from None
     if classifier:

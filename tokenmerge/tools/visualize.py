@@ -23,6 +23,7 @@ every map run from 0 to (tokens - protected - 1).
 from __future__ import annotations
 
 import argparse
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,12 +38,12 @@ import tokenmerge
 from tokenmerge import schedule as schedules
 from tokenmerge.adapters import find_adapter
 from tokenmerge.merge import initial_source
-from tokenmerge.state import MergeState
+from tokenmerge.state import CappedRWarning, MergeState
 
 from . import options
 from .models import load_model
 from .reports import check_figure_path
-from .settings import largest_r
+from .settings import Setting, cap_notes, largest_r
 
 ImageInput = Union[str, Path, Image.Image]
 Colour = tuple[float, float, float]
@@ -391,7 +392,11 @@ def run(args: argparse.Namespace) -> None:
     depth = find_adapter(model).depth(model)
     blocks = range(depth) if args.every_block else args.blocks
     chosen_blocks(blocks, depth)
-    result = visualize(model, images, r, blocks, prop_attn=args.prop_attn)
+    for text in cap_notes(model, [Setting("r", r)]):
+        options.note("visualize", text)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CappedRWarning)  # (said in the note)
+        result = visualize(model, images, r, blocks, prop_attn=args.prop_attn)
     text = schedules.describe(r)
     save_figure(result, args.output, [Path(path).name for path in args.images], f"{args.model}, r={text}", args.dpi)
     merges = result.merges
