@@ -89,7 +89,7 @@ def test_default_sweep_follows_the_model():
 
 @pytest.mark.parametrize("args, message", [
     (["--output", "{tmp}"], "is a folder"),
-    (["--output", "{tmp}/missing/out.json"], "does not exist; create it first"),
+    (["--output", "{tmp}/afile/out.json"], "cannot be made"),
     (["--output", "{tmp}/readonly/out.json"], "cannot be written"),
     (["--device", "cuda:7"], "torch sees no CUDA GPU here"),
     (["--device", "mps"], "torch sees no MPS"),
@@ -100,6 +100,7 @@ def test_default_sweep_follows_the_model():
 def test_bench_checks_before_any_work(args, message, tmp_path, capsys):
     if torch.cuda.is_available() and "cuda" in args[-1]:
         pytest.skip("this machine has a GPU")
+    (tmp_path / "afile").write_text("")
     (tmp_path / "readonly").mkdir()
     os.chmod(tmp_path / "readonly", 0o500)
     if "readonly" in " ".join(args) and os.access(tmp_path / "readonly", os.W_OK):
@@ -122,7 +123,7 @@ def test_threads_must_be_positive(threads, capsys):
 
 
 def test_output_records_what_was_run(tmp_path):
-    json_path, csv_path = tmp_path / "bench.json", tmp_path / "bench.csv"
+    json_path, csv_path = tmp_path / "runs" / "bench.json", tmp_path / "bench.csv"  # (a missing folder is made)
     for path in (json_path, csv_path):
         assert main(["bench", *TINY, "--r", "2", "--output", str(path), *FAST]) == 0
     report = json.loads(json_path.read_text())

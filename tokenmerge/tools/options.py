@@ -131,8 +131,9 @@ def add_model_options(parser: argparse.ArgumentParser, default_model: Optional[s
                        help="classes of the model's classifier, e.g. of a model fine-tuned by 'tokenmerge train' "
                        "(default: the model's own)")
     group.add_argument("--model-kwargs", nargs="*", default={}, action=ModelKwargs, metavar="KEY=VALUE",
-                       help="more arguments for building the model (timm.create_model, torchvision's get_model), "
-                       "e.g. depth=6 dynamic_img_size=True")
+                       help="more arguments for building the model: timm.create_model's, torchvision's get_model's, "
+                       "open_clip's create_model's, or values of a transformers config; e.g. depth=6 "
+                       "dynamic_img_size=True")
     group.add_argument("--img-size", type=positive_int, nargs="+", action=ImageSize, metavar="SIZE",
                        help="input size, SIZE or HEIGHT WIDTH: timm models are built for it (default: the model's)")
 

@@ -11,8 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 
+from tokenmerge import __version__
 from tokenmerge import schedule as schedules
 
 TABLE_SUFFIXES = (".json", ".csv")
@@ -21,10 +23,6 @@ FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
 
 def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
     """Versions, device and threads, for every report: figures are only comparable with them."""
-    import timm
-
-    from tokenmerge import __version__
-
     return {
         "tokenmerge": __version__,
         "torch": torch.__version__,
@@ -78,7 +76,8 @@ def check_output_path(
     path: str | Path | None, suffixes: Sequence[str] = TABLE_SUFFIXES, option: str = "--output"
 ) -> None:
     """Fail before a long run, not after it, on a file that cannot be written: a
-    wrong suffix, a folder, a missing or read-only folder, a read-only file."""
+    folder, a wrong suffix, a folder that cannot be made or written, a read-only
+    file. A missing folder is made, as for a training run's output folder."""
     if path is None:
         return
     path = Path(path)
@@ -89,8 +88,10 @@ def check_output_path(
         either = ", ".join(suffixes[:-1]) + f" or {suffixes[-1]}" if len(suffixes) > 1 else suffixes[0]
         raise ValueError(f"{option} {path}: use a {either} file name")
     folder = path.resolve().parent
-    if not folder.is_dir():
-        raise ValueError(f"{option} {path}: its folder {folder} does not exist; create it first")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{option} {path}: its folder {folder} cannot be made ({error.strerror})") from None
     if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise ValueError(f"{option} {path} cannot be written (permission denied); choose another file")
 

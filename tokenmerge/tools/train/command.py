@@ -6,6 +6,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from .. import options
+from ..data import class_folders
 from ..distributed import first_process
 from ..reports import format_table
 from ..settings import variant
@@ -27,7 +28,6 @@ def add_parser(subparsers) -> None:
         "tokenmerge eval --checkpoint OUTPUT/model.safetensors --num-classes K --class-map OUTPUT/classes.txt.",
     )
     options.add_model_options(parser)
-    parser.set_defaults(num_classes=None)
     group = parser.add_argument_group("images")
     group.add_argument("--data", required=True, metavar="DIR", help="folder with train/ and val/ class folders")
     group.add_argument("--val-split", default=defaults.val_split, metavar="NAME",
@@ -66,7 +66,10 @@ def add_parser(subparsers) -> None:
 def run_command(args: argparse.Namespace) -> None:
     options.check_library(args, "train", ["timm"])
     if args.num_classes is not None:
-        raise ValueError("--num-classes: train re-creates the classifier for the classes of DATA/train")
+        found = len(class_folders(Path(args.data) / "train"))
+        if args.num_classes != found:
+            raise ValueError(f"--num-classes {args.num_classes}: the classifier is made for the {found} classes of "
+                             f"{Path(args.data) / 'train'}; leave --num-classes out")
     options.check_runtime(args)
     method, prop_attn = variant(args.method, args.prop_attn)
     names = {f.name for f in fields(TrainConfig)} - {"progress", "method", "prop_attn", "img_size"}

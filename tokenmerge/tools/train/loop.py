@@ -6,6 +6,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -18,6 +19,7 @@ from tqdm import tqdm
 
 import tokenmerge
 from tokenmerge import schedule as schedules
+from tokenmerge.state import CappedRWarning
 
 from ..data import ImageFiles
 from ..distributed import combine, process_group, rank, shard_loader, world_size
@@ -226,7 +228,8 @@ def train(config: TrainConfig) -> list[dict[str, Any]]:
     check_config(config)
     check_output_folder(Path(config.output))
     splits = read_splits(config.data, config.val_split)
-    with process_group(config.device) as device:
+    with process_group(config.device) as device, warnings.catch_warnings():
+        warnings.simplefilter("ignore", CappedRWarning)  # (a capped r is said once, in a note)
         run = build_run(config, splits, device)
         progress = resume(config, run.network, run.optimizer, run.scaler)
         if rank() == 0:
