@@ -72,8 +72,16 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int = 0) -> M
     metric = metric / torch.linalg.vector_norm(metric, dim=-1, keepdim=True).clamp_min_(1e-12)
     similarity = torch.bmm(metric[:, p::2], metric[:, p + 1::2].mT)
     best_score, partner = similarity.max(dim=-1)
-    order = best_score.argsort(dim=-1, descending=True, stable=True)
-    return Matching(order, partner, r, num_protected, num_tokens)
+    return Matching(descending_order(best_score), partner, r, num_protected, num_tokens)
+
+
+def descending_order(scores: Tensor) -> Tensor:
+    """The indices that sort ``scores`` from high to low along the last dimension,
+    equal scores in index order (a stable sort). ONNX has no stable sort, but its
+    TopK puts equal values in index order too: exported to ONNX, this is a TopK."""
+    if torch.onnx.is_in_onnx_export():
+        return scores.topk(scores.shape[-1], dim=-1).indices
+    return scores.argsort(dim=-1, descending=True, stable=True)
 
 
 def merge_wavg(x: Tensor, size: Tensor | None, matching: Matching) -> tuple[Tensor, Tensor]:

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from .attention import log_size_bias
 from .kernels import merge_weighted, merged_sizes, rows, shape_cache
-from .merge import Matching, bipartite_soft_matching, merge_source
+from .merge import Matching, bipartite_soft_matching, descending_order, merge_source
 
 Reduction = tuple[Tensor, Optional[Tensor], Optional[Tensor]]
 
@@ -153,11 +153,23 @@ def follow_random_split(side: Tensor, plan: RandomSplit) -> Tensor:
 @shape_cache
 def fixed_permutation(block: int, num_tokens: int, num_protected: int, device: torch.device) -> Tensor:
     """Protected tokens in place, the others in a random order that depends only on
-    the block and the token count: the same for every image and every pass."""
-    generator = torch.Generator().manual_seed(block * 1_000_003 + num_tokens)
+    the block and the token count: the same for every image and every pass, and a
+    constant of any graph that torch.compile, torch.export or ONNX make of it."""
+    order = shuffled(num_tokens - num_protected, block * 1_000_003 + num_tokens)
     with torch.inference_mode(False):
-        order = torch.randperm(num_tokens - num_protected, generator=generator) + num_protected
-        return torch.cat([torch.arange(num_protected), order]).to(device)
+        return torch.tensor(list(range(num_protected)) + [num_protected + i for i in order], device=device)
+
+
+def shuffled(n: int, seed: int) -> list[int]:
+    """A permutation of ``range(n)``: a Fisher-Yates shuffle driven by a 64-bit linear
+    congruential generator, in plain integer arithmetic, so that tracing a graph
+    records its result rather than a random number generator."""
+    order, state = list(range(n)), seed
+    for i in range(n - 1, 0, -1):
+        state = (state * 6364136223846793005 + 1442695040888963407) % 2**64
+        j = (state >> 33) % (i + 1)
+        order[i], order[j] = order[j], order[i]
+    return order
 
 
 # --- pruning -------------------------------------------------------------------------
@@ -197,7 +209,7 @@ def keep_attended(evidence: Evidence, r: int, num_protected: int, fuse: bool = F
         raise ValueError("evit and evit-fuse keep the tokens a class token attends to: the model has no class token")
     attention = class_attention(evidence)
     num_tokens = attention.shape[1]
-    ranked = attention[:, num_protected:].argsort(dim=1, descending=True, stable=True) + num_protected
+    ranked = descending_order(attention[:, num_protected:]) + num_protected
     num_kept = num_tokens - num_protected - r - int(fuse)
     protected = torch.arange(num_protected, device=attention.device).expand(attention.shape[0], -1)
     keep = torch.cat([protected, ranked[:, :num_kept].sort(dim=1).values], dim=1)

@@ -29,7 +29,7 @@ from . import options
 from .models import load_model, unwrap
 from .reports import check_output_path, describe_environment, environment, format_table, run_record, write_rows
 from .settings import UNPATCHED, Setting, cap_notes, configure, default_sweep, sweep_settings, unique
-from .timing import spread_percent, time_interleaved, untrusted
+from .timing import spread_percent, time_interleaved, timed, untrusted
 
 
 @dataclass
@@ -44,6 +44,7 @@ class BenchRow:
     latency_ms: float
     speedup: float
     of_limit: Optional[float]
+    compile_seconds: Optional[float] = None
 
 
 def prepare_runners(
@@ -71,6 +72,13 @@ def prepare_runners(
         configure(variant, setting)
         runners[setting.name] = under_amp(torch.compile(variant))
     return runners
+
+
+def first_calls(runners: dict[str, Callable[[torch.Tensor], torch.Tensor]], inputs: torch.Tensor) -> dict[str, float]:
+    """Seconds of the first calls of every runner, at the batch size and at batch size 1:
+    for compiled runners, the compile time, kept apart from the timed rounds."""
+    with torch.inference_mode():
+        return {name: timed(run, inputs)[1] + timed(run, inputs[:1])[1] for name, run in runners.items()}
 
 
 def check_input_size(
@@ -151,6 +159,7 @@ def benchmark_settings(
         inputs = torch.randn(batch_size, 3, *img_size, device=device, dtype=dtype)
         counted = counted_flops(model, settings, inputs[:1])
         runners = prepare_runners(model, settings, compile_model, amp)
+        compile_seconds = first_calls(runners, inputs) if compile_model else {}
         times = time_interleaved(runners, inputs, runs, warmup, progress, f"batch {batch_size}")
         latencies = time_interleaved(runners, inputs[:1], latency_runs or 4 * runs, warmup, progress, "batch 1")
     configure(model, Setting(UNPATCHED))
@@ -169,6 +178,7 @@ def benchmark_settings(
             latency_ms=1000 * statistics.median(latencies[setting.name]),
             speedup=medians[UNPATCHED] / medians[setting.name],
             of_limit=medians[limit] / medians[setting.name] if limit in medians else None,
+            compile_seconds=compile_seconds.get(setting.name),
         ))
     return rows
 
@@ -192,6 +202,8 @@ def format_rows(rows: Sequence[BenchRow], per_block: bool = False) -> str:
         for row in table:
             row["of_limit"] = "" if row["of_limit"] is None else f"{100 * row['of_limit']:.1f}%"
         columns.append(("of_limit", "of limit", ">"))
+    if any(row.compile_seconds is not None for row in rows):
+        columns.append(("compile_seconds", "compile s", ".1f"))
     if per_block:
         for row in table:
             row["tokens_per_block"] = " ".join(map(str, row["tokens_per_block"]))
@@ -213,7 +225,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--batch-size", type=options.positive_int, default=16,
                         help="images per batch for throughput (default: 16)")
     options.add_runtime_options(parser)
-    parser.add_argument("--compile", action="store_true", help="torch.compile every setting")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile every setting; the first calls, which compile, are timed apart "
+                        "('compile s') and never counted in the rounds")
     parser.add_argument("--runs", type=options.positive_int, default=8, help="timed rounds per setting (default: 8)")
     parser.add_argument("--warmup", type=options.non_negative_int, default=2,
                         help="untimed rounds first (default: 2)")

@@ -1,0 +1,118 @@
+"""``tokenmerge export``: a model with token merging as an ONNX file, through PyTorch's
+ONNX exporter (``torch.onnx.export(..., dynamo=True)``), with a dynamic batch
+dimension and standard ONNX operators only, checked against the eager model in
+ONNX Runtime.
+
+For scripts::
+
+    from tokenmerge.tools.export import export_onnx, onnx_difference
+    export_onnx(model, "model.onnx", torch.randn(2, 3, 224, 224))   # model patched or not
+    onnx_difference("model.onnx", model, images)                    # max abs difference
+
+The matching's stable sort becomes an ONNX ``TopK``, which orders equal scores by
+index just as the stable sort does. Needs the ``onnx`` extra (onnx, onnxscript,
+onnxruntime).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import warnings
+from pathlib import Path
+
+import torch
+
+from tokenmerge import schedule as schedules
+from tokenmerge.adapters import find_adapter
+from tokenmerge.libraries import install_command
+from tokenmerge.state import CappedRWarning
+
+from . import options
+from .models import load_model, unwrap
+from .reports import check_output_path
+from .settings import Setting, cap_notes, configure, largest_r, variant
+
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
+
+
+def require_onnx() -> None:
+    """A one-line error naming the install command when the ONNX packages are missing."""
+    missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(f"ONNX export needs {', '.join(missing)}; install them with: {install_command('onnx')}")
+
+
+def export_onnx(model: torch.nn.Module, path: str | Path, example: torch.Tensor, dynamic_batch: bool = True) -> Path:
+    """Write ``model`` (a function of images, patched or not) to the ONNX file ``path``,
+    traced with the images ``example`` (B, 3, H, W), the batch dimension dynamic
+    unless ``dynamic_batch`` is False; returns the path."""
+    require_onnx()
+    path = Path(path)
+    shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", CappedRWarning)
+        program = torch.onnx.export(model.eval(), (example,), dynamo=True, dynamic_shapes=shapes,
+                                    input_names=["images"], output_names=["output"], verbose=False)
+    program.save(str(path))
+    return path
+
+
+def onnx_difference(path: str | Path, model: torch.nn.Module, images: torch.Tensor) -> float:
+    """The largest absolute difference between ONNX Runtime's outputs (CPU execution
+    provider) for ``images`` and the eager model's."""
+    require_onnx()
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (output,) = session.run(None, {session.get_inputs()[0].name: images.numpy()})
+    with torch.no_grad():
+        expected = model(images)
+    return float((torch.from_numpy(output) - expected).abs().max())
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="write a model with token merging to an ONNX file, checked in ONNX Runtime",
+        description="Export the model, merging at one r schedule, to ONNX with a dynamic batch dimension and "
+        "standard operators only, then check ONNX Runtime's outputs against the eager model's on random images.",
+    )
+    options.add_model_options(parser, default_model=options.DEFAULT_MODEL)
+    options.add_schedule_option(parser, "four fifths of (patch tokens) // (blocks), so it follows the model: 13 for "
+                                "a 197-token, 12-block ViT; 0 exports the unpatched model")
+    options.add_method_option(parser)
+    parser.add_argument("--output", required=True, metavar="FILE", help="the ONNX file to write (.onnx)")
+    parser.add_argument("--batch-size", type=options.positive_int, default=2,
+                        help="images in the example the export traces with; the exported batch is dynamic "
+                        "(default: 2)")
+    parser.add_argument("--static-batch", action="store_true", help="export for --batch-size images only")
+    parser.add_argument("--no-check", dest="check", action="store_false",
+                        help="skip comparing ONNX Runtime's outputs with the eager model's")
+    options.add_runtime_options(parser, dtype=False, amp=False)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    check_output_path(args.output, (".onnx",))
+    options.check_runtime(args)
+    require_onnx()
+    model = load_model(args.library, args.model, args.checkpoint, num_classes=args.num_classes,
+                       model_kwargs=args.model_kwargs, img_size=args.img_size)
+    network = unwrap(model)
+    r = args.r if args.r is not None else round(0.8 * largest_r(network))
+    method, prop_attn = variant(args.method, args.prop_attn)
+    setting = Setting(f"r={schedules.describe(r)}", None if r == 0 else r, method, prop_attn)
+    for text in cap_notes(network, [setting]):
+        options.note("export", text)
+    configure(network, setting)
+    height, width = find_adapter(network).input_size(network)
+    export_onnx(model, args.output, torch.randn(args.batch_size, 3, height, width), not args.static_batch)
+    shown = "unpatched" if r == 0 else f"{args.method} r={schedules.describe(r)}"
+    print(f"{args.model} ({model.weights or 'random weights'}), {shown}: wrote {args.output}"
+          f" ({'batch ' + str(args.batch_size) if args.static_batch else 'dynamic batch'})", flush=True)
+    if args.check:
+        sizes = [args.batch_size] if args.static_batch else [1, args.batch_size + 1]
+        worst = max(onnx_difference(args.output, model, torch.randn(b, 3, height, width)) for b in sizes)
+        print(f"ONNX Runtime against eager PyTorch, batch {' and '.join(map(str, sizes))}: "
+              f"max abs difference {worst:.2e}", flush=True)
+
