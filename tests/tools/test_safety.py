@@ -299,13 +299,19 @@ def test_threads_must_be_positive(threads, capsys):
     assert "usage:" in err and f"argument --threads: must be at least 1, got {threads}" in err
 
 
-def test_a_transformers_folder_with_a_malicious_pickle_is_refused_and_never_runs(tmp_path, capsys):
+def transformers_folder(tmp_path):
+    """A tiny ViTForImageClassification written by save_pretrained."""
     transformers = pytest.importorskip("transformers")
     config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
                                     num_attention_heads=2, intermediate_size=64, num_labels=3,
                                     architectures=["ViTForImageClassification"])
     folder = tmp_path / "vit"
     transformers.ViTForImageClassification(config).save_pretrained(folder)
+    return folder
+
+
+def test_a_transformers_folder_with_a_malicious_pickle_is_refused_and_never_runs(tmp_path, capsys):
+    folder = transformers_folder(tmp_path)
     (folder / "model.safetensors").unlink()
     marker = tmp_path / "payload-ran"
     torch.save({"evil": RunsACommand(marker)}, folder / "pytorch_model.bin")
@@ -318,12 +324,7 @@ def test_a_transformers_folder_with_a_malicious_pickle_is_refused_and_never_runs
     assert not marker.exists(), "the payload never runs"
 
 
-def test_a_transformers_eval_names_the_folders_weights(tmp_path, capsys):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
-                                    num_attention_heads=2, intermediate_size=64, num_labels=3,
-                                    architectures=["ViTForImageClassification"])
-    folder = tmp_path / "vit"
-    transformers.ViTForImageClassification(config).save_pretrained(folder)
+def test_a_transformers_model_names_the_folder_its_weights_came_from(tmp_path):
+    folder = transformers_folder(tmp_path)
     assert load_model("transformers", str(folder)).weights == str(folder)
     assert load_model("transformers", "vit", folder).weights == str(folder)

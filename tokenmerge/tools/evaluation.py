@@ -208,8 +208,9 @@ def evaluate_settings(
         raise ValueError("there are no images to evaluate")
     if not settings or settings[0].r is not None:
         raise ValueError("the first setting must be the unpatched model, which the speed-ups are relative to")
-    if len(unique(settings)[0]) != len(settings):
-        raise ValueError(f"settings {', '.join(unique(settings)[1])}: give every setting once, or its counts add up")
+    repeats = unique(settings)[1]
+    if repeats:
+        raise ValueError(f"settings {', '.join(repeats)}: give every setting once, or its counts add up")
     for setting in settings:
         tokenmerge.token_counts(unwrap(model), r=setting.r or 0)  # validates every r before the long run
     device = torch.device(device)

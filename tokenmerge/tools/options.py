@@ -232,9 +232,10 @@ def check_runtime(args: argparse.Namespace) -> torch.device:
     return device
 
 
-def autocast(device: torch.device, amp: str):
-    """``torch.autocast`` to the ``--amp`` precision on ``device``, or nothing for none."""
-    dtype = AMP_DTYPES[amp]
+def autocast(device: torch.device, amp: str | torch.dtype | None):
+    """``torch.autocast`` on ``device`` to ``amp``, an ``--amp`` name or a dtype, or
+    nothing for none."""
+    dtype = AMP_DTYPES[amp] if isinstance(amp, str) else amp
     return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 

@@ -49,15 +49,15 @@ def run_record(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, (schedules.Linear, int)) and not isinstance(value, bool):
-        return schedules.describe(value) if isinstance(value, schedules.Linear) else value
+    """``value`` as JSON: schedules as their text, containers item by item, anything
+    else unknown as its text."""
+    if isinstance(value, schedules.Linear):
+        return schedules.describe(value)
     if isinstance(value, (list, tuple)):
-        if value and all(isinstance(item, int) and not isinstance(item, bool) for item in value):
-            return list(value)
         return [_jsonable(item) for item in value]
     if isinstance(value, dict):
         return {str(key): _jsonable(item) for key, item in value.items()}
-    if value is None or isinstance(value, (bool, float, str)):
+    if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return str(value)
 

@@ -15,6 +15,8 @@ import tokenmerge
 from tokenmerge import schedule as schedules
 from tokenmerge.adapters import find_adapter
 
+from .models import unwrap
+
 UNPATCHED = "unpatched"
 
 #: Every method name a command accepts: a reduction method of :func:`tokenmerge.apply`
@@ -61,7 +63,7 @@ def variant(name: str, prop_attn: Optional[bool] = None) -> tuple[str, bool]:
 
 def configure(model: torch.nn.Module, setting: Setting) -> None:
     """Put ``model`` (or the network of a :class:`tokenmerge.tools.models.ImageModel`) in ``setting``."""
-    model = getattr(model, "network", model)
+    model = unwrap(model)
     if setting.r is None:
         if tokenmerge.is_applied(model):
             tokenmerge.remove(model)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -11,15 +10,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..accuracy import correct_predictions
 from ..distributed import combine
+from ..options import autocast
 
 
 def unwrap_parallel(model: torch.nn.Module) -> torch.nn.Module:
     """The model inside ``DistributedDataParallel``, or ``model`` itself."""
     return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-def autocast(device: torch.device, dtype: Optional[torch.dtype]):
-    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def train_step(
