@@ -87,3 +87,17 @@ def test_half_precision_merge_keeps_range():
     assert merged.dtype == torch.float16 and torch.isfinite(merged).all()
     torch.testing.assert_close(merged.float(), torch.full(merged.shape, 60000.0), rtol=2e-3, atol=0)
     assert size.dtype == torch.float32 and size.max() >= 4
+
+
+def test_merged_and_kept_tokens_keep_their_input_order():
+    """Only the set of merged tokens depends on the scores; the layout after a merge
+    lists each group by index, so scores a rounding apart cannot reorder tokens."""
+    metric = torch.randn(3, 41, 8, generator=torch.Generator().manual_seed(3))
+    matching = bipartite_soft_matching(metric, 7, num_protected=1)
+    for group in (matching.merged, matching.kept):
+        assert torch.equal(group, group.sort(dim=1).values)
+    scores = torch.nn.functional.normalize(metric[:, 1::2], dim=-1) @ torch.nn.functional.normalize(
+        metric[:, 2::2], dim=-1).mT
+    best = scores.amax(-1)
+    merged_scores, kept_scores = best.gather(1, matching.merged), best.gather(1, matching.kept)
+    assert (merged_scores.amin(1) >= kept_scores.amax(1)).all()

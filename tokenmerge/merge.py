@@ -5,8 +5,8 @@ merge, source maps and unmerging, written to be read. Nothing here knows about m
 Token layout: ``num_protected`` tokens (class, distillation, register tokens) come
 first and are never merged. The remaining tokens are split alternately into set A
 (even positions) and set B (odd positions). After a merge the layout is
-``[protected | unmerged A tokens | B tokens]``: every merged A token has been folded
-into the B token it matched.
+``[protected | unmerged A tokens | B tokens]``, each group in its input order: every
+merged A token has been folded into the B token it matched.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from torch import Tensor
 class Matching:
     """Which tokens one merge step combines, for every image of a batch.
 
-    Built from ``order`` (B, |A|), the A tokens from most to least similar to their
-    best B token, and ``partner`` (B, |A|), that B token: the first r in ``order``
+    Built from ``order`` (B, |A|), the A tokens to merge and then those to keep, and
+    ``partner`` (B, |A|), the best B token of each A token: the first r in ``order``
     are merged, the rest kept. ``rows`` holds the row numbers the tuned merge of
     :mod:`tokenmerge.kernels` computes from it, once.
     """
@@ -72,7 +72,15 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int = 0) -> M
     metric = metric / torch.linalg.vector_norm(metric, dim=-1, keepdim=True).clamp_min_(1e-12)
     similarity = torch.bmm(metric[:, p::2], metric[:, p + 1::2].mT)
     best_score, partner = similarity.max(dim=-1)
-    return Matching(descending_order(best_score), partner, r, num_protected, num_tokens)
+    return Matching(in_index_order(descending_order(best_score), r), partner, r, num_protected, num_tokens)
+
+
+def in_index_order(order: Tensor, r: int) -> Tensor:
+    """``order`` with its first ``r`` entries (the merged A tokens) and the rest (the
+    kept ones) each sorted by index. Which tokens merge is decided by the scores; where
+    they go is not: kept in score order, scores a rounding apart (another batch size,
+    another runtime) would reorder the tokens, and so the next block's A/B split."""
+    return torch.cat([order[:, :r].sort(dim=-1).values, order[:, r:].sort(dim=-1).values], dim=-1)
 
 
 def descending_order(scores: Tensor) -> Tensor:
