@@ -69,17 +69,38 @@ def test_a_compiled_model_has_no_graph_break_and_eager_passes_after_it_are_exact
     assert type(after) is torch.Tensor and torch.equal(after, before)
 
 
-def test_exporting_a_merging_transformers_model_is_refused_and_leaves_eager_passes_exact():
-    """transformers materialises an attention mask over the unmerged tokens while a graph
-    is exported, which merged tokens cannot use: a clear refusal, not a wrong graph."""
+@pytest.mark.parametrize("case_id", ["transformers_vit", "transformers_dinov2_registers", "transformers_siglip"])
+def test_a_merging_transformers_model_exports_with_a_dynamic_batch_and_the_eager_outputs(case_id):
+    """transformers builds an attention mask over the unmerged tokens while exporting,
+    even when the caller passed none: it hides nothing, and is left out."""
+    case = CASES_BY_ID[case_id]
+    model = tokenmerge.apply(make(case), r=R)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    exported = torch.export.export(MainOutput(case, model), (images(2),), dynamic_shapes=({0: batch},)).module()
+    for size in (1, 3):
+        x = images(size, seed=size)
+        torch.testing.assert_close(exported(x), run(case, model, x), atol=1e-5, rtol=1e-5)
+    assert torch.equal(run(case, model, images(2)), run(case, model, images(2)))
+
+
+def test_exporting_with_the_callers_attention_mask_is_refused_and_remove_drops_the_hook():
     case = CASES_BY_ID["transformers_vit"]
     model = tokenmerge.apply(make(case), r=R)
-    x = images(2)
-    before = run(case, model, x)
-    with pytest.raises(NotImplementedError, match="cannot yet export or compile a merging transformers model"):
-        torch.export.export(model, (x,))
-    after = run(case, model, x)
-    assert type(after) is torch.Tensor and torch.equal(after, before)
+    x, mask = images(2), torch.ones(2, 1, 1, 1)
+
+    class WithMask(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, images, mask):
+            return self.model(pixel_values=images, attention_mask=mask).logits
+
+    with pytest.raises(NotImplementedError, match="does not support an attention_mask while merging"):
+        torch.export.export(WithMask(), (x, mask))
+    tokenmerge.remove(model)
+    assert not model.vit._forward_pre_hooks
+    assert torch.equal(WithMask()(x, mask), make(case)(pixel_values=x, attention_mask=mask).logits)
 
 
 METHODS = ["tome", "tome-random-split", "tome-unweighted", "tome-features", "random", "evit", "evit-fuse", "cut"]

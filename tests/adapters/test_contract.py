@@ -155,8 +155,13 @@ def test_r0_equals_the_unpatched_model_and_remove_restores_it(case):
     expected = run(case, model, x)
     tokenmerge.apply(model, r=0)
     assert torch.equal(run(case, model, x), expected)
+    twin = copy.deepcopy(model)
     tokenmerge.remove(model)
     assert {name: type(module) for name, module in model.named_modules()} == classes
+    tokenmerge.remove(twin)
+    for removed in (model, twin):
+        assert not any(module._forward_pre_hooks or module.__dict__.keys() & {"_tokenmerge_hooks", "_tokenmerge_state"}
+                       for module in removed.modules())
     assert torch.equal(run(case, model, x), expected)
 
 

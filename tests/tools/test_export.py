@@ -1,27 +1,37 @@
 """``tokenmerge export``: ONNX files with a dynamic batch and standard operators, whose
 ONNX Runtime outputs are the eager model's."""
+import copy
+
 import pytest
+import torch
 
 import tokenmerge
 from tests.adapters.test_contract import CASES_BY_ID, R, images, make
+from tests.adapters.test_torchvision_pretrained import torchvision_vit_tiny
+from tests.adapters.test_transformers_pretrained import timm_to_transformers
+from tests.test_tracing import MainOutput
 from tokenmerge.tools.cli import main
-from tokenmerge.tools.export import export_onnx, onnx_difference
+from tokenmerge.tools.export import export_onnx, onnx_difference, onnx_outputs
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 
-@pytest.mark.parametrize("method", ["tome", pytest.param("random", marks=pytest.mark.slow),
-                                    pytest.param("evit", marks=pytest.mark.slow)])
-def test_a_merging_model_exports_to_onnx_with_the_eager_outputs_at_every_batch_size(method, tmp_path):
-    model = tokenmerge.apply(make(CASES_BY_ID["timm_class_token"]), r=R, method=method)
-    path = export_onnx(model, tmp_path / "model.onnx", images(2))
+@pytest.mark.parametrize("case_id, method", [("timm_class_token", "tome"), ("transformers_vit", "tome"),
+                                             ("torchvision_vit", "tome"),
+                                             pytest.param("timm_class_token", "random", marks=pytest.mark.slow),
+                                             pytest.param("timm_class_token", "evit", marks=pytest.mark.slow)])
+def test_a_merging_model_exports_to_onnx_with_the_eager_outputs_at_every_batch_size(case_id, method, tmp_path):
+    case = CASES_BY_ID[case_id]
+    model = tokenmerge.apply(make(case), r=R, method=method)
+    path = export_onnx(MainOutput(case, model), tmp_path / "model.onnx", images(2))
     import onnx
 
     operators = {node.op_type for node in onnx.load(path).graph.node}
     assert "TopK" in operators or method != "tome", "the stable sort of the matching is an ONNX TopK"
+    assert all(node.domain in ("", "ai.onnx") for node in onnx.load(path).graph.node), "standard operators only"
     for batch in (1, 3):
-        assert onnx_difference(path, model, images(batch, seed=batch)) < 1e-5
+        assert onnx_difference(path, MainOutput(case, model), images(batch, seed=batch)) < 1e-5
 
 
 def test_the_export_command_writes_and_checks_the_file(tmp_path, capsys):
@@ -37,3 +47,45 @@ def test_the_export_command_writes_and_checks_the_file(tmp_path, capsys):
 def test_the_export_command_checks_its_output_first(tmp_path, capsys):
     assert main(["export", "--output", str(tmp_path / "model.txt")]) == 2
     assert "use a .onnx file name" in capsys.readouterr().err
+
+
+class Logits(torch.nn.Module):
+    """A transformers classifier as a function of images."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        return self.model(pixel_values=images).logits
+
+
+def real_vit_tiny(library, timm_model):
+    """The shared ViT-Ti's weights in ``library``'s own ViT class, as a function of images."""
+    if library == "timm":
+        return timm_model
+    if library == "torchvision":
+        return torchvision_vit_tiny(timm_model)
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(hidden_size=192, num_hidden_layers=12, num_attention_heads=3,
+                                    intermediate_size=768, image_size=224, patch_size=16, layer_norm_eps=1e-6,
+                                    num_labels=1000, hidden_act="gelu")
+    model = transformers.ViTForImageClassification(config).eval()
+    model.load_state_dict(timm_to_transformers(timm_model.state_dict(), 12))
+    return Logits(model)
+
+
+@pytest.mark.parametrize("library, r", [("timm", 13), *(pytest.param(library, r, marks=pytest.mark.slow) for library, r
+                                                         in [("timm", 0), ("transformers", 0), ("transformers", 13),
+                                                             ("torchvision", 0), ("torchvision", 13)])])
+def test_onnx_runtime_gives_the_eager_outputs_on_real_photographs(library, r, timm_vit_tiny, imagenet_sample,
+                                                                  tmp_path):
+    model = real_vit_tiny(library, copy.deepcopy(timm_vit_tiny))
+    tokenmerge.apply(model.model if library == "transformers" else model, r=r)
+    path = export_onnx(model, tmp_path / "vit.onnx", imagenet_sample[0][:2])
+    for photographs in (imagenet_sample[0][:1], imagenet_sample[0][100:116]):
+        with torch.no_grad():
+            expected = model(photographs)
+        output = onnx_outputs(path, photographs)
+        torch.testing.assert_close(output, expected, atol=1e-4, rtol=1e-4)
+        assert torch.equal(output.argmax(-1), expected.argmax(-1))

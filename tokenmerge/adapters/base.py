@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copyreg
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import ClassVar, Optional
 
 import torch
@@ -58,6 +58,12 @@ class Adapter(ABC):
         the model class itself. Each gets the model's state as ``_tokenmerge_state``."""
         return []
 
+    def pre_hooks(self, model: nn.Module) -> list[tuple[nn.Module, Callable]]:
+        """Forward pre-hooks, called with the module, its positional and its keyword
+        arguments, for what a module's arguments tell that its own forward keeps to
+        itself (whether the caller passed a mask, say)."""
+        return []
+
     @abstractmethod
     def input_size(self, model: nn.Module) -> tuple[int, int]:
         """The (height, width) of the images the model is configured for."""
@@ -83,13 +89,18 @@ class Adapter(ABC):
         for module, module_mixin in self.mixins(model):
             module._tokenmerge_state = state
             swap_class(module, module_mixin)
+        for module, hook in self.pre_hooks(model):
+            handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+            module.__dict__.setdefault("_tokenmerge_hooks", []).append(handle)
         model._tokenmerge_state = state
 
     def unpatch(self, model: nn.Module) -> None:
-        """Undo :meth:`patch`: the same classes and attributes as before."""
+        """Undo :meth:`patch`: the same classes, attributes and hooks as before."""
         for module in model.modules():
             if is_swapped(module):
                 restore_class(module)
+            for handle in module.__dict__.pop("_tokenmerge_hooks", []):
+                handle.remove()
             for name in ("_tokenmerge_state", "_tokenmerge_index"):
                 module.__dict__.pop(name, None)
 

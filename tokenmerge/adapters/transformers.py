@@ -12,7 +12,9 @@ later layers report fewer tokens.
 """
 from __future__ import annotations
 
+import inspect
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -34,7 +36,6 @@ from transformers.utils.generic import can_return_tuple
 from ..attention import log_size_bias
 from ..block import MergingBlock
 from ..flops import FlopShape, linear_flops_per_token
-from ..kernels import tracing
 from ..merge import weighted_mean
 from ..state import MergeState
 from .base import Adapter, KeepsSizes, is_swapped
@@ -106,7 +107,9 @@ class MergingAttention:
     as they exist and weighs every key by the patches it stands for. ``tokenmerge`` is
     (sizes (B, N, 1) or None, planning function); without it this is the unpatched
     attention. Returns (output, attention weights or None, plan). A mask of the
-    model's own would mask the token grid that merging changes, so it is refused."""
+    caller's own would mask the token grid that merging changes, so it is refused;
+    the one transformers builds while torch.export traces hides nothing, so it is
+    left out."""
 
     def forward(
         self,
@@ -118,12 +121,7 @@ class MergingAttention:
         if tokenmerge is None:
             return super().forward(hidden_states, attention_mask, **kwargs)
         _check_implementation(self.config._attn_implementation)
-        if attention_mask is not None and tracing():
-            raise NotImplementedError(
-                "tokenmerge cannot yet export or compile a merging transformers model: while a graph is traced, "
-                "transformers builds an attention mask over the unmerged token grid; trace it at r=0, or use eager mode"
-            )
-        if attention_mask is not None:
+        if attention_mask is not None and not _mask_is_transformers_own():
             raise NotImplementedError(
                 "tokenmerge does not support an attention_mask while merging: it masks the token grid that "
                 "merging changes; pass no attention_mask, or set r=0"
@@ -156,6 +154,26 @@ class MergingCLIPAttention(MergingAttention):
 
     def _tokenmerge_parts(self) -> tuple[float, float, torch.nn.Module]:
         return self.scale, self.dropout, self.out_proj
+
+
+# Whether the caller of the tower being exported passed an attention mask, noted by
+# the tower's pre-hook: under torch.export transformers builds a mask even when none
+# was passed, one that hides no token.
+_CALLER = threading.local()
+
+
+def _note_callers_mask(position: int, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of a tower whose forward takes ``attention_mask`` (as its
+    ``position``-th positional argument or by name)."""
+    if torch.compiler.is_exporting():
+        mask = kwargs["attention_mask"] if "attention_mask" in kwargs else (args[position:] or (None,))[0]
+        _CALLER.passed_mask = mask is not None
+
+
+def _mask_is_transformers_own() -> bool:
+    """Whether the attention mask a layer got is the one transformers builds while
+    exporting, and not the caller's."""
+    return torch.compiler.is_exporting() and getattr(_CALLER, "passed_mask", True) is False
 
 
 def _check_implementation(implementation: Optional[str]) -> None:
@@ -360,6 +378,13 @@ class TransformersAdapter(Adapter):
         spec = TOWERS[type(_tower(model))]
         attentions = [(getattr(layer, spec.attention), spec.attention_mixin) for layer in self.blocks(model)]
         return attentions + _pooling(model)
+
+    def pre_hooks(self, model: torch.nn.Module) -> list[tuple[torch.nn.Module, Callable]]:
+        tower = _tower(model)
+        parameters = list(inspect.signature(type(tower).forward).parameters)
+        if "attention_mask" not in parameters:
+            return []
+        return [(tower, partial(_note_callers_mask, parameters.index("attention_mask") - 1))]
 
     def input_size(self, model: torch.nn.Module) -> tuple[int, int]:
         size = _tower(model).config.image_size

@@ -5,8 +5,9 @@ ONNX Runtime.
 
 For scripts::
 
-    from tokenmerge.tools.export import export_onnx, onnx_difference
+    from tokenmerge.tools.export import export_onnx, onnx_difference, onnx_outputs
     export_onnx(model, "model.onnx", torch.randn(2, 3, 224, 224))   # model patched or not
+    onnx_outputs("model.onnx", images)                              # ONNX Runtime's outputs
     onnx_difference("model.onnx", model, images)                    # max abs difference
 
 The matching's stable sort becomes an ONNX ``TopK``, which orders equal scores by
@@ -57,17 +58,22 @@ def export_onnx(model: torch.nn.Module, path: str | Path, example: torch.Tensor,
     return path
 
 
-def onnx_difference(path: str | Path, model: torch.nn.Module, images: torch.Tensor) -> float:
-    """The largest absolute difference between ONNX Runtime's outputs (CPU execution
-    provider) for ``images`` and the eager model's."""
+def onnx_outputs(path: str | Path, images: torch.Tensor) -> torch.Tensor:
+    """ONNX Runtime's outputs (CPU execution provider) of the ONNX file ``path`` for ``images``."""
     require_onnx()
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (output,) = session.run(None, {session.get_inputs()[0].name: images.numpy()})
+    return torch.from_numpy(output)
+
+
+def onnx_difference(path: str | Path, model: torch.nn.Module, images: torch.Tensor) -> float:
+    """The largest absolute difference between ONNX Runtime's outputs for ``images``
+    and the eager model's."""
     with torch.no_grad():
         expected = model(images)
-    return float((torch.from_numpy(output) - expected).abs().max())
+    return float((onnx_outputs(path, images) - expected).abs().max())
 
 
 def add_parser(subparsers) -> None:
