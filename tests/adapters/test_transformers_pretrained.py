@@ -37,19 +37,26 @@ def timm_to_transformers(state: dict[str, torch.Tensor], depth: int) -> dict[str
     return mapped
 
 
-@pytest.fixture(scope="module")
-def transformers_vit_tiny(timm_vit_tiny):
+def transformers_from_timm(timm_model):
+    """transformers' ViTForImageClassification carrying the shared ViT-Ti's weights, in eval mode."""
     transformers = pytest.importorskip("transformers")
     config = transformers.ViTConfig(
         hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768, image_size=224,
         patch_size=16, layer_norm_eps=1e-6, num_labels=1000, hidden_act="gelu",
     )
     model = transformers.ViTForImageClassification(config).eval()
-    model.load_state_dict(timm_to_transformers(timm_vit_tiny.state_dict(), 12))
+    model.load_state_dict(timm_to_transformers(timm_model.state_dict(), 12))
     return model
 
 
+@pytest.fixture(scope="module")
+def transformers_vit_tiny(timm_vit_tiny):
+    return transformers_from_timm(timm_vit_tiny)
+
+
 class Logits(torch.nn.Module):
+    """A transformers classifier as a function of images."""
+
     def __init__(self, model):
         super().__init__()
         self.model = model

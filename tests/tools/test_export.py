@@ -8,7 +8,7 @@ import torch
 import tokenmerge
 from tests.adapters.test_contract import CASES_BY_ID, R, images, make
 from tests.adapters.test_torchvision_pretrained import torchvision_vit_tiny
-from tests.adapters.test_transformers_pretrained import timm_to_transformers
+from tests.adapters.test_transformers_pretrained import Logits, transformers_from_timm
 from tests.test_tracing import MainOutput
 from tokenmerge.tools.cli import main
 from tokenmerge.tools.export import export_onnx, onnx_difference, onnx_outputs
@@ -49,30 +49,13 @@ def test_the_export_command_checks_its_output_first(tmp_path, capsys):
     assert "use a .onnx file name" in capsys.readouterr().err
 
 
-class Logits(torch.nn.Module):
-    """A transformers classifier as a function of images."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images):
-        return self.model(pixel_values=images).logits
-
-
 def real_vit_tiny(library, timm_model):
     """The shared ViT-Ti's weights in ``library``'s own ViT class, as a function of images."""
     if library == "timm":
         return timm_model
     if library == "torchvision":
         return torchvision_vit_tiny(timm_model)
-    transformers = pytest.importorskip("transformers")
-    config = transformers.ViTConfig(hidden_size=192, num_hidden_layers=12, num_attention_heads=3,
-                                    intermediate_size=768, image_size=224, patch_size=16, layer_norm_eps=1e-6,
-                                    num_labels=1000, hidden_act="gelu")
-    model = transformers.ViTForImageClassification(config).eval()
-    model.load_state_dict(timm_to_transformers(timm_model.state_dict(), 12))
-    return Logits(model)
+    return Logits(transformers_from_timm(timm_model))
 
 
 @pytest.mark.parametrize("library, r", [("timm", 13), *(pytest.param(library, r, marks=pytest.mark.slow) for library, r
