@@ -1,8 +1,10 @@
 """``tokenmerge export``: ONNX files with a dynamic batch and standard operators, whose
 ONNX Runtime outputs are the eager model's."""
 import copy
+import json
 
 import pytest
+import timm
 import torch
 
 import tokenmerge
@@ -10,8 +12,10 @@ from tests.adapters.test_contract import CASES_BY_ID, R, images, make
 from tests.adapters.test_torchvision_pretrained import torchvision_vit_tiny
 from tests.adapters.test_transformers_pretrained import Logits, transformers_from_timm
 from tests.test_tracing import MainOutput
+from tokenmerge.tools.bench import onnx_runners
 from tokenmerge.tools.cli import main
-from tokenmerge.tools.export import export_onnx, onnx_difference, onnx_outputs
+from tokenmerge.tools.onnx_files import export_onnx, onnx_difference, onnx_outputs
+from tokenmerge.tools.settings import UNPATCHED, Setting, configure
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -72,3 +76,41 @@ def test_onnx_runtime_gives_the_eager_outputs_on_real_photographs(library, r, ti
         output = onnx_outputs(path, photographs)
         torch.testing.assert_close(output, expected, atol=1e-4, rtol=1e-4)
         assert torch.equal(output.argmax(-1), expected.argmax(-1))
+
+
+def test_onnx_runtime_runners_give_the_eager_outputs_of_every_setting():
+    model = timm.create_model("vit_tiny_patch16_224", depth=2, img_size=64).eval()
+    settings = [Setting(UNPATCHED), Setting("r=4", 4), Setting("cut r=4", 4, "cut")]
+    runners, seconds = onnx_runners(model, settings, (64, 64))
+    assert not tokenmerge.is_applied(model), "the model is left unpatched"
+    assert set(runners) == set(seconds) == {s.name for s in settings} and min(seconds.values()) > 0
+    photographs = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    for setting in settings:
+        configure(model, setting)
+        with torch.no_grad():
+            expected = model(photographs)
+        torch.testing.assert_close(runners[setting.name](photographs), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bench_times_onnx_runtime_with_the_export_times_apart(tmp_path, capsys):
+    report_path = tmp_path / "bench.json"
+    assert main(["bench", "--model", "vit_tiny_patch16_224", "--model-kwargs", "depth=2", "--img-size", "64",
+                 "--r", "4", "--cut-limit", "--runtime", "onnxruntime", "--runs", "2", "--warmup", "0",
+                 "--batch-size", "2", "--output", str(report_path)]) == 0
+    out = capsys.readouterr().out
+    assert "ONNX Runtime" in out.splitlines()[0] and "export s" in out
+    rows = json.loads(report_path.read_text())["rows"]
+    assert [row["setting"] for row in rows] == ["unpatched", "r=4", "cut r=4"]
+    assert [row["tokens_left"] for row in rows] == [17, 9, 9]
+    assert all(row["export_seconds"] > 0 and row["compile_seconds"] is None for row in rows)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--compile"], "does not take --compile"),
+    (["--dtype", "bfloat16"], "does not take --dtype"),
+    (["--amp", "bfloat16"], "does not take --amp"),
+])
+def test_bench_refuses_what_onnx_runtime_cannot_time_before_loading_the_model(args, message, capsys):
+    assert main(["bench", "--runtime", "onnxruntime", "--checkpoint", "missing.safetensors", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "does not exist" not in err and len(err.strip().splitlines()) == 1

@@ -12,12 +12,16 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import tempfile
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
+from tqdm import tqdm
 
 import tokenmerge
 from tokenmerge import schedule as schedules
@@ -27,6 +31,7 @@ from tokenmerge.state import CappedRWarning
 
 from . import options
 from .models import load_model, unwrap
+from .onnx_files import export_onnx, onnx_session, require_onnx, session_runner
 from .reports import check_output_path, describe_environment, environment, format_table, run_record, write_rows
 from .settings import UNPATCHED, Setting, cap_notes, configure, default_sweep, sweep_settings, unique
 from .timing import spread_percent, time_interleaved, timed, untrusted
@@ -45,6 +50,26 @@ class BenchRow:
     speedup: float
     of_limit: Optional[float]
     compile_seconds: Optional[float] = None
+    export_seconds: Optional[float] = None
+
+
+RUNTIMES = ("eager", "onnxruntime")
+
+
+def check_bench_runtime(runtime: str, compile_model: bool, device: torch.device, dtype: torch.dtype, amp: str) -> None:
+    """A one-line error for what ONNX Runtime cannot be timed with, before any work."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"--runtime {runtime}: choose one of {', '.join(RUNTIMES)}")
+    if runtime == "eager":
+        return
+    refused = [(compile_model, "--compile (ONNX Runtime runs the exported graph; drop --compile)"),
+               (device.type != "cpu", "--device other than cpu (ONNX Runtime is timed on its CPU execution provider)"),
+               (dtype != torch.float32, "--dtype other than float32 (the exported graph is float32)"),
+               (amp != "none", "--amp (the exported graph is float32; drop --amp)")]
+    for refuse, why in refused:
+        if refuse:
+            raise ValueError(f"--runtime onnxruntime does not take {why}")
+    require_onnx()
 
 
 def prepare_runners(
@@ -72,6 +97,26 @@ def prepare_runners(
         configure(variant, setting)
         runners[setting.name] = under_amp(torch.compile(variant))
     return runners
+
+
+def onnx_runners(
+    model: torch.nn.Module, settings: Sequence[Setting], img_size: tuple[int, int], progress: bool = False,
+    static_batch: Optional[int] = None,
+) -> tuple[dict[str, Callable[[torch.Tensor], torch.Tensor]], dict[str, float]]:
+    """Every setting of ``model`` exported to ONNX with a dynamic batch (or for
+    ``static_batch`` images only) and loaded into an ONNX Runtime session on the CPU,
+    as a function of images; and the seconds each export and session took."""
+    example = torch.randn(static_batch or 2, 3, *img_size)
+    runners, seconds = {}, {}
+    with tempfile.TemporaryDirectory(prefix="tokenmerge-bench-") as directory:
+        for index, setting in enumerate(tqdm(settings, desc="exporting to ONNX", disable=not progress)):
+            start = time.perf_counter()
+            configure(model, setting)
+            path = export_onnx(model, Path(directory) / f"setting{index}.onnx", example, static_batch is None)
+            runners[setting.name] = session_runner(onnx_session(path))
+            seconds[setting.name] = time.perf_counter() - start
+    configure(model, Setting(UNPATCHED))
+    return runners, seconds
 
 
 def first_calls(runners: dict[str, Callable[[torch.Tensor], torch.Tensor]], inputs: torch.Tensor) -> dict[str, float]:
@@ -133,15 +178,19 @@ def benchmark_settings(
     amp: str = "none",
     device: str | torch.device = "cpu",
     compile_model: bool = False,
+    runtime: str = "eager",
     latency_runs: Optional[int] = None,
     progress: bool = True,
 ) -> list[BenchRow]:
     """Tokens, GFLOPs per image, images per second at ``batch_size``, latency per
     image at batch size 1 and speed-ups of ``model`` in every setting (the first the
     unpatched model; a setting named ``cut NAME`` is the limit of setting ``NAME``),
-    timed interleaved. Blocks that cannot merge the full r merge what they can
-    without a warning here (see :func:`tokenmerge.tools.settings.cap_notes`): the
-    token counts show it."""
+    timed interleaved; with ``runtime="onnxruntime"`` every setting is exported to ONNX
+    and timed in ONNX Runtime, the export times apart. Blocks that cannot merge the
+    full r merge what they can without a warning here (see
+    :func:`tokenmerge.tools.settings.cap_notes`): the token counts show it."""
+    device = torch.device(device)
+    check_bench_runtime(runtime, compile_model, device, dtype, amp)
     if runs < 1 or warmup < 0 or batch_size < 1:
         raise ValueError("--runs and --batch-size must be at least 1, --warmup at least 0")
     if not settings or settings[0].r is not None:
@@ -151,14 +200,16 @@ def benchmark_settings(
     adapter.check(network)
     img_size = tuple(img_size or adapter.input_size(network))
     counts = {s.name: tokenmerge.token_counts(network, r=s.r or 0, img_size=img_size) for s in settings}  # validates r
-    device = torch.device(device)
     model = model.to(device=device, dtype=dtype)
     check_input_size(model, img_size, device, dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CappedRWarning)
         inputs = torch.randn(batch_size, 3, *img_size, device=device, dtype=dtype)
         counted = counted_flops(model, settings, inputs[:1])
-        runners = prepare_runners(model, settings, compile_model, amp)
+        if runtime == "onnxruntime":
+            runners, export_seconds = onnx_runners(model, settings, img_size, progress)
+        else:
+            runners, export_seconds = prepare_runners(model, settings, compile_model, amp), {}
         compile_seconds = first_calls(runners, inputs) if compile_model else {}
         times = time_interleaved(runners, inputs, runs, warmup, progress, f"batch {batch_size}")
         latencies = time_interleaved(runners, inputs[:1], latency_runs or 4 * runs, warmup, progress, "batch 1")
@@ -179,6 +230,7 @@ def benchmark_settings(
             speedup=medians[UNPATCHED] / medians[setting.name],
             of_limit=medians[limit] / medians[setting.name] if limit in medians else None,
             compile_seconds=compile_seconds.get(setting.name),
+            export_seconds=export_seconds.get(setting.name),
         ))
     return rows
 
@@ -204,6 +256,8 @@ def format_rows(rows: Sequence[BenchRow], per_block: bool = False) -> str:
         columns.append(("of_limit", "of limit", ">"))
     if any(row.compile_seconds is not None for row in rows):
         columns.append(("compile_seconds", "compile s", ".1f"))
+    if any(row.export_seconds is not None for row in rows):
+        columns.append(("export_seconds", "export s", ".1f"))
     if per_block:
         for row in table:
             row["tokens_per_block"] = " ".join(map(str, row["tokens_per_block"]))
@@ -228,6 +282,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile every setting; the first calls, which compile, are timed apart "
                         "('compile s') and never counted in the rounds")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="eager",
+                        help="eager: the PyTorch model; onnxruntime: every setting exported to ONNX (dynamic batch) "
+                        "and timed in ONNX Runtime on the CPU, as many threads as torch's, export times apart "
+                        "('export s'); needs the onnx extra (default: eager)")
     parser.add_argument("--runs", type=options.positive_int, default=8, help="timed rounds per setting (default: 8)")
     parser.add_argument("--warmup", type=options.non_negative_int, default=2,
                         help="untimed rounds first (default: 2)")
@@ -245,6 +303,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> None:
     check_output_path(args.output)
     device = options.check_runtime(args)
+    check_bench_runtime(args.runtime, args.compile, device, options.DTYPES[args.dtype], args.amp)
     model = load_model(args.library, args.model, args.checkpoint, num_classes=args.num_classes,
                        model_kwargs=args.model_kwargs, img_size=args.img_size)
     network = unwrap(model)
@@ -254,15 +313,17 @@ def run(args: argparse.Namespace) -> None:
         options.note("bench", text)
     env = environment(device)
     amp = f", autocast {args.amp}" if args.amp != "none" else ""
+    where = ", compiled" if args.compile else ", ONNX Runtime" if args.runtime == "onnxruntime" else ""
     print(
         f"{args.model} ({model.weights or 'random weights'}), batch {args.batch_size}, {args.dtype}{amp}"
-        f"{', compiled' if args.compile else ''}; {args.runs} timed rounds after {args.warmup} warm-up, "
+        f"{where}; {args.runs} timed rounds after {args.warmup} warm-up, "
         f"interleaved, medians; {describe_environment(env)}",
         flush=True,
     )
     rows = benchmark_settings(
         model, settings, batch_size=args.batch_size, runs=args.runs, warmup=args.warmup,
         dtype=options.DTYPES[args.dtype], amp=args.amp, device=device, compile_model=args.compile,
+        runtime=args.runtime,
     )
     print(format_rows(rows, per_block=args.per_block))
     warning = untrusted({row.setting: row.iqr_percent for row in rows})

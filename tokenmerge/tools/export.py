@@ -1,79 +1,20 @@
-"""``tokenmerge export``: a model with token merging as an ONNX file, through PyTorch's
-ONNX exporter (``torch.onnx.export(..., dynamo=True)``), with a dynamic batch
-dimension and standard ONNX operators only, checked against the eager model in
-ONNX Runtime.
-
-For scripts::
-
-    from tokenmerge.tools.export import export_onnx, onnx_difference, onnx_outputs
-    export_onnx(model, "model.onnx", torch.randn(2, 3, 224, 224))   # model patched or not
-    onnx_outputs("model.onnx", images)                              # ONNX Runtime's outputs
-    onnx_difference("model.onnx", model, images)                    # max abs difference
-
-The matching's stable sort becomes an ONNX ``TopK``, which orders equal scores by
-index just as the stable sort does. Needs the ``onnx`` extra (onnx, onnxscript,
-onnxruntime).
-"""
+"""``tokenmerge export``: a model with token merging as an ONNX file with a dynamic
+batch dimension and standard ONNX operators only, checked against the eager model in
+ONNX Runtime (see :mod:`tokenmerge.tools.onnx_files`, which scripts can use directly)."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import warnings
-from pathlib import Path
 
 import torch
 
 from tokenmerge import schedule as schedules
 from tokenmerge.adapters import find_adapter
-from tokenmerge.libraries import install_command
-from tokenmerge.state import CappedRWarning
 
 from . import options
 from .models import load_model, unwrap
+from .onnx_files import export_onnx, onnx_difference, require_onnx
 from .reports import check_output_path
 from .settings import Setting, cap_notes, configure, largest_r, variant
-
-ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
-
-
-def require_onnx() -> None:
-    """A one-line error naming the install command when the ONNX packages are missing."""
-    missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
-    if missing:
-        raise ValueError(f"ONNX export needs {', '.join(missing)}; install them with: {install_command('onnx')}")
-
-
-def export_onnx(model: torch.nn.Module, path: str | Path, example: torch.Tensor, dynamic_batch: bool = True) -> Path:
-    """Write ``model`` (a function of images, patched or not) to the ONNX file ``path``,
-    traced with the images ``example`` (B, 3, H, W), the batch dimension dynamic
-    unless ``dynamic_batch`` is False; returns the path."""
-    require_onnx()
-    path = Path(path)
-    shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", CappedRWarning)
-        program = torch.onnx.export(model.eval(), (example,), dynamo=True, dynamic_shapes=shapes,
-                                    input_names=["images"], output_names=["output"], verbose=False)
-    program.save(str(path))
-    return path
-
-
-def onnx_outputs(path: str | Path, images: torch.Tensor) -> torch.Tensor:
-    """ONNX Runtime's outputs (CPU execution provider) of the ONNX file ``path`` for ``images``."""
-    require_onnx()
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (output,) = session.run(None, {session.get_inputs()[0].name: images.numpy()})
-    return torch.from_numpy(output)
-
-
-def onnx_difference(path: str | Path, model: torch.nn.Module, images: torch.Tensor) -> float:
-    """The largest absolute difference between ONNX Runtime's outputs for ``images``
-    and the eager model's."""
-    with torch.no_grad():
-        expected = model(images)
-    return float((onnx_outputs(path, images) - expected).abs().max())
 
 
 def add_parser(subparsers) -> None:

@@ -1,0 +1,115 @@
+"""Token merging in ONNX Runtime against eager PyTorch, on the CPU.
+
+Every setting (unpatched, and for every r the merged model and its cut limit, the
+same token counts per block with tokens cut instead of merged) is exported to ONNX
+once with a dynamic batch and once more for every batch size with a static one, and
+loaded into ONNX Runtime sessions with as many threads as torch uses. For each batch
+size, the eager models are timed interleaved, then the dynamic-batch sessions, then
+the static ones (each runtime apart, so that one's idle threads do not take the
+others' cores), and a Markdown table of medians is printed:
+
+    python benchmarks/onnx_speed.py                 # vit_small_patch16_224, r=8,13,16, batch 32 and 1
+    python benchmarks/onnx_speed.py --threads 2 --batch-sizes 1 --runs 100
+
+"speed-up" is over the unpatched model of the same runtime, "of limit" the merged
+model's throughput over its cut limit's in the same runtime, and "/ eager" the ONNX
+session's throughput over the eager model's at the same setting. Needs the ``onnx``
+extra.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import warnings
+
+import timm
+import torch
+
+from tokenmerge.state import CappedRWarning
+from tokenmerge.tools.bench import onnx_runners, prepare_runners
+from tokenmerge.tools.reports import describe_environment, environment
+from tokenmerge.tools.settings import Setting
+from tokenmerge.tools.timing import spread_percent, time_interleaved
+
+RUNTIMES = {"eager": "eager", "dynamic": "ONNX, dynamic batch", "static": "ONNX, static batch"}
+
+
+def settings_for(rs: list[int]) -> list[Setting]:
+    settings = [Setting("unpatched")]
+    for r in rs:
+        settings += [Setting(f"r={r}", r), Setting(f"cut r={r}", r, "cut")]
+    return settings
+
+
+def measure(runners: dict[str, dict], settings: list[Setting], batch_size: int, img_size: tuple[int, int],
+            runs: int, warmup: int) -> list[dict]:
+    inputs = torch.randn(batch_size, 3, *img_size)
+    times = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CappedRWarning)
+        for runtime, title in RUNTIMES.items():
+            timings = time_interleaved(runners[runtime], inputs, runs, warmup,
+                                       description=f"{title}, batch {batch_size}")
+            times |= {(runtime, name): values for name, values in timings.items()}
+    median = {name: statistics.median(values) for name, values in times.items()}
+    rows = []
+    for setting in settings:
+        if setting.method == "cut":
+            continue
+        row = {"batch": batch_size, "setting": setting.name}
+        for runtime in RUNTIMES:
+            name, limit = (runtime, setting.name), (runtime, f"cut {setting.name}")
+            row[runtime] = {
+                "img/s": batch_size / median[name],
+                "IQR %": spread_percent(times[name]),
+                "speed-up": median[(runtime, "unpatched")] / median[name],
+                "of limit": median[limit] / median[name] if limit in median else None,
+            }
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    def share(value):
+        return "" if value is None else f"{100 * value:.1f}%"
+
+    lines = ["| batch | setting | runtime | img/s | IQR % | speed-up | of limit | / eager |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        eager = row["eager"]["img/s"]
+        for runtime, title in RUNTIMES.items():
+            figures = row[runtime]
+            versus = "" if runtime == "eager" else f"{figures['img/s'] / eager:.2f}x"
+            lines.append(f"| {row['batch']} | {row['setting']} | {title} | {figures['img/s']:.1f} | "
+                         f"{figures['IQR %']:.1f} | {figures['speed-up']:.2f}x | {share(figures['of limit'])} | "
+                         f"{versus} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="vit_small_patch16_224")
+    parser.add_argument("--r", default="8,13,16", help="comma-separated r values (default: 8,13,16)")
+    parser.add_argument("--batch-sizes", default="32,1", help="comma-separated (default: 32,1)")
+    parser.add_argument("--runs", type=int, help="timed rounds (default: 10 at batch > 1, 60 at batch 1)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = timm.create_model(args.model).eval()
+    img_size = tuple(model.patch_embed.img_size)
+    settings = settings_for([int(r) for r in args.r.split(",")])
+    print(f"{args.model}, float32, random weights; {describe_environment(environment())}\n", flush=True)
+    eager, (dynamic, _) = prepare_runners(model, settings, False), onnx_runners(model, settings, img_size, True)
+    rows = []
+    for batch_size in (int(b) for b in args.batch_sizes.split(",")):
+        static, _ = onnx_runners(model, settings, img_size, True, static_batch=batch_size)
+        runs = args.runs or (60 if batch_size == 1 else 10)
+        runners = {"eager": eager, "dynamic": dynamic, "static": static}
+        rows += measure(runners, settings, batch_size, img_size, runs, args.warmup)
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
