@@ -7,7 +7,8 @@ batch goes through the unpatched model and every (method, r) setting in turn (se
 :mod:`tokenmerge.tools.evaluation`), so accuracy and throughput of all settings come
 from the same images under the same machine load. The figure plots top-1 against
 measured images per second with one curve per method: at equal speed, the higher
-curve loses less accuracy.
+curve loses less accuracy; a second panel plots the share of images whose top-1
+differs from the unpatched model's, where the lower curve is the more faithful.
 """
 from __future__ import annotations
 
@@ -31,30 +32,43 @@ def curves(rows: Sequence[EvalRow]) -> dict[str, list[EvalRow]]:
     return by_method
 
 
+#: What the comparison figure can plot against measured speed: (row field, axis label).
+MEASURES = {"top1": "top-1 accuracy (%)", "disagreement": "top-1 differs from unpatched (% of images)"}
+
+
 def draw_comparison(rows: Sequence[EvalRow], title: Optional[str] = None):
-    """A matplotlib ``Figure`` of top-1 against measured images per second: one curve
-    per method through its r values (labelled ``r=R``), the unpatched model as a star."""
+    """A matplotlib ``Figure`` with one panel per measure, top-1 (with labels) and the
+    share of images whose top-1 differs from the unpatched model's, each against
+    measured images per second: one curve per method through its r values (labelled
+    ``r=R``), the unpatched model as a star."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(7.5, 5), layout="constrained")
-    ax = figure.subplots()
+    measures = [key for key in MEASURES if key != "top1" or rows[0].top1 is not None]
+    figure = Figure(figsize=(7.5 * len(measures), 5), layout="constrained")
+    for ax, measure in zip(figure.subplots(1, len(measures), squeeze=False)[0], measures):
+        draw_measure(ax, rows, measure)
+    if title:
+        figure.suptitle(title, fontsize=9)
+    return figure
+
+
+def draw_measure(ax, rows: Sequence[EvalRow], measure: str) -> None:
     for index, (method, points) in enumerate(curves(rows).items()):
         style = "-" if method.startswith("tome") else "--"
         width = 2.2 if method == "tome" else 1.2
-        ax.plot([p.images_per_second for p in points], [p.top1 for p in points], style, marker="o",
+        values = [getattr(p, measure) for p in points]
+        ax.plot([p.images_per_second for p in points], values, style, marker="o",
                 linewidth=width, markersize=4, color=f"C{index}", label=method)
-        for point in points:
-            ax.annotate(f"r={point.r}", (point.images_per_second, point.top1), textcoords="offset points",
+        for point, value in zip(points, values):
+            ax.annotate(f"r={point.r}", (point.images_per_second, value), textcoords="offset points",
                         xytext=(3, 3), fontsize=6, color=f"C{index}")
     unpatched = next(row for row in rows if row.setting == UNPATCHED)
-    ax.plot(unpatched.images_per_second, unpatched.top1, "*", markersize=12, color="black", label=UNPATCHED)
+    ax.plot(unpatched.images_per_second, getattr(unpatched, measure), "*", markersize=12, color="black",
+            label=UNPATCHED)
     ax.set_xlabel("images / s (measured)")
-    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_ylabel(MEASURES[measure])
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
-    if title:
-        ax.set_title(title, fontsize=9)
-    return figure
+    ax.legend(fontsize=8, loc="lower left" if measure == "top1" else "upper left")
 
 
 def add_parser(subparsers) -> None:

@@ -52,7 +52,8 @@ def synset_samples(root: str | Path) -> list[tuple[Path, int]]:
     for folder in folders:
         if folder.name not in index:
             raise ValueError(f"{folder} is not named by an ImageNet-1k synset (like n01440764); "
-                             f"for other class folders give {CLASS_MAP_HELP}")
+                             f"for other class folders give {CLASS_MAP_HELP}, or --no-labels to measure "
+                             "the differences from the unpatched model only")
     return labelled_samples(root, folders, index)
 
 
@@ -110,9 +111,31 @@ def balanced_subset(samples: Sequence[tuple[Path, int]], count: int, seed: int =
     return [samples[index] for index in sorted(chosen)]
 
 
-def folder_samples(root: str | Path, class_map: Optional[str | Path] = None) -> list[tuple[Path, int]]:
-    """The labelled images of an image folder: through ``class_map`` when given,
-    otherwise as ImageNet synset folders."""
+#: The label of an image without one: it counts in the fidelity measures, not in accuracy.
+NO_LABEL = -1
+
+
+def unlabelled_samples(root: str | Path) -> list[tuple[Path, int]]:
+    """(image path, :data:`NO_LABEL`) for every image file under ``root``, at any depth,
+    sorted by path."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not paths:
+        raise ValueError(f"no images found in {root} or below it (suffixes {', '.join(sorted(IMAGE_SUFFIXES))})")
+    return [(path, NO_LABEL) for path in paths]
+
+
+def folder_samples(
+    root: str | Path, class_map: Optional[str | Path] = None, labels: bool = True
+) -> list[tuple[Path, int]]:
+    """The images of an image folder: labelled through ``class_map`` when given, or as
+    ImageNet synset folders; without labels when ``labels`` is False or when the
+    folder holds images and no sub-folders."""
+    if not labels or (Path(root).is_dir() and not class_folders(root) and class_map is None):
+        return unlabelled_samples(root)
     return synset_samples(root) if class_map is None else class_map_samples(root, class_map)
 
 

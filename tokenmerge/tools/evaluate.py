@@ -41,22 +41,25 @@ def evaluate(
 
 
 def draw_plot(rows: Sequence[EvalRow], title: Optional[str] = None):
-    """A matplotlib ``Figure`` of top-1 accuracy against measured images per second,
-    one labelled point per setting. Built without pyplot, so it needs no display."""
+    """A matplotlib ``Figure`` of top-1 accuracy (without labels: the share of images
+    whose top-1 differs from the unpatched model's) against measured images per
+    second, one labelled point per setting. Built without pyplot, so it needs no display."""
     from matplotlib.figure import Figure
 
+    measure = "top1" if rows[0].top1 is not None else "disagreement"
     figure = Figure(figsize=(6, 4.5), layout="constrained")
     ax = figure.subplots()
     for row in rows:
         unpatched = row.setting == UNPATCHED
         style = dict(marker="s", markersize=11, markerfacecolor="none", color="tab:gray") if unpatched else \
             dict(marker="o", color="tab:blue")
-        ax.plot(row.images_per_second, row.top1, linestyle="none", **style)
-        ax.annotate(row.setting, (row.images_per_second, row.top1), textcoords="offset points",
+        value = getattr(row, measure)
+        ax.plot(row.images_per_second, value, linestyle="none", **style)
+        ax.annotate(row.setting, (row.images_per_second, value), textcoords="offset points",
                     xytext=(6, -12) if unpatched else (6, 5), fontsize=8)
     ax.margins(x=0.15, y=0.12)
     ax.set_xlabel("images / s (measured)")
-    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_ylabel("top-1 accuracy (%)" if measure == "top1" else "top-1 differs from unpatched (% of images)")
     ax.grid(alpha=0.3)
     if title:
         ax.set_title(title, fontsize=9)

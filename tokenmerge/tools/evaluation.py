@@ -1,6 +1,9 @@
 """Evaluating settings on an image folder, the work ``tokenmerge eval`` and
-``tokenmerge compare`` share: top-1 and top-5 accuracy of every setting, with the
-throughput of every setting measured in the same run.
+``tokenmerge compare`` share: top-1 and top-5 accuracy of every setting, how far it
+is from the unpatched model on the same images (the share of images whose top-1
+differs, and the mean KL divergence of its output distribution from the unpatched
+model's: paired, so they resolve far smaller differences than top-1, and they need
+no labels), with the throughput of every setting measured in the same run.
 
 Every batch is decoded once and then run through every setting in turn (unpatched,
 r1, r2, ..., each batch starting one setting further on), so all settings see the
@@ -35,8 +38,8 @@ from tokenmerge import schedule as schedules
 from tokenmerge.state import CappedRWarning
 
 from . import options
-from .accuracy import correct_predictions
-from .data import Batch, TolerantImageFiles, Unreadable, balanced_subset, folder_samples, read_class_map
+from .accuracy import correct_predictions, disagreements, kl_divergence_sum
+from .data import NO_LABEL, Batch, TolerantImageFiles, Unreadable, balanced_subset, folder_samples, read_class_map
 from .distributed import combine, first_process, gather_objects, process_group, rank, shard_loader, world_size
 from .models import ImageModel, load_model, unwrap, with_zero_shot_head
 from .reports import (
@@ -54,31 +57,41 @@ from .timing import timed
 
 @dataclass
 class Tally:
-    """What one setting has counted so far: correct predictions, images, forward time."""
+    """What one setting has counted so far: correct predictions, images (and those with
+    a label), top-1 differences from the unpatched model and their summed KL
+    divergence, forward time."""
 
     top1: int = 0
     top5: int = 0
     images: int = 0
+    labelled: int = 0
+    disagreeing: int = 0
+    kl: float = 0.0
     seconds: float = 0.0
 
 
 @dataclass
 class EvalRow:
-    """One setting: accuracy in percent and as counts of correct images, the images
-    counted (unreadable files excluded), and the measured throughput, with its
-    speed-up over the unpatched model."""
+    """One setting: accuracy in percent and as counts of correct images (None without
+    labels), the images counted (unreadable files excluded), the measured throughput
+    with its speed-up over the unpatched model, and the fidelity to the unpatched
+    model: the percentage (and count) of images whose top-1 differs from its, and the
+    mean KL divergence of the output distribution from its, in nats."""
 
     setting: str
     method: str
     r: str
     tokens_left: int
-    top1: float
-    top5: float
+    top1: Optional[float]
+    top5: Optional[float]
     top1_correct: int
     top5_correct: int
     images: int
     images_per_second: float
     speedup: float
+    disagreement: float = 0.0
+    kl: float = 0.0
+    disagreeing: int = 0
 
 
 @dataclass
@@ -114,16 +127,23 @@ def tally_batch(
     model: torch.nn.Module, settings: Sequence[Setting], images: torch.Tensor, labels: torch.Tensor,
     tallies: dict[str, Tally], amp: str = "none",
 ) -> None:
-    """Run one batch through every setting in turn and add up what each got right."""
+    """Run one batch through every setting in turn and add up what each got right and
+    how far each is from the unpatched model."""
+    outputs = {}
     for setting in settings:
         configure(model, setting)
         with options.autocast(images.device, amp):
-            logits, seconds = timed(model, images)
+            outputs[setting.name], seconds = timed(model, images)
+        tallies[setting.name].seconds += seconds
+    reference = outputs[UNPATCHED]
+    for name, logits in outputs.items():
         top1, top5 = correct_predictions(logits, labels)
-        tally = tallies[setting.name]
+        tally = tallies[name]
         tally.top1, tally.top5 = tally.top1 + top1, tally.top5 + top5
         tally.images += len(labels)
-        tally.seconds += seconds
+        tally.labelled += int((labels >= 0).sum())
+        tally.disagreeing += disagreements(logits, reference)
+        tally.kl += kl_divergence_sum(logits, reference)
 
 
 def tally_batches(
@@ -150,11 +170,13 @@ def tally_batches(
 
 def combine_tallies(tallies: dict[str, Tally], device: torch.device) -> None:
     """Sum the counts of all processes and take the longest forward time, in place."""
-    counts = combine([value for t in tallies.values() for value in (t.top1, t.top5, t.images)], device)
+    counts = combine([value for t in tallies.values() for value in (t.top1, t.top5, t.images, t.labelled,
+                                                                    t.disagreeing, t.kl)], device)
     slowest = combine([t.seconds for t in tallies.values()], device, op="max")
     for index, tally in enumerate(tallies.values()):
-        tally.top1, tally.top5, tally.images = (int(value) for value in counts[3 * index:3 * index + 3])
-        tally.seconds = slowest[index]
+        mine = counts[6 * index:6 * index + 6]
+        tally.top1, tally.top5, tally.images, tally.labelled, tally.disagreeing = (int(value) for value in mine[:5])
+        tally.kl, tally.seconds = float(mine[5]), slowest[index]
 
 
 def make_rows(model: torch.nn.Module, settings: Sequence[Setting], tallies: dict[str, Tally]) -> list[EvalRow]:
@@ -167,13 +189,16 @@ def make_rows(model: torch.nn.Module, settings: Sequence[Setting], tallies: dict
             method="" if setting.r is None else setting.method + ("" if setting.prop_attn else " without prop_attn"),
             r="" if setting.r is None else schedules.describe(setting.r),
             tokens_left=tokenmerge.token_counts(unwrap(model), r=setting.r or 0)[-1],
-            top1=100 * tally.top1 / tally.images,
-            top5=100 * tally.top5 / tally.images,
+            top1=100 * tally.top1 / tally.labelled if tally.labelled else None,
+            top5=100 * tally.top5 / tally.labelled if tally.labelled else None,
             top1_correct=tally.top1,
             top5_correct=tally.top5,
             images=tally.images,
             images_per_second=tally.images / tally.seconds,
             speedup=baseline.seconds / tally.seconds,
+            disagreement=100 * tally.disagreeing / tally.images,
+            kl=tally.kl / tally.images,
+            disagreeing=tally.disagreeing,
         ))
     return rows
 
@@ -189,10 +214,11 @@ def evaluate_settings(
     dtype: torch.dtype = torch.float32,
     amp: str = "none",
 ) -> Evaluation:
-    """Top-1 and top-5 accuracy and images per second of ``model`` in every setting
-    (the first being the unpatched model; no setting twice), on the (image tensor,
-    label) items of ``dataset``, the model and the images in ``dtype``, under
-    autocast to ``amp``.
+    """Top-1 and top-5 accuracy, fidelity to the unpatched model and images per second
+    of ``model`` in every setting (the first being the unpatched model; no setting
+    twice), on the (image tensor, label) items of ``dataset`` (a label below 0: no
+    label, counted in the fidelity only), the model and the images in ``dtype``,
+    under autocast to ``amp``.
 
     Each batch is loaded once and run through every setting, timing only the forward
     passes, so the figures of all settings come from the same images in the same
@@ -236,14 +262,22 @@ COLUMNS = [
     ("tokens_left", "tokens left", "d"),
     ("top1", "top-1 %", ".2f"),
     ("top5", "top-5 %", ".2f"),
+    ("disagreement", "differs %", ".2f"),
+    ("kl", "KL", ".4f"),
     ("images", "images", "d"),
     ("images_per_second", "img/s", ".1f"),
     ("speedup", "speed-up", ".2f"),
 ]
+LABELLED_ONLY = ("top1", "top5")
 
 
 def format_rows(rows: Sequence[EvalRow]) -> str:
-    return format_table([asdict(row) for row in rows], COLUMNS)
+    """The table of ``rows``; without labels, without the accuracy columns. "differs %"
+    is the share of images whose top-1 differs from the unpatched model's, "KL" the
+    mean KL divergence from its outputs."""
+    labelled = any(row.top1 is not None for row in rows)
+    columns = [column for column in COLUMNS if labelled or column[0] not in LABELLED_ONLY]
+    return format_table([asdict(row) for row in rows], columns)
 
 
 def describe_unreadable(unreadable: Sequence[Unreadable]) -> str:
@@ -263,7 +297,11 @@ def add_evaluation_options(parser: argparse.ArgumentParser) -> None:
     options.add_model_options(parser)
     group = parser.add_argument_group("images")
     group.add_argument("--data", required=True, metavar="DIR",
-                       help="image folder: <synset>/<image> files, or <class>/<image> files with --class-map")
+                       help="image folder: <synset>/<image> files, <class>/<image> files with --class-map, or any "
+                       "images with --no-labels (a folder of images without sub-folders needs no flag)")
+    group.add_argument("--no-labels", dest="labels", action="store_false",
+                       help="read every image under --data, at any depth, without labels: no top-1/top-5, only the "
+                       "differences from the unpatched model (differs %%, KL), which need none")
     group.add_argument("--class-map", metavar="FILE",
                        help="text file with one class name per line, the line number (from 0) being the class "
                        "index (timm's convention), for class folders not named by ImageNet synsets; "
@@ -276,13 +314,16 @@ def add_evaluation_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("outputs")
     group.add_argument("--output", metavar="FILE",
                        help="write the rows, the options and the environment to a .json or .csv file")
-    group.add_argument("--plot", metavar="FILE", help="plot top-1 against images/s to a .png (or .pdf, .svg) file")
+    group.add_argument("--plot", metavar="FILE", help="plot top-1 (compare: and how often top-1 differs from the "
+                       "unpatched model) against images/s to a .png (or .pdf, .svg) file")
 
 
 def check_labels(samples: Sequence[tuple[Path, int]], model: ImageModel, class_map: Optional[str]) -> None:
     """Labels the model cannot predict would only ever count as wrong: refuse them,
     and a class map with another number of classes than the model's."""
     num_classes = model.num_classes
+    if samples and samples[0][1] == NO_LABEL:
+        return
     if class_map is None:
         if num_classes != 1000:
             raise ValueError(f"synset folders are labelled with ImageNet-1k indices, but the model has {num_classes} "
@@ -319,13 +360,16 @@ def classifier(args: argparse.Namespace, progress: bool = True) -> ImageModel:
 def load_samples(args: argparse.Namespace) -> tuple[list[tuple[Path, int]], int]:
     """The labelled images to evaluate (a balanced sample of ``--limit``) and how many
     the folder holds."""
-    samples = folder_samples(args.data, args.class_map)
+    samples = folder_samples(args.data, args.class_map, args.labels)
     return (balanced_subset(samples, args.limit, args.seed) if args.limit else samples), len(samples)
 
 
-def announce(args: argparse.Namespace, model: ImageModel, images: int, found: int, env: dict) -> None:
-    layout = f"class map {args.class_map}" if args.class_map else "ImageNet synset folders"
-    sample = f" (a class-balanced sample of {found}, seed {args.seed})" if images < found else ""
+def announce(args: argparse.Namespace, model: ImageModel, images: int, found: int, env: dict,
+             labelled: bool = True) -> None:
+    layout = "no labels" if not labelled else f"class map {args.class_map}" if args.class_map else \
+        "ImageNet synset folders"
+    kind = "class-balanced sample" if labelled else "sample"
+    sample = f" (a {kind} of {found}, seed {args.seed})" if images < found else ""
     processes = f", {world_size()} processes" if world_size() > 1 else ""
     precision = args.dtype + (f", autocast {args.amp}" if args.amp != "none" else "")
     print(f"{args.model} ({model.weights or 'random weights'}) on {images} image files{sample} in {args.data} "
@@ -376,7 +420,7 @@ def run_settings(
     with process_group(device) as device:
         env = environment(device) | {"processes": world_size()}
         if rank() == 0:
-            announce(args, model, len(samples), found, env)
+            announce(args, model, len(samples), found, env, labelled=samples[0][1] != NO_LABEL)
         workers = options.default_workers(args.workers, device)
         result = evaluate_settings(model, dataset, settings, args.batch_size, workers, device, rank() == 0,
                                    options.DTYPES[args.dtype], args.amp)
