@@ -11,7 +11,7 @@ import tokenmerge
 from tests.adapters.invariants import assert_sizes_and_sources_agree
 from tokenmerge.methods import METHODS, Evidence, class_attention, keep_attended
 
-MERGING = ["tome", "tome-random-split", "tome-unweighted", "tome-features"]
+MERGING = ["tome", "tome-attended", "tome-random-split", "tome-unweighted", "tome-features"]
 PRUNING = ["random", "evit", "evit-fuse"]
 ALL = MERGING + PRUNING + ["cut"]
 
@@ -131,15 +131,44 @@ def test_evit_keeps_the_tokens_the_class_token_attends_to():
     assert (fused.fuse.gather(1, fused.keep) == 0).all()
 
 
-def test_evit_needs_a_class_token():
+@pytest.mark.parametrize("method", ["evit", "tome-attended"])
+def test_methods_reading_the_class_attention_need_a_class_token(method):
     model = tiny(global_pool="avg", class_token=False)
-    tokenmerge.apply(model, r=4, method="evit")
+    tokenmerge.apply(model, r=4, method=method)
     with pytest.raises(ValueError, match="no class token"):
         model(torch.randn(1, 3, 64, 64))
 
 
+def test_a_cost_keeps_a_token_from_merging_unless_its_link_is_better_by_more():
+    from tokenmerge.merge import bipartite_soft_matching
+
+    # A tokens 0, 2 and B tokens 1, 3: link 0-1 has similarity 1, link 2-3 similarity 0.8
+    metric = torch.tensor([[[1.0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0.8, 0.6]]])
+    assert bipartite_soft_matching(metric, 1).merged.tolist() == [[0]]
+    cost = torch.tensor([[0.0, 0.15, 0.0, 0.0]])  # B token 1 is costly: link 0-1 scores 0.85, still the best
+    assert bipartite_soft_matching(metric, 1, cost=cost).merged.tolist() == [[0]]
+    cost = torch.tensor([[0.15, 0.1, 0.0, 0.0]])  # both of its tokens are: 0.75 < 0.8
+    assert bipartite_soft_matching(metric, 1, cost=cost).merged.tolist() == [[1]]
+
+
+def test_tome_attended_spares_the_tokens_the_class_token_attends_to():
+    from tokenmerge.methods import match_keys, match_keys_sparing_attended
+
+    # class token, then four pairs of identical tokens (A at odd positions, B at even ones);
+    # the class token's query points at the first pair, so that ToMe's first link is the attended one
+    pairs = torch.eye(4) * 3
+    keys = torch.cat([torch.zeros(1, 4), pairs.repeat_interleave(2, dim=0)]).view(1, 1, 9, 4)
+    queries = torch.zeros(1, 1, 9, 4)
+    queries[0, 0, 0] = torch.tensor([4.0, 0, 0, 0])
+    evidence = Evidence(torch.randn(1, 9, 4), queries, keys, None, 0)
+    assert match_keys(evidence, 1, 1).merged.tolist() == [[0]], "equal links: the first in index order"
+    spared = match_keys_sparing_attended(evidence, 3, 1)
+    assert sorted(spared.merged[0].tolist()) == [1, 2, 3], "the attended pair merges last"
+
+
 def test_unknown_method_is_a_clear_error_listing_the_known_ones():
-    with pytest.raises(ValueError, match="unknown token reduction method 'pruning'; known: tome, tome-random-split"):
+    with pytest.raises(ValueError, match="unknown token reduction method 'pruning'; known: tome, tome-attended, "
+                                         "tome-random-split"):
         tokenmerge.apply(tiny(), r=4, method="pruning")
 
 

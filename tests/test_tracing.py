@@ -102,7 +102,8 @@ def test_exporting_with_the_callers_attention_mask_is_refused_and_remove_drops_t
     assert torch.equal(WithMask()(x, mask), make(case)(pixel_values=x, attention_mask=mask).logits)
 
 
-METHODS = ["tome", "tome-random-split", "tome-unweighted", "tome-features", "random", "evit", "evit-fuse", "cut"]
+METHODS = ["tome", "tome-attended", "tome-random-split", "tome-unweighted", "tome-features", "random", "evit",
+           "evit-fuse", "cut"]
 
 
 def compile_cleanly(case, model, x):

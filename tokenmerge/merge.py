@@ -51,14 +51,18 @@ def max_merges(num_tokens: int, num_protected: int = 0) -> int:
     return max(num_tokens - num_protected, 0) // 2
 
 
-def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int = 0) -> Matching:
+def bipartite_soft_matching(
+    metric: Tensor, r: int, num_protected: int = 0, cost: Tensor | None = None
+) -> Matching:
     """Link every A token to its most similar B token and keep the ``r`` best links.
 
     ``metric`` is (B, N, C): one feature vector per token (ToMe uses the attention
     keys averaged over heads; any positive multiple, such as their sum, gives the same
-    cosine similarities). ``r`` must not exceed ``max_merges``. The matching picks
-    indices and has no gradient, so ``metric`` is detached: in training nothing of it
-    is recorded for the backward pass.
+    cosine similarities). ``r`` must not exceed ``max_merges``. ``cost`` (B, N), if
+    given, is what merging each token costs: a link's score is its similarity less the
+    costs of its two tokens, so costly tokens merge only with very similar ones. The
+    matching picks indices and has no gradient, so ``metric`` is detached: in training
+    nothing of it is recorded for the backward pass.
     """
     num_tokens = metric.shape[1]
     if not 0 <= r <= max_merges(num_tokens, num_protected):
@@ -72,6 +76,9 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int = 0) -> M
     metric = metric / torch.linalg.vector_norm(metric, dim=-1, keepdim=True).clamp_min_(1e-12)
     similarity = torch.bmm(metric[:, p::2], metric[:, p + 1::2].mT)
     best_score, partner = similarity.max(dim=-1)
+    if cost is not None:
+        cost = cost.detach()
+        best_score = best_score - cost[:, p::2] - cost[:, p + 1::2].gather(1, partner)
     return Matching(in_index_order(descending_order(best_score), r), partner, r, num_protected, num_tokens)
 
 

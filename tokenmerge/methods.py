@@ -17,6 +17,12 @@ Every method removes exactly ``r`` tokens in a block and never touches the first
 and their speeds are comparable:
 
 * ``tome``: token merging (bipartite soft matching on the keys, size-weighted averages);
+* ``tome-attended``: token merging that spares the tokens the class token attends
+  to: every link's score is its similarity less the class attention of its two
+  tokens (relative to uniform attention, weighed by :data:`ATTENDED_COST`), so that
+  the tokens the classification reads from are merged only with near copies of
+  themselves. It keeps the model closer to its unmerged outputs than ``tome`` at the
+  same token counts; it needs a class token;
 * ``tome-random-split``, ``tome-unweighted``, ``tome-features``: merging with one
   choice of the paper changed (a random split into A and B instead of alternating,
   the plain average instead of the size-weighted one, similarity of the block's input
@@ -91,6 +97,23 @@ def match_keys(evidence: Evidence, r: int, num_protected: int) -> Matching:
     """Bipartite soft matching on the keys averaged over heads (summed: the cosine
     similarity is the same, one operation fewer)."""
     return bipartite_soft_matching(sum_over_heads(evidence.keys), r, num_protected)
+
+
+#: How much a token's class attention, relative to uniform attention (1 for a token
+#: attended as much as the average), lowers the score of its links in ``tome-attended``:
+#: chosen on half of a 500-photograph ImageNet sample with the AugReg ViT-Ti.
+ATTENDED_COST = 0.05
+
+
+def match_keys_sparing_attended(evidence: Evidence, r: int, num_protected: int) -> Matching:
+    """Bipartite soft matching on the keys, every link's score lowered by the class
+    attention of its two tokens."""
+    if num_protected < 1:
+        raise ValueError("tome-attended spares the tokens a class token attends to, and the model has no class "
+                         "token; use tome")
+    attention = class_attention(evidence)
+    cost = ATTENDED_COST * attention.shape[1] * attention
+    return bipartite_soft_matching(sum_over_heads(evidence.keys), r, num_protected, cost)
 
 
 def match_tokens(evidence: Evidence, r: int, num_protected: int) -> Matching:
@@ -283,6 +306,7 @@ def follow_cut(side: Tensor, keep: int) -> Tensor:
 
 METHODS: dict[str, Method] = {
     "tome": Method(match_keys, merge, follow_merge, matches=True),
+    "tome-attended": Method(match_keys_sparing_attended, merge, follow_merge, matches=True),
     "tome-random-split": Method(match_keys_random_split, merge_random_split, follow_random_split, matches=True),
     "tome-unweighted": Method(match_keys, merge_unweighted, follow_merge, matches=True),
     "tome-features": Method(match_tokens, merge, follow_merge, matches=True),
