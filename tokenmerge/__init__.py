@@ -14,12 +14,13 @@ import torch
 from . import schedule
 from .adapters import find_adapter
 from .adapters.base import already_patched
-from .schedule import Linear, Schedule
+from .schedule import Linear, Schedule, Tuned
+from .schedule import load as load_schedule
 from .state import CappedRWarning, MergeState
 
 __all__ = [
     "apply", "remove", "is_applied", "get_state", "token_counts", "flops_per_image", "Linear", "MergeState",
-    "CappedRWarning", "schedule",
+    "CappedRWarning", "schedule", "load_schedule",
 ]
 __version__ = "0.1.0"
 
@@ -37,13 +38,20 @@ def __getattr__(name: str):
 
 
 def apply(
-    model: ModelT, r: Schedule, *, prop_attn: bool = True, trace_source: bool = False, method: str = "tome"
+    model: ModelT,
+    r: Schedule,
+    *,
+    prop_attn: Optional[bool] = None,
+    trace_source: bool = False,
+    method: Optional[str] = None,
 ) -> ModelT:
     """Patch ``model`` in place to merge tokens, and return it.
 
-    ``r`` is the number of tokens each block merges: an int, one int per block, or a
-    :class:`tokenmerge.Linear` schedule. ``prop_attn`` turns on proportional attention
-    (keys weighted by the number of patches they stand for); ``trace_source`` records
+    ``r`` is the number of tokens each block merges: an int, one int per block, a
+    :class:`tokenmerge.Linear` schedule, or a schedule ``tokenmerge tune`` wrote, read
+    by :func:`load_schedule` (merged with the method and attention it was tuned with,
+    unless given). ``prop_attn`` turns on proportional attention (keys weighted by the
+    number of patches they stand for; the default); ``trace_source`` records
     which input patches each output token covers (see :func:`get_state`). ``method``
     picks what blocks do to reduce tokens: ``"tome"`` merges (the default); the
     ablations ``"tome-random-split"``, ``"tome-unweighted"`` and ``"tome-features"``
@@ -54,6 +62,10 @@ def apply(
     ``prop_attn=True`` there, to train with the attention the model is evaluated
     with; see :mod:`tokenmerge.train`).
     """
+    if method is None:
+        method = r.method if isinstance(r, Tuned) else "tome"
+    if prop_attn is None:
+        prop_attn = r.prop_attn if isinstance(r, Tuned) else True
     adapter = find_adapter(model)
     if is_applied(model):
         get_state(model).update(r, method=method, prop_attn=prop_attn, trace_source=trace_source)

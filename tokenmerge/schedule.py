@@ -6,14 +6,19 @@ A schedule is one of:
 * a sequence of ints: one r per block, exactly as many as the model has blocks
   (``"16/16/8/..."`` as text);
 * a :class:`Linear` schedule: r changes linearly over depth around a mean, like the
-  paper's decreasing ("inflection") schedule.
+  paper's decreasing ("inflection") schedule;
+* a :class:`Tuned` schedule: one r per block read from a file ``tokenmerge tune``
+  wrote (:func:`load`; ``"@schedule.json"`` as text), which also names the method
+  and attention it was tuned with and the model depth it was tuned for.
 """
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Union
+from pathlib import Path
+from typing import Optional, Union
 
 from .merge import max_merges
 
@@ -45,12 +50,44 @@ class Linear:
         ]
 
 
+class Tuned(list):
+    """One r per block, as tuned for a model by ``tokenmerge tune`` and read from its
+    file by :func:`load`: a list of ints that also knows its ``path``, the ``method``
+    and ``prop_attn`` it was tuned with and the ``model`` it was tuned for."""
+
+    def __init__(self, r: Sequence[int], path: str | Path, method: str = "tome", prop_attn: bool = True,
+                 model: Optional[str] = None):
+        super().__init__(r)
+        self.path, self.method, self.prop_attn, self.model = Path(path), method, prop_attn, model
+
+
+def load(path: str | Path) -> Tuned:
+    """The schedule in the JSON file ``path`` that ``tokenmerge tune`` wrote: at least
+    ``{"r": [one int per block]}``, and the ``method``, ``prop_attn`` and ``model`` it
+    was tuned with. A missing file or one without such an ``r`` is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"schedule file {path} does not exist; write one with tokenmerge tune")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"schedule file {path} is not JSON ({error}); give a file tokenmerge tune wrote") from None
+    r = record.get("r") if isinstance(record, dict) else None
+    if not isinstance(r, list) or not r or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in r):
+        raise ValueError(f"schedule file {path} holds no per-block schedule: expected \"r\": [one int >= 0 per "
+                         "block], as tokenmerge tune writes")
+    method, prop_attn = record.get("method", "tome"), record.get("prop_attn", True)
+    if not isinstance(method, str) or not isinstance(prop_attn, bool):
+        raise ValueError(f"schedule file {path}: \"method\" must be a method name and \"prop_attn\" true or false")
+    return Tuned(r, path, method, prop_attn, record.get("model"))
+
+
 def _is_real(value: object) -> bool:
     """An int or float, not a bool; NaN fails every comparison made with it afterwards."""
     return not isinstance(value, bool) and isinstance(value, (int, float))
 
 
-Schedule = Union[int, Sequence[int], Linear]
+Schedule = Union[int, Sequence[int], Linear, Tuned]
 
 
 def describe(schedule: Schedule) -> str:
@@ -60,14 +97,19 @@ def describe(schedule: Schedule) -> str:
         return f"{named}:{schedule.r:g}" if named else f"linear:{schedule.r:g}:{schedule.slope:g}"
     if isinstance(schedule, int):
         return str(schedule)
+    if isinstance(schedule, Tuned):
+        return f"@{schedule.path}"
     return "/".join(str(r) for r in schedule)
 
 
 def parse(text: str) -> Schedule:
     """Read a schedule from text: ``"13"``, ``"8/8/4/..."`` (one per block),
     ``"linear:13"`` or ``"linear:13:0.5"`` (mean r, slope), ``"decreasing:13"``
-    (slope 1) or ``"increasing:13"`` (slope -1)."""
+    (slope 1), ``"increasing:13"`` (slope -1) or ``"@schedule.json"`` (a file
+    ``tokenmerge tune`` wrote, see :func:`load`)."""
     text = text.strip()
+    if text.startswith("@"):
+        return load(text[1:])
     name, _, rest = text.partition(":")
     try:
         if name in ("linear", "decreasing", "increasing"):
@@ -84,7 +126,7 @@ def parse(text: str) -> Schedule:
         raise ValueError(f"cannot read r schedule {text!r}: {error}") from None
     raise ValueError(
         f"cannot read r schedule {text!r}; use an int ('13'), one int per block ('8/8/4'), "
-        "'linear:R[:SLOPE]', 'decreasing:R' or 'increasing:R'"
+        "'linear:R[:SLOPE]', 'decreasing:R', 'increasing:R' or '@FILE' (a file tokenmerge tune wrote)"
     )
 
 
@@ -103,6 +145,10 @@ def resolve(schedule: Schedule, depth: int) -> list[int]:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"every r in a per-block schedule must be an int, got {value!r}")
             _check_non_negative(value)
+        if len(values) != depth and isinstance(schedule, Tuned):
+            tuned_for = f" ({schedule.model})" if schedule.model else ""
+            raise ValueError(f"schedule file {schedule.path} was tuned for a {len(values)}-block model{tuned_for}, "
+                             f"but this model has {depth} blocks; tune one for it with tokenmerge tune")
         if len(values) != depth:
             raise ValueError(
                 f"a per-block r schedule needs exactly one r per block: the model has {depth} "

@@ -14,7 +14,7 @@ from . import options
 from .models import load_model, unwrap
 from .onnx_files import export_onnx, onnx_difference, require_onnx
 from .reports import check_output_path
-from .settings import Setting, cap_notes, configure, largest_r, variant
+from .settings import Setting, cap_notes, configure, largest_r, tuned_variant, variant
 
 
 def add_parser(subparsers) -> None:
@@ -47,14 +47,15 @@ def run(args: argparse.Namespace) -> None:
                        model_kwargs=args.model_kwargs, img_size=args.img_size)
     network = unwrap(model)
     r = args.r if args.r is not None else round(0.8 * largest_r(network))
-    method, prop_attn = variant(args.method, args.prop_attn)
+    name, own_prop_attn = tuned_variant(r, args.method, args.prop_attn)
+    method, prop_attn = variant(name, own_prop_attn)
     setting = Setting(f"r={schedules.describe(r)}", None if r == 0 else r, method, prop_attn)
     for text in cap_notes(network, [setting]):
         options.note("export", text)
     configure(network, setting)
     height, width = find_adapter(network).input_size(network)
     export_onnx(model, args.output, torch.randn(args.batch_size, 3, height, width), not args.static_batch)
-    shown = "unpatched" if r == 0 else f"{args.method} r={schedules.describe(r)}"
+    shown = "unpatched" if r == 0 else f"{name} r={schedules.describe(r)}"
     print(f"{args.model} ({model.weights or 'random weights'}), {shown}: wrote {args.output}"
           f" ({'batch ' + str(args.batch_size) if args.static_batch else 'dynamic batch'})", flush=True)
     if args.check:

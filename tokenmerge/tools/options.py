@@ -30,7 +30,8 @@ AMP_DTYPES = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16
 #: Data loading processes by default on a GPU; on the CPU they would take cores from the model.
 CUDA_WORKERS = 4
 
-SCHEDULE_SYNTAX = "an int, one int per block '8/8/4/...', 'decreasing:R', 'increasing:R' or 'linear:R:SLOPE'"
+SCHEDULE_SYNTAX = ("an int, one int per block '8/8/4/...', 'decreasing:R', 'increasing:R', 'linear:R:SLOPE' or "
+                   "'@FILE', a schedule tokenmerge tune wrote")
 DEFAULT_SWEEP_HELP = ("0 and a half, four fifths and all of (patch tokens) // (blocks), so it follows the model: "
                       "0,8,13,16 for a 197-token, 12-block ViT, 0,2,3,4 for a 50-token one")
 CAP_POLICY = ("a block merges at most half of its mergeable tokens; an r beyond that merges what the block can, "
@@ -167,9 +168,9 @@ def add_method_option(parser: argparse.ArgumentParser, many: bool = False) -> No
         parser.add_argument("--methods", type=parse_methods, default=list(VARIANTS), metavar="M,M,...",
                             help=f"comma-separated methods (default: all: {','.join(VARIANTS)})")
     else:
-        parser.add_argument("--method", choices=list(VARIANTS), default="tome",
-                            help="token reduction method (default: tome, token merging); "
-                            "see tokenmerge compare --help")
+        parser.add_argument("--method", choices=list(VARIANTS),
+                            help="token reduction method (default: tome, token merging, or for --r @FILE the "
+                            "method it was tuned with); see tokenmerge compare --help")
     add_prop_attn_option(parser, default=None)
 
 

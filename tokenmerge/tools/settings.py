@@ -21,10 +21,12 @@ UNPATCHED = "unpatched"
 
 #: Every method name a command accepts: a reduction method of :func:`tokenmerge.apply`
 #: and whether its attention is proportional. ``tome`` is the paper's method; the
-#: ``tome-*`` variants change one of its choices; ``random`` and ``evit*`` prune.
+#: ``tome-attended`` spares the tokens the class token attends to; the other ``tome-*``
+#: variants change one of its choices; ``random`` and ``evit*`` prune.
 VARIANTS: dict[str, tuple[str, bool]] = {
     "tome": ("tome", True),
     "tome-no-prop-attn": ("tome", False),
+    "tome-attended": ("tome-attended", True),
     "tome-random-split": ("tome-random-split", True),
     "tome-unweighted": ("tome-unweighted", True),
     "tome-features": ("tome-features", True),
@@ -52,9 +54,10 @@ class Setting:
         return schedules.describe(self.r), self.method, self.prop_attn
 
 
-def variant(name: str, prop_attn: Optional[bool] = None) -> tuple[str, bool]:
-    """(method, prop_attn) of variant ``name``; ``prop_attn`` given overrides the
-    variant's own, except that a ``*-no-prop-attn`` variant never has it."""
+def variant(name: Optional[str], prop_attn: Optional[bool] = None) -> tuple[str, bool]:
+    """(method, prop_attn) of variant ``name`` (default ``tome``); ``prop_attn`` given
+    overrides the variant's own, except that a ``*-no-prop-attn`` variant never has it."""
+    name = name or "tome"
     if name not in VARIANTS:
         raise ValueError(f"unknown method {name!r}; known: {', '.join(VARIANTS)}")
     method, own = VARIANTS[name]
@@ -71,23 +74,42 @@ def configure(model: torch.nn.Module, setting: Setting) -> None:
         tokenmerge.apply(model, r=setting.r, method=setting.method, prop_attn=setting.prop_attn)
 
 
+def tuned_variant(
+    r: schedules.Schedule, name: Optional[str] = None, prop_attn: Optional[bool] = None
+) -> tuple[str, Optional[bool]]:
+    """The variant name and ``prop_attn`` to run schedule ``r`` with: those given, or
+    for a schedule file those it was tuned with, or ``tome``."""
+    if name is not None or not isinstance(r, schedules.Tuned):
+        return name or "tome", prop_attn
+    own = next((key for key, value in VARIANTS.items() if value == (r.method, r.prop_attn)), None)
+    if own is None:
+        own = next((key for key, value in VARIANTS.items() if value[0] == r.method), None)
+    if own is None:
+        raise ValueError(f"schedule file {r.path} was tuned with method {r.method!r}, which this version does not "
+                         f"know ({', '.join(VARIANTS)}); give --method")
+    return own, r.prop_attn if prop_attn is None else prop_attn
+
+
 def label(r: schedules.Schedule, name: str = "tome") -> str:
     """``r=R`` for merging, ``NAME r=R`` for any other method or variant."""
     return ("" if name == "tome" else f"{name} ") + f"r={schedules.describe(r)}"
 
 
 def sweep_settings(
-    rs: Sequence[schedules.Schedule], name: str = "tome", prop_attn: Optional[bool] = None, with_limit: bool = False
+    rs: Sequence[schedules.Schedule], name: Optional[str] = None, prop_attn: Optional[bool] = None,
+    with_limit: bool = False,
 ) -> list[Setting]:
-    """The unpatched model, then method (or variant) ``name`` at every r, each
-    followed by its cut limit ``with_limit`` (the same token counts, tokens cut
-    unseen: what the method would give if it cost nothing)."""
-    method, attention = variant(name, prop_attn)
+    """The unpatched model, then method (or variant) ``name`` (default: ``tome``, or
+    for a schedule file the method it was tuned with) at every r, each followed by its
+    cut limit ``with_limit`` (the same token counts, tokens cut unseen: what the method
+    would give if it cost nothing)."""
     settings = [Setting(UNPATCHED)]
     for r in rs:
-        settings.append(Setting(label(r, name), r, method, attention))
+        own, own_prop_attn = tuned_variant(r, name, prop_attn)
+        method, attention = variant(own, own_prop_attn)
+        settings.append(Setting(label(r, own), r, method, attention))
         if with_limit and schedules.describe(r) != "0":
-            settings.append(Setting(f"cut {label(r, name)}", r, "cut", attention))
+            settings.append(Setting(f"cut {label(r, own)}", r, "cut", attention))
     return settings
 
 

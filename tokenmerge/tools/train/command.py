@@ -9,7 +9,7 @@ from .. import options
 from ..data import class_folders
 from ..distributed import first_process
 from ..reports import format_table
-from ..settings import variant
+from ..settings import tuned_variant, variant
 from .config import TrainConfig
 from .loop import train
 from .metrics import METRIC_COLUMNS
@@ -71,7 +71,7 @@ def run_command(args: argparse.Namespace) -> None:
             raise ValueError(f"--num-classes {args.num_classes}: the classifier is made for the {found} classes of "
                              f"{Path(args.data) / 'train'}; leave --num-classes out")
     options.check_runtime(args)
-    method, prop_attn = variant(args.method, args.prop_attn)
+    method, prop_attn = variant(*tuned_variant(args.r, args.method, args.prop_attn))
     names = {f.name for f in fields(TrainConfig)} - {"progress", "method", "prop_attn", "img_size"}
     values = {name: value for name, value in vars(args).items() if name in names}
     img_size = None if args.img_size is None else list(args.img_size)
