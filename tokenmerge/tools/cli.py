@@ -1,4 +1,5 @@
-"""The ``tokenmerge`` command: ``bench``, ``eval``, ``compare``, ``visualize``, ``train`` and ``export``.
+"""The ``tokenmerge`` command: ``bench``, ``eval``, ``compare``, ``tune``, ``visualize``, ``train`` and
+``export``.
 
 Each command lives in its own module, which provides ``add_parser(subparsers)``; the
 parser it adds sets ``run`` to the function that carries it out. A mistake in what
@@ -18,7 +19,7 @@ from tokenmerge import __version__
 
 from .options import debugging
 
-COMMANDS = ("bench", "evaluate", "compare", "visualize", "train", "export")
+COMMANDS = ("bench", "evaluate", "compare", "tune", "visualize", "train", "export")
 #: What a user's mistake raises; any other exception is a bug in tokenmerge.
 USER_ERRORS = (ValueError, OSError, ImportError)
 

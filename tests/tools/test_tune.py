@@ -1,0 +1,168 @@
+"""``tokenmerge tune`` and schedule files: a tuned schedule meets its FLOP target,
+its file round-trips through every command and ``tokenmerge.load_schedule``, a file
+for another depth and targets merging cannot meet are one-line errors. Tiny random
+models and a handful of images throughout."""
+import json
+
+import numpy as np
+import pytest
+import timm
+from PIL import Image
+
+import tokenmerge
+from tokenmerge import schedule as schedules
+from tokenmerge.tools.cli import main
+from tokenmerge.tools.settings import sweep_settings
+from tokenmerge.tools.tune import CostLine, Space
+
+MODEL = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=8", "depth=4", "--img-size", "64"]
+QUICK = ["--budget-minutes", "0.1", "--images", "8", "--runs", "2", "--batch-size", "2"]
+
+
+def tiny(depth=4, **kwargs):
+    return timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=8, depth=depth, **kwargs).eval()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """train/<class>/*.png and val/<class>/*.png: 2 classes of random 48x48 pictures."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 4), ("val", 2)):
+        for name in ("cat", "dog"):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tuned(data, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tuned") / "schedule.json"
+    assert main(["tune", *MODEL, "--data", str(data), "--flops", "60%", *QUICK, "--output", str(path)]) == 0
+    return path
+
+
+def test_tune_meets_a_flop_target_and_writes_the_schedule(tuned):
+    record = json.loads(tuned.read_text())
+    assert len(record["r"]) == 4 and all(isinstance(r, int) and r >= 0 for r in record["r"])
+    assert record["method"] in ("tome", "tome-attended") and record["prop_attn"] is True
+    assert record["target"] == {"flops": pytest.approx(0.6 * record["unpatched_gflops"])}
+    assert record["gflops"] <= 0.6 * record["unpatched_gflops"]
+    model = tiny()
+    schedule = tokenmerge.load_schedule(tuned)
+    assert list(schedule) == record["r"] and schedule.method == record["method"]
+    assert tokenmerge.flops_per_image(model, schedule, method=schedule.method) == pytest.approx(record["gflops"] * 1e9)
+    assert record["measured_speedup"] > 0 and record["calibration"]["images"] == 8
+    assert record["environment"]["torch"] and record["depth"] == 4
+
+
+def test_the_schedule_file_round_trips_through_every_command(tuned, data, tmp_path):
+    r = json.loads(tuned.read_text())["r"]
+    counts = schedules.token_counts(65, r, 1)
+    at = f"@{tuned}"
+    assert main(["bench", *MODEL, "--r", at, "--runs", "1", "--warmup", "0", "--batch-size", "1", "--per-block",
+                 "--output", str(tmp_path / "bench.json")]) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert rows[1]["tokens_per_block"] == counts
+    for command in ("eval", "compare"):
+        methods = ["--methods", "tome"] if command == "compare" else []
+        assert main([command, *MODEL, "--data", str(data / "val"), "--no-labels", "--r", at, *methods,
+                     "--batch-size", "4", "--output", str(tmp_path / f"{command}.json")]) == 0
+        rows = json.loads((tmp_path / f"{command}.json").read_text())["rows"]
+        assert rows[1]["tokens_left"] == counts[-1] and rows[1]["r"] == f"@{tuned}"
+    picture = next((data / "val").rglob("*.png"))
+    assert main(["visualize", str(picture), *MODEL, "--r", at, "--output", str(tmp_path / "merges.png")]) == 0
+    assert main(["train", *MODEL, "--data", str(data), "--output", str(tmp_path / "run"), "--epochs", "1",
+                 "--batch-size", "4", "--merge-r", at, "--workers", "0"]) == 0
+    pytest.importorskip("onnxscript")
+    assert main(["export", *MODEL, "--r", at, "--output", str(tmp_path / "tuned.onnx")]) == 0
+
+
+def test_a_schedule_runs_with_the_method_it_was_tuned_with_unless_told(tmp_path):
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps({"r": [3, 3, 2, 2], "method": "tome-attended", "prop_attn": False}))
+    schedule = tokenmerge.load_schedule(path)
+    state = tokenmerge.get_state(tokenmerge.apply(tiny(), r=schedule))
+    assert (state.method, state.prop_attn) == ("tome-attended", False)
+    assert tokenmerge.get_state(tokenmerge.apply(tiny(), r=schedule, method="tome")).method == "tome"
+    setting = sweep_settings([schedule])[1]
+    assert (setting.name, setting.method, setting.prop_attn) == (f"tome-attended r=@{path}", "tome-attended", False)
+    assert sweep_settings([schedule], "tome")[1].method == "tome"
+
+
+def test_a_schedule_tuned_for_another_depth_is_a_clear_error(tmp_path, capsys):
+    path = tmp_path / "deep.json"
+    path.write_text(json.dumps({"r": [8] * 12, "model": "vit_base_patch16_224"}))
+    message = "was tuned for a 12-block model (vit_base_patch16_224), but this model has 6 blocks"
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        tokenmerge.apply(tiny(depth=6), r=tokenmerge.load_schedule(path))
+    assert main(["bench", "--model", "vit_tiny_patch16_224", "--model-kwargs", "depth=6", "--r", f"@{path}"]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"),
+    ("{not json", "is not JSON"),
+    (json.dumps({"method": "tome"}), "holds no per-block schedule"),
+    (json.dumps({"r": [1, -2]}), "holds no per-block schedule"),
+    (json.dumps({"r": [1, 2], "prop_attn": "yes"}), "true or false"),
+])
+def test_unreadable_schedule_files_say_why(content, message, tmp_path):
+    path = tmp_path / "schedule.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        schedules.parse(f"@{path}")
+
+
+@pytest.mark.parametrize("target, message", [
+    (["--speedup", "1"], "must be more than 1"),
+    (["--speedup", "0.5"], "must be more than 1"),
+    (["--flops", "0"], "expected a positive number"),
+    (["--flops", "120%"], "below 100%"),
+    (["--latency-ms", "-3"], "expected a positive number"),
+])
+def test_bad_targets_are_usage_errors(target, message, data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["tune", *MODEL, "--data", str(data), *target, "--output", str(tmp_path / "s.json")])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target, message", [
+    (["--flops", "0.001"], "cannot be reached: with every block merging as much as it can the model takes"),
+    (["--flops", "50"], "the unpatched model takes"),
+    (["--speedup", "40"], "cannot be reached here: with every block merging as much as it can the model is about"),
+    (["--latency-ms", "1000"], "the unpatched model takes"),
+])
+def test_targets_merging_cannot_meet_say_what_it_can(target, message, data, tmp_path, capsys):
+    output = tmp_path / "s.json"
+    assert main(["tune", *MODEL, "--data", str(data), *target, *QUICK, "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and not output.exists()
+
+
+def test_a_model_without_a_class_token_is_tuned_with_tome_only(data, tmp_path):
+    path = tmp_path / "gap.json"
+    assert main(["tune", "--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=8", "depth=4",
+                 "class_token=False", "global_pool=avg", "--img-size", "64", "--data", str(data), "--flops", "70%",
+                 *QUICK, "--output", str(path)]) == 0
+    assert json.loads(path.read_text())["search"]["methods"] == ["tome"]
+
+
+def test_schedules_are_fitted_to_a_flop_budget_as_closely_as_whole_merges_allow():
+    space = Space(tiny(depth=6), (64, 64))
+    budget = 0.55 * space.flops([0] * 6)
+    for slope in (1.0, 0.0, -1.0):
+        r = space.shaped(slope, budget, "tome")
+        assert space.flops(r) <= budget
+        assert all(space.flops(r[:i] + [r[i] - 1] + r[i + 1:]) > budget for i in range(6) if r[i] > 0)
+    assert space.shaped(1.0, budget, "tome")[0] > space.shaped(-1.0, budget, "tome")[0]
+
+
+def test_the_cost_line_goes_through_timings_and_measured_points():
+    line = CostLine.fit([(1.0, 3.0), (2.0, 5.0), (3.0, 7.0)])
+    assert (line.intercept, line.slope) == pytest.approx((1.0, 2.0))
+    assert line.flops_for(5.0) == pytest.approx(2.0)
+    assert line.through(2.0, 6.0).seconds(2.0) == pytest.approx(6.0)
