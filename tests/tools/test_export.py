@@ -62,9 +62,9 @@ def real_vit_tiny(library, timm_model):
     return Logits(transformers_from_timm(timm_model))
 
 
-@pytest.mark.parametrize("library, r", [("timm", 13), *(pytest.param(library, r, marks=pytest.mark.slow) for library, r
-                                                         in [("timm", 0), ("transformers", 0), ("transformers", 13),
-                                                             ("torchvision", 0), ("torchvision", 13)])])
+@pytest.mark.slow
+@pytest.mark.parametrize("library, r", [(library, r) for library in ("timm", "transformers", "torchvision")
+                                        for r in (0, 13)])
 def test_onnx_runtime_gives_the_eager_outputs_on_real_photographs(library, r, timm_vit_tiny, imagenet_sample,
                                                                   tmp_path):
     model = real_vit_tiny(library, copy.deepcopy(timm_vit_tiny))
