@@ -161,34 +161,34 @@ class Space:
         return self.capped([self.num_tokens] * self.depth)
 
     def fit(self, r: Sequence[int], budget: float, method: str) -> list[int]:
-        """``r`` changed as little as it takes to come within ``budget`` FLOPs and as
-        close to it as whole merges allow: merges added from the last block on while
-        above it, then taken away from the first block on while that stays within it."""
-        r = self.capped(r)
-        while self.flops(r, method) > budget:
-            grown = next((self.capped(r[:i] + [r[i] + 1] + r[i + 1:]) for i in reversed(range(self.depth))
-                          if self.capped(r[:i] + [r[i] + 1] + r[i + 1:]) != r), None)
+        """``r`` brought within ``budget`` FLOPs, close to it, keeping its shape: every
+        block scaled by one factor, then single merges added from the last block on
+        while above the budget, and at most one taken away from each block, from the
+        last on, while that stays within it (a late merge moves the FLOPs least)."""
+        base = [max(0, v) for v in r] if any(r) else [1] * self.depth
+        low, high = 0.0, 2.0 * self.num_tokens
+        for _ in range(40):
+            middle = (low + high) / 2
+            if self.flops(self.capped([round(middle * v) for v in base]), method) > budget:
+                low = middle
+            else:
+                high = middle
+        r = self.capped([round(high * v) for v in base])
+        while self.flops(r, method) > budget:  # one more merge per block, from the last block on
+            grown = next((more for i in reversed(range(self.depth))
+                          if (more := self.capped(r[:i] + [r[i] + 1] + r[i + 1:])) != r), None)
             if grown is None:
                 break
             r = grown
-        for i in range(self.depth):
-            while r[i] > 0:
-                fewer = self.capped(r[:i] + [r[i] - 1] + r[i + 1:])
-                if self.flops(fewer, method) > budget:
-                    break
+        for i in reversed(range(self.depth)):  # and at most one fewer per block while within budget
+            fewer = self.capped(r[:i] + [r[i] - 1] + r[i + 1:]) if r[i] > 0 else r
+            if self.flops(fewer, method) <= budget:
                 r = fewer
         return r
 
     def shaped(self, slope: float, budget: float, method: str) -> list[int]:
-        """The linear schedule of ``slope`` whose mean r brings it to ``budget``."""
-        low, high = 0.0, float(self.num_tokens)
-        for _ in range(40):
-            middle = (low + high) / 2
-            if self.flops(self.capped(schedules.Linear(middle, slope).per_block(self.depth)), method) > budget:
-                low = middle
-            else:
-                high = middle
-        return self.fit(schedules.Linear(high, slope).per_block(self.depth), budget, method)
+        """The linear schedule of ``slope`` brought to ``budget``."""
+        return self.fit(schedules.Linear(self.num_tokens / self.depth, slope).per_block(self.depth), budget, method)
 
 
 # --- how close a schedule keeps the model ------------------------------------------------
