@@ -402,8 +402,8 @@ def add_parser(subparsers) -> None:
                        help="stop searching after M minutes with the best found (default: 10)")
     group.add_argument("--batch-size", type=options.positive_int, default=16,
                        help="images per batch when timing a speed-up, as in bench (default: 16)")
-    group.add_argument("--runs", type=options.positive_int, default=10,
-                       help="timed rounds per measurement (default: 10)")
+    group.add_argument("--runs", type=options.positive_int, default=20,
+                       help="timed rounds per measurement (default: 20)")
     parser.add_argument("--output", required=True, metavar="FILE", help="the schedule file to write (.json)")
     options.add_runtime_options(parser, dtype=False, amp=False)
     parser.set_defaults(run=run)
@@ -453,7 +453,7 @@ def target_of(args: argparse.Namespace) -> Target:
 
 def tune(
     model: torch.nn.Module, space: Space, images: torch.Tensor, target: Target, names: Sequence[str],
-    budget_minutes: float, batch_size: int = 16, runs: int = 10, seed: int = 0, progress: bool = True,
+    budget_minutes: float, batch_size: int = 16, runs: int = 20, seed: int = 0, progress: bool = True,
 ) -> dict:
     """The best schedule for ``target`` (a :class:`Target`; ``flops`` may be text, see
     ``--flops``) and what was measured of it, as the fields of the schedule file."""
