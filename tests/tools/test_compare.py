@@ -7,7 +7,7 @@ import torch
 
 from tests.conftest import make_class_folder
 from tokenmerge.tools.cli import main
-from tokenmerge.tools.compare import curves
+from tokenmerge.tools.compare import curves, point_label
 from tokenmerge.tools.evaluation import evaluate_settings
 from tokenmerge.tools.settings import UNPATCHED, VARIANTS, Setting, comparison_settings
 
@@ -53,9 +53,11 @@ def test_curves_group_rows_by_method():
     def row(setting, r):
         return EvalRow(setting, "", r, 10, 50.0, 80.0, 1, 2, 2, 10.0, 1.0)
 
-    rows = [row("unpatched", ""), row("tome r=4", "4"), row("tome r=8", "8"), row("evit-fuse r=4", "4")]
+    rows = [row("unpatched", ""), row("tome r=4", "4"), row("tome r=8", "8"), row("evit-fuse r=4", "4"),
+            row("tome r=@runs/tuned.json", "@runs/tuned.json")]
     grouped = curves(rows)
-    assert list(grouped) == ["tome", "evit-fuse"] and [r.r for r in grouped["tome"]] == ["4", "8"]
+    assert list(grouped) == ["tome", "evit-fuse", "tome, tuned"] and [r.r for r in grouped["tome"]] == ["4", "8"]
+    assert [point_label(r) for r in grouped["tome"] + grouped["tome, tuned"]] == ["r=4", "r=8", "tuned.json"]
 
 
 def test_unknown_method_is_a_usage_error_listing_the_known_ones(class_folder, capsys):

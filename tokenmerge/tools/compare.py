@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -24,12 +25,19 @@ from .settings import UNPATCHED, VARIANTS, comparison_settings, default_sweep
 
 
 def curves(rows: Sequence[EvalRow]) -> dict[str, list[EvalRow]]:
-    """The rows of every method, in the order of their settings."""
+    """The rows of every method, in the order of their settings; schedules read from
+    files (``r=@FILE``) make a curve of their own per method, ``METHOD, tuned``."""
     by_method: dict[str, list[EvalRow]] = {}
     for row in rows:
         if row.setting != UNPATCHED:
-            by_method.setdefault(row.setting.rsplit(" r=", 1)[0], []).append(row)
+            name = row.setting.rsplit(" r=", 1)[0] + (", tuned" if row.r.startswith("@") else "")
+            by_method.setdefault(name, []).append(row)
     return by_method
+
+
+def point_label(row: EvalRow) -> str:
+    """``r=R``, or the file name of a schedule read from a file."""
+    return Path(row.r[1:]).name if row.r.startswith("@") else f"r={row.r}"
 
 
 #: What the comparison figure can plot against measured speed: (row field, axis label).
@@ -39,8 +47,9 @@ MEASURES = {"top1": "top-1 accuracy (%)", "disagreement": "top-1 differs from un
 def draw_comparison(rows: Sequence[EvalRow], title: Optional[str] = None):
     """A matplotlib ``Figure`` with one panel per measure, top-1 (with labels) and the
     share of images whose top-1 differs from the unpatched model's, each against
-    measured images per second: one curve per method through its r values (labelled
-    ``r=R``), the unpatched model as a star."""
+    measured images per second: one curve per method through its r values in order of
+    speed (labelled ``r=R``; tuned schedules dotted, labelled by file), the unpatched
+    model as a star."""
     from matplotlib.figure import Figure
 
     measures = [key for key in MEASURES if key != "top1" or rows[0].top1 is not None]
@@ -54,13 +63,14 @@ def draw_comparison(rows: Sequence[EvalRow], title: Optional[str] = None):
 
 def draw_measure(ax, rows: Sequence[EvalRow], measure: str) -> None:
     for index, (method, points) in enumerate(curves(rows).items()):
-        style = "-" if method.startswith("tome") else "--"
+        points = sorted(points, key=lambda p: p.images_per_second)
+        style = ":" if method.endswith("tuned") else "-" if method.startswith("tome") else "--"
         width = 2.2 if method == "tome" else 1.2
         values = [getattr(p, measure) for p in points]
         ax.plot([p.images_per_second for p in points], values, style, marker="o",
                 linewidth=width, markersize=4, color=f"C{index}", label=method)
         for point, value in zip(points, values):
-            ax.annotate(f"r={point.r}", (point.images_per_second, value), textcoords="offset points",
+            ax.annotate(point_label(point), (point.images_per_second, value), textcoords="offset points",
                         xytext=(3, 3), fontsize=6, color=f"C{index}")
     unpatched = next(row for row in rows if row.setting == UNPATCHED)
     ax.plot(unpatched.images_per_second, getattr(unpatched, measure), "*", markersize=12, color="black",
