@@ -33,7 +33,16 @@ from . import options
 from .models import load_model, unwrap
 from .onnx_files import export_onnx, onnx_session, require_onnx, session_runner
 from .reports import check_output_path, describe_environment, environment, format_table, run_record, write_rows
-from .settings import UNPATCHED, Setting, cap_notes, configure, default_sweep, sweep_settings, unique
+from .settings import (
+    UNPATCHED,
+    Setting,
+    cap_notes,
+    configure,
+    default_sweep,
+    setting_runner,
+    sweep_settings,
+    unique,
+)
 from .timing import spread_percent, time_interleaved, timed, untrusted
 
 
@@ -85,12 +94,7 @@ def prepare_runners(
         return run_with_amp
 
     if not compile_model:
-        def runner(setting: Setting) -> Callable[[torch.Tensor], torch.Tensor]:
-            def run(x: torch.Tensor) -> torch.Tensor:
-                configure(model, setting)
-                return model(x)
-            return run
-        return {s.name: under_amp(runner(s)) for s in settings}
+        return {s.name: under_amp(setting_runner(model, s)) for s in settings}
     runners = {}
     for setting in settings:
         variant = copy.deepcopy(model)

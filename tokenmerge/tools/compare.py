@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from . import options
-from .evaluation import EvalRow, add_evaluation_options, run_settings
+from .evaluation import MEASURES, EvalRow, add_evaluation_options, run_settings
 from .settings import UNPATCHED, VARIANTS, comparison_settings, default_sweep
 
 
@@ -38,10 +38,6 @@ def curves(rows: Sequence[EvalRow]) -> dict[str, list[EvalRow]]:
 def point_label(row: EvalRow) -> str:
     """``r=R``, or the file name of a schedule read from a file."""
     return Path(row.r[1:]).name if row.r.startswith("@") else f"r={row.r}"
-
-
-#: What the comparison figure can plot against measured speed: (row field, axis label).
-MEASURES = {"top1": "top-1 accuracy (%)", "disagreement": "top-1 differs from unpatched (% of images)"}
 
 
 def draw_comparison(rows: Sequence[EvalRow], title: Optional[str] = None):

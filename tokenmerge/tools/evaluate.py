@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from tokenmerge import schedule as schedules
 
 from . import options
-from .evaluation import EvalRow, Evaluation, add_evaluation_options, evaluate_settings, run_settings
+from .evaluation import MEASURES, EvalRow, Evaluation, add_evaluation_options, evaluate_settings, run_settings
 from .settings import UNPATCHED, default_sweep, sweep_settings, unique
 
 
@@ -59,7 +59,7 @@ def draw_plot(rows: Sequence[EvalRow], title: Optional[str] = None):
                     xytext=(6, -12) if unpatched else (6, 5), fontsize=8)
     ax.margins(x=0.15, y=0.12)
     ax.set_xlabel("images / s (measured)")
-    ax.set_ylabel("top-1 accuracy (%)" if measure == "top1" else "top-1 differs from unpatched (% of images)")
+    ax.set_ylabel(MEASURES[measure])
     ax.grid(alpha=0.3)
     if title:
         ax.set_title(title, fontsize=9)

@@ -269,6 +269,8 @@ COLUMNS = [
     ("speedup", "speed-up", ".2f"),
 ]
 LABELLED_ONLY = ("top1", "top5")
+#: What the figures can plot against measured speed: (row field, axis label).
+MEASURES = {"top1": "top-1 accuracy (%)", "disagreement": "top-1 differs from unpatched (% of images)"}
 
 
 def format_rows(rows: Sequence[EvalRow]) -> str:

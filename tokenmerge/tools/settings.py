@@ -5,7 +5,7 @@ A sweep never holds the same setting twice: two would be counted into one tally.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Optional
 
@@ -72,6 +72,15 @@ def configure(model: torch.nn.Module, setting: Setting) -> None:
             tokenmerge.remove(model)
     else:
         tokenmerge.apply(model, r=setting.r, method=setting.method, prop_attn=setting.prop_attn)
+
+
+def setting_runner(model: torch.nn.Module, setting: Setting) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``model`` as a function of images that first puts it in ``setting``: one model
+    takes turns between settings (patching is cheap), as timed interleaved runs need."""
+    def run(images: torch.Tensor) -> torch.Tensor:
+        configure(model, setting)
+        return model(images)
+    return run
 
 
 def tuned_variant(

@@ -49,7 +49,7 @@ from .accuracy import disagreements, kl_divergence_sum
 from .data import TolerantImageFiles, balanced_subset, collate_readable, folder_samples
 from .models import load_model, unwrap
 from .reports import check_output_path, environment
-from .settings import UNPATCHED, VARIANTS, Setting, configure, largest_r, variant
+from .settings import UNPATCHED, VARIANTS, Setting, configure, largest_r, setting_runner, variant
 from .timing import time_interleaved
 
 #: Linear schedules the search starts from: slope 1 merges early, -1 late.
@@ -64,13 +64,15 @@ DEFAULT_METHODS = ("tome", "tome-attended")
 @dataclass(frozen=True)
 class Target:
     """What the schedule must reach: ``speedup`` (measured, over the unpatched model),
-    ``flops`` (GFLOPs per image) or ``latency_ms`` (per image at batch size 1)."""
+    ``flops`` (GFLOPs per image), ``flops_share`` (a fraction of the unpatched model's
+    FLOPs) or ``latency_ms`` (per image at batch size 1)."""
 
     kind: str
     value: float
 
     def describe(self) -> str:
         return {"speedup": f"speed-up {self.value:g}x", "flops": f"{self.value:g} GFLOPs per image",
+                "flops_share": f"{100 * self.value:g}% of the unpatched FLOPs",
                 "latency_ms": f"{self.value:g} ms per image"}[self.kind]
 
 
@@ -81,12 +83,14 @@ def parse_speedup(text: str) -> float:
     return value
 
 
-def parse_flops(text: str) -> str:
+def parse_flops(text: str) -> Target:
     """GFLOPs per image (``1.2``) or a share of the unpatched model's (``60%``)."""
-    _positive_float(text[:-1] if text.endswith("%") else text, "--flops")
-    if text.endswith("%") and float(text[:-1]) >= 100:
+    if not text.endswith("%"):
+        return Target("flops", _positive_float(text, "--flops"))
+    share = _positive_float(text[:-1], "--flops") / 100
+    if share >= 1:
         raise argparse.ArgumentTypeError(f"--flops {text}: a share of the unpatched model's FLOPs below 100%")
-    return text
+    return Target("flops_share", share)
 
 
 def parse_latency(text: str) -> float:
@@ -301,7 +305,7 @@ def search(
 def median_seconds(
     model: torch.nn.Module, settings: Sequence[Setting], inputs: torch.Tensor, runs: int, warmup: int = 2
 ) -> dict[str, float]:
-    runners = {s.name: (lambda x, s=s: (configure(model, s), model(x))[1]) for s in settings}
+    runners = {s.name: setting_runner(model, s) for s in settings}
     times = time_interleaved(runners, inputs, runs, warmup, progress=False)
     configure(model, Setting(UNPATCHED))
     return {name: statistics.median(values) for name, values in times.items()}
@@ -448,22 +452,20 @@ def target_of(args: argparse.Namespace) -> Target:
         return Target("speedup", args.speedup)
     if args.latency_ms is not None:
         return Target("latency_ms", args.latency_ms)
-    return Target("flops", args.flops)
+    return args.flops
 
 
 def tune(
     model: torch.nn.Module, space: Space, images: torch.Tensor, target: Target, names: Sequence[str],
     budget_minutes: float, batch_size: int = 16, runs: int = 20, seed: int = 0, progress: bool = True,
 ) -> dict:
-    """The best schedule for ``target`` (a :class:`Target`; ``flops`` may be text, see
-    ``--flops``) and what was measured of it, as the fields of the schedule file."""
+    """The best schedule for ``target`` and what was measured of it, as the fields of
+    the schedule file; a share of the FLOPs is turned into GFLOPs first."""
     started = time.monotonic()
     deadline = started + 60 * budget_minutes
     unpatched_flops = space.flops([0] * space.depth)
-    if target.kind == "flops":
-        text = str(target.value)
-        gflops = float(text[:-1]) / 100 * unpatched_flops / 1e9 if text.endswith("%") else float(text)
-        target = Target("flops", gflops)
+    if target.kind == "flops_share":
+        target = Target("flops", target.value * unpatched_flops / 1e9)
     inputs = timing_inputs(target, space.img_size, batch_size, images.device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CappedRWarning)
