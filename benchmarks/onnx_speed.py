@@ -10,6 +10,7 @@ others' cores), and a Markdown table of medians is printed:
 
     python benchmarks/onnx_speed.py                 # vit_small_patch16_224, r=8,13,16, batch 32 and 1
     python benchmarks/onnx_speed.py --threads 2 --batch-sizes 1 --runs 100
+    python benchmarks/onnx_speed.py --threads 2 --batch-sizes 32 --r 8,16 --one-loop
 
 "speed-up" is over the unpatched model of the same runtime, "of limit" the merged
 model's throughput over its cut limit's in the same runtime, and "/ eager" the ONNX
@@ -42,12 +43,15 @@ def settings_for(rs: list[int]) -> list[Setting]:
 
 
 def measure(runners: dict[str, dict], settings: list[Setting], batch_size: int, img_size: tuple[int, int],
-            runs: int, warmup: int) -> list[dict]:
+            runs: int, warmup: int, one_loop: bool = False) -> list[dict]:
     inputs = torch.randn(batch_size, 3, *img_size)
     times = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CappedRWarning)
-        for runtime, title in RUNTIMES.items():
+        if one_loop:
+            every = {(runtime, name): run for runtime in RUNTIMES for name, run in runners[runtime].items()}
+            times = time_interleaved(every, inputs, runs, warmup, description=f"all runtimes, batch {batch_size}")
+        for runtime, title in RUNTIMES.items() if not one_loop else ():
             timings = time_interleaved(runners[runtime], inputs, runs, warmup,
                                        description=f"{title}, batch {batch_size}")
             times |= {(runtime, name): values for name, values in timings.items()}
@@ -94,6 +98,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, help="timed rounds (default: 10 at batch > 1, 60 at batch 1)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--one-loop", action="store_true",
+                        help="time every setting of every runtime in one interleaved loop, so that slow drifts of "
+                        "a shared machine fall on all runtimes alike (default: each runtime in a loop of its own)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -107,7 +114,7 @@ def main() -> None:
         static, _ = onnx_runners(model, settings, img_size, True, static_batch=batch_size)
         runs = args.runs or (60 if batch_size == 1 else 10)
         runners = {"eager": eager, "dynamic": dynamic, "static": static}
-        rows += measure(runners, settings, batch_size, img_size, runs, args.warmup)
+        rows += measure(runners, settings, batch_size, img_size, runs, args.warmup, args.one_loop)
     print(markdown(rows))
 
 
