@@ -48,13 +48,11 @@ def measure(runners: dict[str, dict], settings: list[Setting], batch_size: int, 
     times = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CappedRWarning)
-        if one_loop:
-            every = {(runtime, name): run for runtime in RUNTIMES for name, run in runners[runtime].items()}
-            times = time_interleaved(every, inputs, runs, warmup, description=f"all runtimes, batch {batch_size}")
-        for runtime, title in RUNTIMES.items() if not one_loop else ():
-            timings = time_interleaved(runners[runtime], inputs, runs, warmup,
-                                       description=f"{title}, batch {batch_size}")
-            times |= {(runtime, name): values for name, values in timings.items()}
+        loops = [RUNTIMES] if one_loop else [[runtime] for runtime in RUNTIMES]
+        for runtimes in loops:
+            every = {(runtime, name): run for runtime in runtimes for name, run in runners[runtime].items()}
+            title = "all runtimes" if one_loop else RUNTIMES[runtimes[0]]
+            times |= time_interleaved(every, inputs, runs, warmup, description=f"{title}, batch {batch_size}")
     median = {name: statistics.median(values) for name, values in times.items()}
     rows = []
     for setting in settings:
