@@ -112,6 +112,9 @@ CASES = [
     Case("torchvision_vit", torchvision_vit),
     Case("open_clip_tok", open_clip_model(), lambda model, images: model.encode_image(images)),
     Case("open_clip_avg", open_clip_model(pool_type="avg"), lambda model, images: model.encode_image(images)),
+    Case("open_clip_attentional_pool", open_clip_model(ls_init_value=0.5, attentional_pool=True, attn_pooler_queries=4,
+                                                       attn_pooler_heads=2),
+         lambda model, images: model.encode_image(images)),
 ]
 CASES_BY_ID = {case.id: case for case in CASES}
 
@@ -163,6 +166,51 @@ def test_r0_equals_the_unpatched_model_and_remove_restores_it(case):
         assert not any(module._forward_pre_hooks or module.__dict__.keys() & {"_tokenmerge_hooks", "_tokenmerge_state"}
                        for module in removed.modules())
     assert torch.equal(run(case, model, x), expected)
+
+
+def test_remove_restores_classes_state_and_attributes(case):
+    """``remove`` gives back every module's class and attributes and the same
+    parameters and buffers; the patched model has the same state-dict keys."""
+    model = make(case)
+    classes = {name: type(module) for name, module in model.named_modules()}
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    attributes = {name: set(vars(module)) for name, module in model.named_modules()}
+    tokenmerge.apply(model, r=R)
+    patched = {name: type(module) for name, module in model.named_modules()}
+    assert patched != classes and all(issubclass(patched[name], cls) for name, cls in classes.items())
+    assert model.state_dict().keys() == state.keys()
+    tokenmerge.remove(model)
+    assert {name: type(module) for name, module in model.named_modules()} == classes
+    assert {name: set(vars(module)) for name, module in model.named_modules()} == attributes
+    assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
+    assert not tokenmerge.is_applied(model)
+    with pytest.raises(ValueError, match="no token merging applied"):
+        tokenmerge.remove(model)
+
+
+def test_applying_twice_updates_the_settings_and_new_r_takes_effect(case):
+    """A second ``apply`` changes the settings without patching a class twice; a new
+    ``state.r`` changes the next pass's token counts; a bad r is refused and changes
+    nothing."""
+    model = tokenmerge.apply(make(case), r=2)
+    classes = {name: type(module) for name, module in model.named_modules()}
+    tokenmerge.apply(model, r=4, prop_attn=False)
+    assert {name: type(module) for name, module in model.named_modules()} == classes
+    assert all(sum(cls.__name__.startswith("TokenMerge") for cls in type(module).__mro__) <= 1
+               for module in model.modules())
+    state = tokenmerge.get_state(model)
+    assert (state.r, state.prop_attn) == (4, False)
+    num_tokens, _ = find_adapter(model).token_layout(model)
+    for r, merged in [(4, 4 * DEPTH), (1, DEPTH), ([8] + [0] * (DEPTH - 1), 8)]:
+        state.r = r
+        run(case, model, images(1))
+        assert state.size.shape[1] == num_tokens - merged
+    for bad in (-1, [1] * (DEPTH + 1)):
+        with pytest.raises(ValueError):
+            tokenmerge.apply(model, r=bad)
+        with pytest.raises(ValueError):
+            state.r = bad
+    assert state.r == [8] + [0] * (DEPTH - 1)
 
 
 def test_token_counts_are_fixed_protected_tokens_kept_and_sizes_sum(case):

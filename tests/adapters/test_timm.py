@@ -174,45 +174,8 @@ def test_an_image_gives_the_same_output_alone_and_in_a_batch(variant):
     torch.testing.assert_close(batched, alone, atol=1e-4, rtol=1e-4)
 
 
-def test_remove_restores_classes_state_and_attributes():
-    model = make_model("deit3_small_patch16_224", {})
-    classes = {name: type(m) for name, m in model.named_modules()}
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    attributes = {name: set(vars(m)) for name, m in model.named_modules()}
-    tokenmerge.apply(model, r=8)
-    assert type(model) is not VisionTransformer and isinstance(model, VisionTransformer)
-    assert model.state_dict().keys() == state.keys()
-    tokenmerge.remove(model)
-    assert {name: type(m) for name, m in model.named_modules()} == classes
-    assert {name: set(vars(m)) for name, m in model.named_modules()} == attributes
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    assert not tokenmerge.is_applied(model)
-    with pytest.raises(ValueError, match="no token merging applied"):
-        tokenmerge.remove(model)
 
 
-def test_applying_twice_updates_settings_and_r_changes_take_effect():
-    model = make_model("vit_tiny_patch16_224", {})
-    x = torch.randn(1, 3, 224, 224)
-    tokenmerge.apply(model, r=4)
-    block_class = type(model.blocks[0])
-    tokenmerge.apply(model, r=8, prop_attn=False)
-    assert type(model.blocks[0]) is block_class
-    assert sum(cls.__name__.startswith("TokenMerge") for cls in type(model).__mro__) == 1
-    state = tokenmerge.get_state(model)
-    assert (state.r, state.prop_attn) == (8, False)
-    with torch.no_grad():
-        assert model.forward_features(x).shape[1] == 197 - 8 * 12
-        state.r = 2
-        assert model.forward_features(x).shape[1] == 197 - 2 * 12
-        state.r = [16] + [0] * 11
-        assert model.forward_features(x).shape[1] == 197 - 16
-    with pytest.raises(ValueError):
-        state.r = -1
-    assert state.r == [16] + [0] * 11
-    with pytest.raises(ValueError):
-        tokenmerge.apply(model, r=[1] * 13)
-    assert state.r == [16] + [0] * 11
 
 
 def test_forward_features_and_head_compose_to_forward():

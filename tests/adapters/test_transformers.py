@@ -346,21 +346,6 @@ def test_remove_restores_classes_state_and_attributes(variant):
     assert not tokenmerge.is_applied(model)
 
 
-def test_applying_twice_updates_settings_and_r_changes_take_effect():
-    model = randomize(VARIANTS[0][1]()).eval()
-    x = torch.randn(1, 3, IMAGE, IMAGE)
-    tokenmerge.apply(model, r=4)
-    layer_class = type(model.layers[0])
-    tokenmerge.apply(model, r=8, prop_attn=False)
-    assert type(model.layers[0]) is layer_class
-    state = tokenmerge.get_state(model)
-    assert (state.r, state.prop_attn) == (8, False)
-    with torch.no_grad():
-        assert model(pixel_values=x).last_hidden_state.shape[1] == 65 - 8 * 3
-        state.r = 2
-        assert model(pixel_values=x).last_hidden_state.shape[1] == 65 - 2 * 3
-        state.r = [16, 0, 0]
-        assert model(pixel_values=x).last_hidden_state.shape[1] == 65 - 16
 
 
 def test_a_part_of_a_patched_model_is_refused():
