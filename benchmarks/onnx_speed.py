@@ -19,12 +19,12 @@ extra.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import warnings
 
 import timm
 import torch
+from speed_options import parse, runs_of, speed_parser
 
 from tokenmerge.state import CappedRWarning
 from tokenmerge.tools.bench import onnx_runners, prepare_runners
@@ -89,30 +89,22 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="vit_small_patch16_224")
-    parser.add_argument("--r", default="8,13,16", help="comma-separated r values (default: 8,13,16)")
-    parser.add_argument("--batch-sizes", default="32,1", help="comma-separated (default: 32,1)")
-    parser.add_argument("--runs", type=int, help="timed rounds (default: 10 at batch > 1, 60 at batch 1)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int)
+    parser = speed_parser(__doc__.split("\n\n")[0], runs_at_batch_1=60)
     parser.add_argument("--one-loop", action="store_true",
                         help="time every setting of every runtime in one interleaved loop, so that slow drifts of "
                         "a shared machine fall on all runtimes alike (default: each runtime in a loop of its own)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse(parser)
     model = timm.create_model(args.model).eval()
     img_size = tuple(model.patch_embed.img_size)
-    settings = settings_for([int(r) for r in args.r.split(",")])
+    settings = settings_for(args.r)
     print(f"{args.model}, float32, random weights; {describe_environment(environment())}\n", flush=True)
     eager, (dynamic, _) = prepare_runners(model, settings, False), onnx_runners(model, settings, img_size, True)
     rows = []
-    for batch_size in (int(b) for b in args.batch_sizes.split(",")):
+    for batch_size in args.batch_sizes:
         static, _ = onnx_runners(model, settings, img_size, True, static_batch=batch_size)
-        runs = args.runs or (60 if batch_size == 1 else 10)
         runners = {"eager": eager, "dynamic": dynamic, "static": static}
-        rows += measure(runners, settings, batch_size, img_size, runs, args.warmup, args.one_loop)
+        rows += measure(runners, settings, batch_size, img_size, runs_of(args, batch_size), args.warmup,
+                        args.one_loop)
     print(markdown(rows))
 
 

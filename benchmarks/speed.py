@@ -12,12 +12,12 @@ the unpatched model.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import warnings
 
 import timm
 import torch
+from speed_options import parse, runs_of, speed_parser
 
 from tokenmerge.state import CappedRWarning
 from tokenmerge.tools.bench import prepare_runners
@@ -69,23 +69,12 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="vit_small_patch16_224")
-    parser.add_argument("--r", default="8,13,16", help="comma-separated r values (default: 8,13,16)")
-    parser.add_argument("--batch-sizes", default="32,1", help="comma-separated (default: 32,1)")
-    parser.add_argument("--runs", type=int, help="timed rounds (default: 10 at batch > 1, 80 at batch 1)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse(speed_parser(__doc__.split("\n\n")[0], runs_at_batch_1=80))
     model = timm.create_model(args.model).eval()
-    rs = [int(r) for r in args.r.split(",")]
     print(f"{args.model}, float32, random weights; {describe_environment(environment())}\n")
     rows = []
-    for batch_size in (int(b) for b in args.batch_sizes.split(",")):
-        runs = args.runs or (80 if batch_size == 1 else 10)
-        rows += measure(model, batch_size, rs, runs, args.warmup)
+    for batch_size in args.batch_sizes:
+        rows += measure(model, batch_size, args.r, runs_of(args, batch_size), args.warmup)
     print(markdown(rows))
 
 
