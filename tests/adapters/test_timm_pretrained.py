@@ -1,8 +1,11 @@
 """The real ViT-Ti AugReg checkpoint on 500 real ImageNet photographs."""
+from __future__ import annotations
+
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import tokenmerge
 from tests.conftest import predict
@@ -67,16 +70,44 @@ AMX_BATCH_DEPENDENCE = pytest.mark.xfail(
     cpu_has_amx(), strict=False,
     reason="on CPUs with AMX, the merged model's bfloat16 logits of a photograph alone and in a batch of 8 "
     "differ (by up to 0.08; the unpatched model's do not, with or without proportional attention, and with "
-    "the matching in float32); cause not found yet")
+    "the matching in float32, and the kernels they run are batch-independent at the merged token "
+    "counts); cause not found yet")
+
+
+def kernel_batch_dependence(block: torch.nn.Module, token_counts: list[int], dtype: torch.dtype) -> str | None:
+    """Whether this machine's own ``dtype`` kernels of a block (its four linear layers
+    and attention) give one image other results alone than in a batch of 8 at any of
+    ``token_counts``: a merged model runs them at token counts the unmerged model
+    never has, and cannot be more batch-independent than they are."""
+    generator = torch.Generator().manual_seed(0)
+    layers = [block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2]
+    for n in sorted(set(token_counts)):
+        for layer in layers:
+            x = torch.randn(8, n, layer.in_features, generator=generator).to(dtype)
+            weight, bias = layer.weight.to(dtype), layer.bias.to(dtype)
+            if not torch.equal(F.linear(x[:1], weight, bias), F.linear(x, weight, bias)[:1]):
+                return f"a {layer.in_features}-to-{layer.out_features} linear layer at {n} tokens"
+        q, k, v = torch.randn(3, 8, 3, n, 64, generator=generator).to(dtype)
+        if not torch.equal(F.scaled_dot_product_attention(q[:1], k[:1], v[:1]),
+                           F.scaled_dot_product_attention(q, k, v)[:1]):
+            return f"attention at {n} tokens"
+    return None
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=AMX_BATCH_DEPENDENCE), torch.float16])
 def test_half_precision_logits_do_not_depend_on_the_batch(pretrained, dtype):
     """The shared ViT-Ti merged at r=13 in half precision: a photograph's logits alone
-    and in a batch of 8 are the same bit for bit, as unpatched (once up to 3 apart)."""
+    and in a batch of 8 are the same bit for bit, as unpatched (once up to 3 apart),
+    wherever the machine's own kernels are batch-independent at the merged token counts."""
     import copy
 
     model, images, _ = pretrained
+    with torch.no_grad():
+        counts = tokenmerge.token_counts(model, r=0) + tokenmerge.token_counts(model, r=13)
+        dependent = kernel_batch_dependence(model.blocks[0], counts, dtype)
+    if dependent:
+        pytest.skip(f"this machine's {dtype} kernels give an image other results alone than in a batch for "
+                    f"{dependent}, a shape the unmerged model never runs")
     half, x = tokenmerge.apply(copy.deepcopy(model).to(dtype), r=13), images[:8].to(dtype)
     with torch.no_grad():
         assert torch.equal(half(x[:1]), half(x)[:1])
