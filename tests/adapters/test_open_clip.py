@@ -292,10 +292,6 @@ def test_token_outputs_are_the_merged_tokens():
     assert all_tokens.shape == (2, 37 - 12, 32)
 
 
-
-
-
-
 def test_forward_intermediates_refuses_merged_grids_but_works_at_r0():
     model = make_clip()
     x = torch.randn(1, 3, IMAGE, IMAGE)

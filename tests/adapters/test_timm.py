@@ -174,10 +174,6 @@ def test_an_image_gives_the_same_output_alone_and_in_a_batch(variant):
     torch.testing.assert_close(batched, alone, atol=1e-4, rtol=1e-4)
 
 
-
-
-
-
 def test_forward_features_and_head_compose_to_forward():
     model = make_model("vit_tiny_patch16_224", {"global_pool": "avg"})
     tokenmerge.apply(model, r=8)

@@ -199,10 +199,6 @@ def test_every_torchvision_architecture_is_supported_with_its_published_flops(bu
     assert type(model.encoder.layers[0]) is EncoderBlock
 
 
-
-
-
-
 def test_gradients_flow_through_merged_blocks_in_training():
     torch.manual_seed(0)
     reference = make_model(dropout=0.1, attention_dropout=0.1).train()

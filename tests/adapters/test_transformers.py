@@ -346,8 +346,6 @@ def test_remove_restores_classes_state_and_attributes(variant):
     assert not tokenmerge.is_applied(model)
 
 
-
-
 def test_a_part_of_a_patched_model_is_refused():
     model = randomize(VARIANTS[1][1]())
     tokenmerge.apply(model, r=4)
