@@ -4,14 +4,18 @@ arranged for speed, and tested for equality against it.
 * Row numbers: a merge selects and adds whole rows of the batch flattened to
   (B * N, C), several times faster on the CPU than ``gather`` and ``scatter`` with
   expanded indices. The rows that depend only on shapes are cached (:func:`shape_cache`).
-* Row additions: ``index_put_`` for small CPU inputs, ``index_add_`` for large ones
-  and on the GPU (:func:`add_rows`).
-* Two exact formulations of the average: for small inputs the one with the fewest
-  operations, for large ones the one that reads and writes the features once, with
-  its gradient written by hand (:class:`_CorrectedRows`).
+* One formulation of the average for every input (:func:`merge_weighted`): it reads
+  and writes the features once and works on the merged rows only, with its gradient
+  written by hand (:class:`_CorrectedRows`).
+* Row additions in a fixed order (:func:`add_rows`): several merged tokens joining one
+  token are added one after the other in input order, on every device.
 
-Sizes are float32, and half-precision features are averaged in float32 and rounded
-once, on every path.
+What an image's tokens merge into never depends on the rest of its batch: no path is
+chosen by the batch size, and every sum is taken in an order that is the same alone
+and in a batch, so a merged image's outputs are the same bits in either (float32
+sums differing in their last bits could round to different half-precision values
+and then choose other merges downstream). Sizes are float32, and half-precision
+features are averaged in float32 and rounded once.
 """
 from __future__ import annotations
 
@@ -113,19 +117,17 @@ def _flat(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-# Below this many added values ``index_put_`` adds rows faster than ``index_add_`` on
-# the CPU; above it, and on any GPU, ``index_add_`` is much faster (``index_put_`` with
-# accumulation sorts its indices first, in several kernels on a GPU).
-FEW_ADDED_VALUES = 1 << 14
-
-
 def add_rows(out: Tensor, rows: Tensor, values: Tensor) -> Tensor:
     """``out[rows[i]] += values[i]`` in place for (M, C) ``values``, repeated rows adding
-    up; ``index_add_`` where the number of values is symbolic (torch.export with a
-    dynamic batch)."""
-    if out.device.type == "cpu" and _fewer(values.numel(), FEW_ADDED_VALUES):
-        return out.index_put_((rows,), values, accumulate=True)
-    return out.index_add_(0, rows, values)
+    up in the order of ``rows``. Deterministic on every device, so that an image's sums
+    are the same bits alone and in a batch: ``index_add_`` adds rows one after another
+    on the CPU (its ``index_put_`` with accumulation runs in parallel and is not
+    deterministic), and on a GPU ``index_put_`` with accumulation sorts the rows
+    stably and adds repeated ones in order (its ``index_add_`` uses atomic additions,
+    whose order varies from run to run)."""
+    if out.device.type == "cpu":
+        return out.index_add_(0, rows, values)
+    return out.index_put_((rows,), values, accumulate=True)
 
 
 def merged_sizes(size: Tensor | None, matching: Matching, batch: int) -> tuple[Tensor, Tensor]:
@@ -140,47 +142,12 @@ def merged_sizes(size: Tensor | None, matching: Matching, batch: int) -> tuple[T
     return moved, add_rows(size.index_select(0, at.output), at.destination, moved)
 
 
-# Below this many feature values a merge is bound by the number of operations, above
-# it by memory traffic (measured on the CPU; on a GPU both paths are cheap).
-FEW_VALUES = 1 << 18
-
-
 def merge_weighted(x: Tensor, size: Tensor | None, matching: Matching) -> tuple[Tensor, Tensor]:
     """Merge (B, N, C) features as size-weighted averages; returns the new features
     (B, N - r, C) and sizes (B, N - r, 1). ``size`` is (B, N, 1) or ``None`` while every
     token stands for one patch.
 
-    Half precision always takes the scaled sums: the two formulations round differently
-    in their last float32 bits, which a rounding to half precision can turn into a whole
-    step, and the choice between them depends on the batch size, so an image would merge
-    differently alone and in a batch. So do symbolic sizes (torch.export with a dynamic
-    batch)."""
-    if x.dtype in (torch.float16, torch.bfloat16) or _fewer(x.numel(), FEW_VALUES):
-        return merge_scaled_sums(x, size, matching)
-    return merge_corrections(x, size, matching)
-
-
-def _fewer(count: int, threshold: int) -> bool:
-    """``count < threshold``, and True for a symbolic count, which must not decide a path."""
-    return type(count) is not int or count < threshold
-
-
-def merge_scaled_sums(x: Tensor, size: Tensor | None, matching: Matching) -> tuple[Tensor, Tensor]:
-    """Sum size-scaled features, divide by the summed sizes."""
-    batch, _, channels = x.shape
-    at = rows(matching)
-    _, new_size = merged_sizes(size, matching, batch)
-    scaled = _wide(_flat(x))
-    if size is not None:
-        scaled = scaled * size.reshape(-1, 1)
-    out = scaled.index_select(0, at.output)
-    add_rows(out, at.destination, scaled.index_select(0, at.merged))
-    shape = (batch, matching.num_tokens - matching.r)
-    return out.div_(new_size).to(x.dtype).view(*shape, channels), new_size.view(*shape, 1)
-
-
-def merge_corrections(x: Tensor, size: Tensor | None, matching: Matching) -> tuple[Tensor, Tensor]:
-    """A destination token b that receives tokens a_m becomes
+    A destination token b that receives tokens a_m becomes
     ``b + sum_m (a_m - b) * s_m / S``, with S its merged size: one gather of the
     output plus work on the r merged rows only."""
     batch, _, channels = x.shape
@@ -196,7 +163,7 @@ def merge_corrections(x: Tensor, size: Tensor | None, matching: Matching) -> tup
 
 def _corrected_rows(flat: Tensor, matching: Matching, weight: Tensor) -> Tensor:
     """The output rows of a merge of (B * N, C) rows, merged rows weighted by ``weight``
-    (B * r, 1) as in :func:`merge_corrections`; half precision is computed in float32
+    (B * r, 1) as in :func:`merge_weighted`; half precision is computed in float32
     and rounded once."""
     at = rows(matching)
     out = _wide(flat.index_select(0, at.output))
