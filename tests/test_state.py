@@ -66,3 +66,57 @@ def test_copies_of_a_state_carry_its_settings_and_none_of_its_passes():
     copied = pickle.loads(pickle.dumps(state))
     assert (copied.r, copied.trace_source, copied.num_protected) == (R, True, 1)
     assert copied.size is None and copied.sizes == {}
+
+
+def test_apply_to_a_patched_model_changes_only_what_it_is_given():
+    """``apply(model, r=8)`` keeps the method, attention and tracing set before, as
+    assigning ``get_state(model).r = 8`` does; what it names, it changes."""
+    by_apply = tokenmerge.apply(make(CASES_BY_ID["timm_class_token"]), r=R, method="evit", trace_source=True,
+                                prop_attn=False)
+    by_assignment = tokenmerge.apply(make(CASES_BY_ID["timm_class_token"]), r=R, method="evit", trace_source=True,
+                                     prop_attn=False)
+    tokenmerge.apply(by_apply, r=8)
+    tokenmerge.get_state(by_assignment).r = 8
+    for model in (by_apply, by_assignment):
+        state = tokenmerge.get_state(model)
+        assert (state.r, state.method, state.trace_source, state.prop_attn) == (8, "evit", True, False)
+    tokenmerge.apply(by_apply, r=4, method="tome", prop_attn=True)
+    state = tokenmerge.get_state(by_apply)
+    assert (state.r, state.method, state.trace_source, state.prop_attn) == (4, "tome", True, True)
+
+
+@pytest.mark.parametrize("wrap", ["compile", "data_parallel", "distributed_data_parallel"])
+def test_wrapped_models_are_patched_through_the_model_they_wrap(wrap):
+    """What a user means by applying to a ``torch.compile`` wrapper, ``DataParallel`` or
+    ``DistributedDataParallel``: the model inside is patched, the wrapper returned, and
+    every entry point sees through it."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    model = make(CASES_BY_ID["timm_class_token"])
+    if wrap == "compile":
+        wrapper = torch.compile(model)
+    elif wrap == "data_parallel":
+        wrapper = DataParallel(model)
+    else:  # built without a process group, as the wrapper's own tests do
+        wrapper = DistributedDataParallel.__new__(DistributedDataParallel)
+        torch.nn.Module.__init__(wrapper)
+        wrapper.module = model
+    assert tokenmerge.apply(wrapper, r=R) is wrapper
+    assert tokenmerge.is_applied(wrapper) and tokenmerge.is_applied(model)
+    assert tokenmerge.get_state(wrapper) is tokenmerge.get_state(model)
+    assert tokenmerge.token_counts(wrapper) == [65 - R, 65 - 2 * R, 65 - 3 * R]
+    assert tokenmerge.flops_per_image(wrapper) == tokenmerge.flops_per_image(model)
+    if wrap == "data_parallel":  # on the CPU DataParallel calls the model itself
+        with torch.no_grad():
+            assert torch.equal(wrapper(images(2)), model(images(2)))
+    assert tokenmerge.remove(wrapper) is wrapper and not tokenmerge.is_applied(model)
+
+
+@pytest.mark.parametrize("build", ["resnet18", "eva02_tiny_patch14_224"])
+def test_token_counts_and_flops_of_a_model_that_cannot_be_patched_say_why(build):
+    import timm
+
+    model = timm.create_model(build, pretrained=False)
+    for entry in (tokenmerge.token_counts, tokenmerge.flops_per_image):
+        with pytest.raises(TypeError, match=f"does not support timm's {type(model).__name__}"):
+            entry(model, r=8)

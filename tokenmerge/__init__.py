@@ -13,7 +13,7 @@ import torch
 
 from . import schedule
 from .adapters import find_adapter
-from .adapters.base import already_patched
+from .adapters.base import Adapter, already_patched
 from .schedule import Linear, Schedule, Tuned
 from .schedule import load as load_schedule
 from .state import CappedRWarning, MergeState
@@ -42,7 +42,7 @@ def apply(
     r: Schedule,
     *,
     prop_attn: Optional[bool] = None,
-    trace_source: bool = False,
+    trace_source: Optional[bool] = None,
     method: Optional[str] = None,
 ) -> ModelT:
     """Patch ``model`` in place to merge tokens, and return it.
@@ -57,46 +57,79 @@ def apply(
     ablations ``"tome-random-split"``, ``"tome-unweighted"`` and ``"tome-features"``
     and the pruning methods ``"random"``, ``"evit"`` and ``"evit-fuse"`` remove the
     same number of tokens for comparisons (see :mod:`tokenmerge.methods`); ``"cut"``
-    drops the last r tokens unseen, as a zero-overhead speed reference. Applying to
-    a patched model only updates its settings. It works in training too (keep
-    ``prop_attn=True`` there, to train with the attention the model is evaluated
-    with; see :mod:`tokenmerge.train`).
+    drops the last r tokens unseen, as a zero-overhead speed reference. It works in
+    training too (keep ``prop_attn=True`` there, to train with the attention the model
+    is evaluated with; see :mod:`tokenmerge.tools.train`).
+
+    Applying to a patched model changes only what it is given, like assigning to
+    :func:`get_state`'s attributes: ``apply(model, r=8)`` keeps the method, attention
+    and source tracing set before (a tuned schedule brings its own method and
+    attention). A ``torch.compile`` wrapper, ``DataParallel`` or
+    ``DistributedDataParallel`` is patched through the model it wraps, and returned.
     """
-    if method is None:
-        method = r.method if isinstance(r, Tuned) else "tome"
-    if prop_attn is None:
-        prop_attn = r.prop_attn if isinstance(r, Tuned) else True
-    adapter = find_adapter(model)
-    if is_applied(model):
-        get_state(model).update(r, method=method, prop_attn=prop_attn, trace_source=trace_source)
+    inner = unwrap(model)
+    if isinstance(r, Tuned):
+        method = r.method if method is None else method
+        prop_attn = r.prop_attn if prop_attn is None else prop_attn
+    adapter = find_adapter(inner)
+    if is_applied(inner):
+        get_state(inner).update(r, method=method, prop_attn=prop_attn, trace_source=trace_source)
         return model
-    patched = already_patched(model)
+    patched = already_patched(inner)
     if patched is not None:
         raise TypeError(
-            f"tokenmerge is already applied to part of this {type(model).__name__} ({patched}); remove it there first"
+            f"tokenmerge is already applied to part of this {type(inner).__name__} ({patched}); remove it there first"
         )
-    adapter.check(model)
-    state = MergeState(adapter.depth(model), r, prop_attn, trace_source, method, adapter.num_protected(model))
-    adapter.patch(model, state)
+    adapter.check(inner)
+    state = MergeState(adapter.depth(inner), r, True if prop_attn is None else prop_attn, bool(trace_source),
+                       method or "tome", adapter.num_protected(inner))
+    adapter.patch(inner, state)
     return model
 
 
-def remove(model: ModelT) -> ModelT:
-    """Undo :func:`apply`: same classes, same forward, same state dict as before."""
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a ``torch.compile`` wrapper, ``DataParallel`` or
+    ``DistributedDataParallel`` (any nesting of them); other models as they are."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while True:
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
+        elif isinstance(model, (DataParallel, DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def checked_adapter(model: torch.nn.Module) -> Adapter:
+    """The adapter of ``model``, which it has patched or would patch: a model it cannot
+    patch raises the error :func:`apply` would raise, naming what is not supported."""
+    adapter = find_adapter(model)
     if not is_applied(model):
-        raise ValueError(f"{type(model).__name__} has no token merging applied; nothing to remove")
-    find_adapter(model).unpatch(model)
+        adapter.check(model)
+    return adapter
+
+
+def remove(model: ModelT) -> ModelT:
+    """Undo :func:`apply`: same classes, same forward, same state dict as before.
+    Forward passes that other threads are running finish first, with merging."""
+    inner = unwrap(model)
+    if not is_applied(inner):
+        raise ValueError(f"{type(inner).__name__} has no token merging applied; nothing to remove")
+    with inner._tokenmerge_state.closing():
+        find_adapter(inner).unpatch(inner)
     return model
 
 
 def is_applied(model: torch.nn.Module) -> bool:
     """Whether :func:`apply` has patched ``model``."""
-    return isinstance(getattr(model, "_tokenmerge_state", None), MergeState)
+    return isinstance(getattr(unwrap(model), "_tokenmerge_state", None), MergeState)
 
 
 def get_state(model: torch.nn.Module) -> MergeState:
     """The settings of a patched model (assign ``r`` to change it) and the sizes and
     source maps of the last forward pass the calling thread ran."""
+    model = unwrap(model)
     if not is_applied(model):
         raise ValueError(f"{type(model).__name__} has no token merging applied; call tokenmerge.apply first")
     return model._tokenmerge_state
@@ -108,7 +141,8 @@ def token_counts(
     """Tokens left after every block of ``model`` (protected tokens included) for
     schedule ``r`` (default: the model's current one) at ``img_size`` (default: the
     model's own)."""
-    adapter = find_adapter(model)
+    model = unwrap(model)
+    adapter = checked_adapter(model)
     if r is None:
         r = get_state(model).r
     num_tokens, num_protected = adapter.token_layout(model, img_size)
@@ -126,7 +160,8 @@ def flops_per_image(
     multiply-add counts two, as in ``torch.utils.flop_counter``."""
     from .flops import analytic_flops
 
-    adapter = find_adapter(model)
+    model = unwrap(model)
+    adapter = checked_adapter(model)
     state = get_state(model) if is_applied(model) else None
     if r is None:
         r = state.r if state else 0

@@ -18,6 +18,7 @@ through the thread's current pass alone.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
 from dataclasses import dataclass
@@ -174,6 +175,60 @@ class MergeState:
         self._local = threading.local()
         self._tokens = WeakIdKeyDictionary()  # token tensor -> (its Pass, the block it enters)
         self._warned_cap = False
+        self._gate = threading.Condition()
+        self._inside: set[int] = set()  # threads inside a call of the model (:meth:`enter_call`)
+        self._closing = False
+
+    # --- calls in flight and removal -------------------------------------------------
+
+    #: How long :meth:`closing` waits for other threads' calls before giving up.
+    CLOSING_TIMEOUT_S = 60.0
+
+    def enter_call(self, module: torch.nn.Module, args: Any) -> None:
+        """Forward pre-hook of the model and of the modules its blocks run inside: the
+        calling thread is inside a call, which :meth:`closing` waits for. A call that
+        starts while the model is being unpatched waits until that is done."""
+        if tracing():
+            return
+        depth = getattr(self._local, "calls", 0)
+        if depth == 0:
+            with self._gate:
+                self._gate.wait_for(lambda: not self._closing)
+                self._inside.add(threading.get_ident())
+        self._local.calls = depth + 1
+
+    def leave_call(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        """Forward hook, called also when the call fails, paired with :meth:`enter_call`."""
+        if tracing():
+            return
+        depth = getattr(self._local, "calls", 0) - 1
+        self._local.calls = max(depth, 0)
+        if depth <= 0:
+            with self._gate:
+                self._inside.discard(threading.get_ident())
+                self._gate.notify_all()
+
+    @contextlib.contextmanager
+    def closing(self):
+        """The context :func:`tokenmerge.remove` unpatches in: calls of the model that
+        other threads are running finish first, with the settings they started with,
+        and new ones wait until the model is unpatched, then run unpatched."""
+        me = threading.get_ident()
+        with self._gate:
+            self._closing = True
+            if not self._gate.wait_for(lambda: self._inside <= {me}, timeout=self.CLOSING_TIMEOUT_S):
+                self._closing = False
+                self._gate.notify_all()
+                raise RuntimeError(
+                    f"tokenmerge.remove waited {self.CLOSING_TIMEOUT_S:.0f} s for calls of this model that other "
+                    "threads are running; call it again once they have finished"
+                )
+        try:
+            yield
+        finally:
+            with self._gate:
+                self._closing = False
+                self._gate.notify_all()
 
     def _settings(self, r: schedules.Schedule, method: str, prop_attn: bool, trace_source: bool) -> Settings:
         """Validated settings: a bad one raises before anything changes."""

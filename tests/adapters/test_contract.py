@@ -424,6 +424,59 @@ def test_stress_four_threads_mixed_batches_match_sequential_outputs(case_id):
     assert not errors and not mismatches
 
 
+def serve_while(case: Case, model: nn.Module, x: Tensor, change: Callable[[], None]) -> list[Tensor]:
+    """The outputs of two threads calling ``model`` on ``x`` over and over while
+    ``change`` runs in this one; any error in a serving thread fails the test."""
+    stop, errors, outputs = threading.Event(), [], []
+
+    def serve():
+        while not stop.is_set():
+            try:
+                outputs.append(run(case, model, x))
+            except Exception as error:  # noqa: BLE001 - any error is what the test reports
+                errors.append(error)
+                return
+
+    servers = [threading.Thread(target=serve) for _ in range(2)]
+    for thread in servers:
+        thread.start()
+    try:
+        while len(outputs) < 2 and not errors:
+            stop.wait(0.001)
+        change()
+    finally:
+        stop.set()
+        for thread in servers:
+            thread.join()
+    assert not errors, errors[:3]
+    return outputs
+
+
+@pytest.mark.parametrize("case_id", ["timm_registers_avg", "transformers_vit", "open_clip_avg", "torchvision_vit"])
+def test_remove_and_apply_while_other_threads_run_the_model(case_id):
+    """Threads keep calling the model while another removes merging: every call returns
+    the merged or the unpatched output, exactly (a removal once restored blocks under
+    running passes: raw AttributeErrors, or merged tokens pooled unweighted). While
+    merging is applied to the unpatched model, calls never fail, and once it is, they
+    merge."""
+    case = CASES_BY_ID[case_id]
+    model, x = make(case), images(2)
+    with torch.no_grad():  # heads that start at zero would hide what merging changes
+        for param in model.parameters():
+            if not param.any():
+                param.normal_()
+    unpatched = run(case, model, x)
+    tokenmerge.apply(model, r=R)
+    merged = run(case, model, x)
+    assert not torch.equal(merged, unpatched)
+    for _ in range(10):
+        outputs = serve_while(case, model, x, lambda: tokenmerge.remove(model))
+        assert all(torch.equal(out, merged) or torch.equal(out, unpatched) for out in outputs)
+        outputs = serve_while(case, model, x, lambda: tokenmerge.apply(model, r=R))
+        assert all(out.shape == merged.shape and torch.isfinite(out).all() for out in outputs)
+        assert torch.equal(run(case, model, x), merged)
+
+
 def test_torch_jit_script_is_refused_with_the_alternatives(case):
     model = tokenmerge.apply(make(case), r=R)
     with pytest.warns(FutureWarning), pytest.raises(TypeError, match="torch.compile, torch.export or torch.jit.trace"):

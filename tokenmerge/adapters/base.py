@@ -81,17 +81,24 @@ class Adapter(ABC):
         return len(self.blocks(model))
 
     def patch(self, model: nn.Module, state: MergeState) -> None:
-        """Patch ``model`` in place to merge tokens with ``state``."""
-        mixin = self.block_mixin(model)
-        for index, block in enumerate(self.blocks(model)):
-            block._tokenmerge_state, block._tokenmerge_index = state, index
-            swap_class(block, mixin)
+        """Patch ``model`` in place to merge tokens with ``state``. The blocks are
+        patched last and from the last one back, so that a call another thread is
+        running meanwhile meets every other part already patched (they behave as
+        unpatched until a block merges) and starts merging at one block, if at all."""
         for module, module_mixin in self.mixins(model):
             module._tokenmerge_state = state
             swap_class(module, module_mixin)
         for module, hook in self.pre_hooks(model):
             handle = module.register_forward_pre_hook(hook, with_kwargs=True)
             module.__dict__.setdefault("_tokenmerge_hooks", []).append(handle)
+        for module in enclosing_modules(model, self.blocks(model)):
+            handles = [module.register_forward_pre_hook(state.enter_call),
+                       module.register_forward_hook(state.leave_call, always_call=True)]
+            module.__dict__.setdefault("_tokenmerge_hooks", []).extend(handles)
+        mixin = self.block_mixin(model)
+        for index, block in reversed(list(enumerate(self.blocks(model)))):
+            block._tokenmerge_state, block._tokenmerge_index = state, index
+            swap_class(block, mixin)
         model._tokenmerge_state = state
 
     def unpatch(self, model: nn.Module) -> None:
@@ -111,6 +118,16 @@ class KeepsSizes:
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return self._tokenmerge_state._adopt(super().forward(input))
+
+
+def enclosing_modules(model: nn.Module, blocks: Sequence[nn.Module]) -> list[nn.Module]:
+    """``model`` and every module between it and its blocks: a call of any of them runs
+    blocks, and :func:`tokenmerge.remove` lets such calls in other threads finish."""
+    if not blocks:
+        return [model]
+    first = next(name for name, module in model.named_modules() if module is blocks[0])
+    parts = first.split(".")[:-1]
+    return [model] + [model.get_submodule(".".join(parts[:depth])) for depth in range(1, len(parts) + 1)]
 
 
 def already_patched(model: nn.Module) -> Optional[str]:
