@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from tokenmerge import schedule
@@ -76,3 +78,21 @@ def test_token_counts_apply_caps():
     # 11 tokens, 1 protected: at most 5, then 2 (5 mergeable), then 1, then 1.
     assert schedule.token_counts(11, [9, 9, 9, 9], 1) == [6, 4, 3, 2]
     assert schedule.capped([9, 9, 9, 9], 11, 1) == [5, 2, 1, 1]
+
+
+def test_a_schedule_file_for_another_model_is_refused_unless_meant(tmp_path):
+    path = tmp_path / "small.json"
+    path.write_text(json.dumps({"r": [4] * 12, "model": "vit_small_patch16_224.augreg_in21k", "library": "timm"}))
+    with pytest.raises(ValueError, match="tuned for vit_small_patch16_224.augreg_in21k, not vit_tiny_patch16_224; "
+                                         ".*or give allow_other_model=True"):
+        schedule.load(path, model="vit_tiny_patch16_224")
+    assert schedule.load(path, model="vit_tiny_patch16_224", allow_other_model=True) == [4] * 12
+    assert schedule.load(path, model="vit_small_patch16_224") == [4] * 12, "other weights of the same architecture"
+    assert schedule.load(path) == [4] * 12, "no model named, nothing to compare"
+
+
+@pytest.mark.parametrize("text,message", [("@", "file name is missing"), ("@ ", "file name is missing"),
+                                          ("@.", "is a folder")])
+def test_a_schedule_file_that_is_not_named_or_not_a_file_says_so(text, message):
+    with pytest.raises(ValueError, match=message):
+        schedule.parse(text)

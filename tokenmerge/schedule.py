@@ -9,7 +9,9 @@ A schedule is one of:
   paper's decreasing ("inflection") schedule;
 * a :class:`Tuned` schedule: one r per block read from a file ``tokenmerge tune``
   wrote (:func:`load`; ``"@schedule.json"`` as text), which also names the method
-  and attention it was tuned with and the model depth it was tuned for.
+  and attention it was tuned with and the model it was tuned for: a file given to a
+  model of another depth is an error, and one tuned for another model is refused
+  where that model is named (:func:`check_model`) unless that is said to be meant.
 """
 from __future__ import annotations
 
@@ -53,19 +55,57 @@ class Linear:
 class Tuned(list):
     """One r per block, as tuned for a model by ``tokenmerge tune`` and read from its
     file by :func:`load`: a list of ints that also knows its ``path``, the ``method``
-    and ``prop_attn`` it was tuned with and the ``model`` it was tuned for."""
+    and ``prop_attn`` it was tuned with and the ``model`` (of ``library``) it was
+    tuned for."""
 
     def __init__(self, r: Sequence[int], path: str | Path, method: str = "tome", prop_attn: bool = True,
-                 model: Optional[str] = None):
+                 model: Optional[str] = None, library: Optional[str] = None):
         super().__init__(r)
         self.path, self.method, self.prop_attn, self.model = Path(path), method, prop_attn, model
+        self.library = library
 
 
-def load(path: str | Path) -> Tuned:
+def load(path: str | Path, model: Optional[str] = None, *, allow_other_model: bool = False) -> Tuned:
     """The schedule in the JSON file ``path`` that ``tokenmerge tune`` wrote: at least
     ``{"r": [one int per block]}``, and the ``method``, ``prop_attn`` and ``model`` it
-    was tuned with. A missing file or one without such an ``r`` is a one-line error."""
-    path = Path(path)
+    was tuned with. A missing file or one without such an ``r`` is a one-line error.
+
+    Given ``model``, the name of the model the schedule is for (as ``tokenmerge tune
+    --model`` takes it), a file tuned for another model is refused, naming both
+    (see :func:`check_model`); ``allow_other_model=True`` says that is meant."""
+    if not str(path).strip():
+        raise ValueError("a schedule file name is missing: give the path of a file tokenmerge tune wrote")
+    schedule = _read(Path(path))
+    if model is not None:
+        check_model(schedule, model, allow_other_model)
+    return schedule
+
+
+def check_model(
+    schedule: Schedule, model: str, allow_other_model: bool = False, allow_with: str = "allow_other_model=True"
+) -> None:
+    """Refuse a schedule file tuned for a model other than ``model``, unless
+    ``allow_other_model``: a schedule is fitted to one model's speed and outputs, and
+    applying it checks no more than the depth. ``allow_with`` is how the error tells
+    the user to allow it. Weights of one timm architecture share its schedules (a
+    pretrained tag such as ``.augreg_in21k`` is not compared); schedules that are not
+    files, and files that name no model, pass."""
+    if allow_other_model or not isinstance(schedule, Tuned) or schedule.model is None:
+        return
+    if _architecture(schedule.model, schedule.library) != _architecture(model, schedule.library):
+        raise ValueError(f"schedule file {schedule.path} was tuned for {schedule.model}, not {model}; tune one for "
+                         f"{model} with tokenmerge tune, or give {allow_with} to use it anyway")
+
+
+def _architecture(name: str, library: Optional[str]) -> str:
+    """A timm model name without its pretrained tag; any other name as it is."""
+    return name.partition(".")[0] if library == "timm" else name
+
+
+def _read(path: Path) -> Tuned:
+    """The schedule file ``path``, checked field by field."""
+    if path.is_dir():
+        raise ValueError(f"schedule file {path} is a folder; give the path of a file tokenmerge tune wrote")
     if not path.is_file():
         raise ValueError(f"schedule file {path} does not exist; write one with tokenmerge tune")
     try:
@@ -79,7 +119,10 @@ def load(path: str | Path) -> Tuned:
     method, prop_attn = record.get("method", "tome"), record.get("prop_attn", True)
     if not isinstance(method, str) or not isinstance(prop_attn, bool):
         raise ValueError(f"schedule file {path}: \"method\" must be a method name and \"prop_attn\" true or false")
-    return Tuned(r, path, method, prop_attn, record.get("model"))
+    model, library = record.get("model"), record.get("library")
+    if not all(value is None or isinstance(value, str) for value in (model, library)):
+        raise ValueError(f"schedule file {path}: \"model\" and \"library\" must be names")
+    return Tuned(r, path, method, prop_attn, model, library)
 
 
 def _is_real(value: object) -> bool:

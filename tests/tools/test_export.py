@@ -114,3 +114,22 @@ def test_bench_refuses_what_onnx_runtime_cannot_time_before_loading_the_model(ar
     assert main(["bench", "--runtime", "onnxruntime", "--checkpoint", "missing.safetensors", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and "does not exist" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_export_traced_with_one_image_takes_any_batch(tmp_path, capsys):
+    output = tmp_path / "vit.onnx"
+    assert main(["export", "--model", "vit_tiny_patch16_224", "--model-kwargs", "depth=2", "patch_size=8",
+                 "--img-size", "32", "--r", "4", "--batch-size", "1", "--no-check", "--output", str(output)]) == 0
+    assert "(dynamic batch)" in capsys.readouterr().out
+    for batch in (1, 3):
+        assert onnx_outputs(output, torch.randn(batch, 3, 32, 32)).shape == (batch, 1000)
+
+
+def test_a_method_the_model_cannot_run_is_refused_before_tracing(tmp_path, capsys):
+    output = tmp_path / "vit.onnx"
+    assert main(["export", "--model", "vit_tiny_patch16_224", "--model-kwargs", "depth=2", "class_token=False",
+                 "global_pool=avg", "--img-size", "32", "--r", "2", "--method", "tome-attended",
+                 "--output", str(output)]) == 2
+    captured = capsys.readouterr()
+    assert "tokenmerge export: error: tome-attended spares the tokens a class token attends to" in captured.err
+    assert "PyTorch" not in captured.out + captured.err and not output.exists()

@@ -1,4 +1,6 @@
 """Merge-group maps and painted pictures: what they mean, not how they look."""
+import json
+
 import numpy as np
 import pytest
 import timm
@@ -258,3 +260,62 @@ def colour_spread(picture, groups):
     """Mean distance of a pixel's colour from the mean colour of its group."""
     pixels = pixel_groups(groups, (16, 16), picture.shape[:2])
     return np.abs(picture - group_mean_colours(picture, pixels)[pixels]).mean()
+
+
+TINY_ARGS = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=8", "depth=6", "--img-size", "64"]
+
+
+def noise_picture(tmp_path):
+    path = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (73, 73, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def schedule_file(tmp_path, **fields):
+    path = tmp_path / "schedule.json"
+    path.write_text(json.dumps({"r": [5] * 6, "method": "tome", "model": "vit_tiny_patch16_224", "library": "timm"}
+                               | fields))
+    return path
+
+
+def sharp_attention_checkpoint(tmp_path):
+    """Random weights whose attention matters (at timm's initial scale it barely
+    moves the tokens, and proportional attention would change no matching)."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", patch_size=8, depth=6, img_size=64)
+    weights = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    for name in weights:
+        if name.endswith(("attn.qkv.weight", "attn.proj.weight")):
+            weights[name] = torch.randn(weights[name].shape) * 0.2
+    save_file(weights, tmp_path / "sharp.safetensors")
+    return tmp_path / "sharp.safetensors"
+
+
+def test_cli_merges_with_the_attention_of_a_schedule_file_unless_told(tmp_path):
+    picture, schedule = noise_picture(tmp_path), schedule_file(tmp_path, prop_attn=False)
+    checkpoint = ["--checkpoint", str(sharp_attention_checkpoint(tmp_path))]
+    figures = {}
+    for name, attention in (("file", []), ("off", ["--no-prop-attn"]), ("on", ["--prop-attn"])):
+        output = tmp_path / f"{name}.png"
+        assert main(["visualize", str(picture), *TINY_ARGS, *checkpoint, "--r", f"@{schedule}", *attention,
+                     "--output", str(output)]) == 0
+        figures[name] = output.read_bytes()
+    assert figures["file"] == figures["off"], "the file's prop_attn: false"
+    assert figures["on"] != figures["off"], "proportional attention groups these patches differently"
+
+
+def test_cli_refuses_a_schedule_file_tuned_for_another_model(tmp_path, capsys):
+    picture, schedule = noise_picture(tmp_path), schedule_file(tmp_path, model="vit_small_patch16_224")
+    output = tmp_path / "merges.png"
+    assert main(["visualize", str(picture), *TINY_ARGS, "--r", f"@{schedule}", "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert f"schedule file {schedule} was tuned for vit_small_patch16_224, not vit_tiny_patch16_224" in err
+    assert "--allow-other-model" in err and not output.exists()
+
+
+def test_cli_uses_a_schedule_file_for_another_model_when_told(tmp_path):
+    picture, schedule = noise_picture(tmp_path), schedule_file(tmp_path, model="vit_small_patch16_224")
+    assert main(["visualize", str(picture), *TINY_ARGS, "--r", f"@{schedule}", "--allow-other-model",
+                 "--output", str(tmp_path / "m.png")]) == 0

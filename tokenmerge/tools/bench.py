@@ -37,6 +37,7 @@ from .settings import (
     UNPATCHED,
     Setting,
     cap_notes,
+    check_schedule_files,
     configure,
     default_sweep,
     setting_runner,
@@ -158,14 +159,15 @@ def counted_flops(model: torch.nn.Module, settings: Sequence[Setting], image: to
 def benchmark(
     model: torch.nn.Module,
     rs: Sequence[schedules.Schedule],
-    method: str = "tome",
+    method: Optional[str] = None,
     prop_attn: Optional[bool] = None,
     with_limit: bool = False,
     **kwargs,
 ) -> list[BenchRow]:
     """Tokens, GFLOPs per image, images per second, latency at batch size 1 and
     speed-ups of ``model`` unpatched and with ``method`` (a method or variant, see
-    :data:`tokenmerge.tools.settings.VARIANTS`) at every schedule in ``rs`` and,
+    :data:`tokenmerge.tools.settings.VARIANTS`; default: ``tome``, or for a schedule
+    file the method and attention it was tuned with) at every schedule in ``rs`` and,
     ``with_limit``, their zero-overhead limits; ``kwargs`` go to :func:`benchmark_settings`."""
     settings, _ = unique(sweep_settings(rs, method, prop_attn, with_limit))
     return benchmark_settings(model, settings, **kwargs)
@@ -312,6 +314,7 @@ def run(args: argparse.Namespace) -> None:
                        model_kwargs=args.model_kwargs, img_size=args.img_size)
     network = unwrap(model)
     rs = args.r if args.r is not None else default_sweep(network)
+    check_schedule_files(network, rs, args)
     settings, notes = unique(sweep_settings(rs, args.method, args.prop_attn, args.cut_limit))
     for text in notes + cap_notes(network, settings):
         options.note("bench", text)

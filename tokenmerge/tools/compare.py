@@ -21,7 +21,7 @@ import torch
 
 from . import options
 from .evaluation import MEASURES, EvalRow, add_evaluation_options, run_settings
-from .settings import UNPATCHED, VARIANTS, comparison_settings, default_sweep
+from .settings import UNPATCHED, VARIANTS, check_schedule_files, comparison_settings, default_sweep
 
 
 def curves(rows: Sequence[EvalRow]) -> dict[str, list[EvalRow]]:
@@ -95,6 +95,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> None:
     def settings(network: torch.nn.Module):
         rs = args.r if args.r is not None else default_sweep(network, with_zero=False)
+        check_schedule_files(network, rs, args)
         return comparison_settings(args.methods, rs, args.prop_attn)
 
     run_settings(args, "compare", settings, draw_comparison)

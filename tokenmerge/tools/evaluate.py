@@ -21,19 +21,20 @@ from tokenmerge import schedule as schedules
 
 from . import options
 from .evaluation import MEASURES, EvalRow, Evaluation, add_evaluation_options, evaluate_settings, run_settings
-from .settings import UNPATCHED, default_sweep, sweep_settings, unique
+from .settings import UNPATCHED, check_schedule_files, default_sweep, sweep_settings, unique
 
 
 def evaluate(
     model: torch.nn.Module,
     dataset: Dataset,
     rs: Sequence[schedules.Schedule],
-    method: str = "tome",
+    method: Optional[str] = None,
     prop_attn: Optional[bool] = None,
     **kwargs,
 ) -> Evaluation:
     """Top-1 and top-5 accuracy and images per second of ``model`` unpatched and with
-    ``method`` (a method or variant) at every schedule in ``rs``, on the (image
+    ``method`` (a method or variant; default: ``tome``, or for a schedule file the
+    method it was tuned with) at every schedule in ``rs``, on the (image
     tensor, label) items of ``dataset``; a schedule given twice is evaluated once.
     ``kwargs`` go to :func:`tokenmerge.tools.evaluation.evaluate_settings`."""
     settings, _ = unique(sweep_settings(rs, method, prop_attn))
@@ -85,6 +86,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> None:
     def settings(network: torch.nn.Module):
         rs = args.r if args.r is not None else default_sweep(network)
+        check_schedule_files(network, rs, args)
         return sweep_settings(rs, args.method, args.prop_attn)
 
     run_settings(args, "eval", settings, draw_plot)

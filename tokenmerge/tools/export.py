@@ -14,7 +14,7 @@ from . import options
 from .models import load_model, unwrap
 from .onnx_files import export_onnx, onnx_difference, require_onnx
 from .reports import check_output_path
-from .settings import Setting, cap_notes, configure, largest_r, tuned_variant, variant
+from .settings import Setting, cap_notes, check_schedule_files, configure, largest_r, tuned_variant, variant
 
 
 def add_parser(subparsers) -> None:
@@ -31,7 +31,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--output", required=True, metavar="FILE", help="the ONNX file to write (.onnx)")
     parser.add_argument("--batch-size", type=options.positive_int, default=2,
                         help="images in the example the export traces with; the exported batch is dynamic "
-                        "(default: 2)")
+                        "(traced with at least two images: one would fix it at 1) (default: 2)")
     parser.add_argument("--static-batch", action="store_true", help="export for --batch-size images only")
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help="skip comparing ONNX Runtime's outputs with the eager model's")
@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> None:
                        model_kwargs=args.model_kwargs, img_size=args.img_size)
     network = unwrap(model)
     r = args.r if args.r is not None else round(0.8 * largest_r(network))
+    check_schedule_files(network, [r], args)
     name, own_prop_attn = tuned_variant(r, args.method, args.prop_attn)
     method, prop_attn = variant(name, own_prop_attn)
     setting = Setting(f"r={schedules.describe(r)}", None if r == 0 else r, method, prop_attn)

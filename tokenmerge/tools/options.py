@@ -39,7 +39,10 @@ CAP_POLICY = ("a block merges at most half of its mergeable tokens; an r beyond 
 
 
 def parse_schedule(text: str) -> schedules.Schedule:
-    """One schedule: ``"13"``, ``"decreasing:13"``, ``"8/8/4/..."``."""
+    """One schedule: ``"13"``, ``"decreasing:13"``, ``"8/8/4/..."``, ``"@FILE"``."""
+    if text.strip() == "@":
+        raise argparse.ArgumentTypeError("a file name is missing after '@': give @FILE, a schedule file "
+                                         "tokenmerge tune wrote")
     try:
         return schedules.parse(text)
     except ValueError as error:
@@ -154,12 +157,20 @@ def add_sweep_option(parser: argparse.ArgumentParser, default_help: str) -> None
     parser.add_argument("--r", "--sweep", "--merge-r", dest="r", type=parse_sweep, metavar="SWEEP",
                         help=f"comma-separated r schedules, each {SCHEDULE_SYNTAX}; {CAP_POLICY} "
                         f"(default: {default_help}); under torchrun write --sweep")
+    add_allow_other_model_option(parser)
 
 
 def add_schedule_option(parser: argparse.ArgumentParser, default_help: str, default=None) -> None:
     parser.add_argument("--r", "--merge-r", dest="r", type=parse_schedule, default=default, metavar="R",
                         help=f"r schedule, {SCHEDULE_SYNTAX}; {CAP_POLICY} (default: {default_help}); "
                         "under torchrun write --merge-r")
+    add_allow_other_model_option(parser)
+
+
+def add_allow_other_model_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-other-model", action="store_true",
+                        help="use a schedule file (@FILE) tuned for another model than --model; without it such a "
+                        "file is refused, naming both models")
 
 
 def add_method_option(parser: argparse.ArgumentParser, many: bool = False) -> None:
@@ -171,13 +182,15 @@ def add_method_option(parser: argparse.ArgumentParser, many: bool = False) -> No
         parser.add_argument("--method", choices=list(VARIANTS),
                             help="token reduction method (default: tome, token merging, or for --r @FILE the "
                             "method it was tuned with); see tokenmerge compare --help")
-    add_prop_attn_option(parser, default=None)
+    add_prop_attn_option(parser)
 
 
-def add_prop_attn_option(parser: argparse.ArgumentParser, default: Optional[bool] = True) -> None:
-    parser.add_argument("--prop-attn", action=argparse.BooleanOptionalAction, default=default,
+def add_prop_attn_option(parser: argparse.ArgumentParser, methods: bool = True) -> None:
+    """``--prop-attn``, None where not given: a schedule file's own setting, or the method's, then applies."""
+    parser.add_argument("--prop-attn", action=argparse.BooleanOptionalAction, default=None,
                         help="proportional attention: attention weighs every token by the patches it stands for "
-                        "(default: on" + (", except for a *-no-prop-attn method)" if default is None else ")"))
+                        "(default: on, or for --r @FILE the attention it was tuned with"
+                        + ("; off for a *-no-prop-attn method)" if methods else ")"))
 
 
 # --- where and how -----------------------------------------------------------------

@@ -5,6 +5,7 @@ A sweep never holds the same setting twice: two would be counted into one tally.
 """
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Optional
@@ -97,6 +98,20 @@ def tuned_variant(
         raise ValueError(f"schedule file {r.path} was tuned with method {r.method!r}, which this version does not "
                          f"know ({', '.join(VARIANTS)}); give --method")
     return own, r.prop_attn if prop_attn is None else prop_attn
+
+
+def check_schedule_files(
+    network: torch.nn.Module, rs: Sequence[Optional[schedules.Schedule]], args: argparse.Namespace
+) -> None:
+    """Refuse a schedule file (``--r @FILE``) given to a model of another depth, or
+    tuned for a model other than ``--model`` unless ``--allow-other-model`` says that
+    is meant (see :func:`tokenmerge.schedule.check_model`)."""
+    depth = find_adapter(network).depth(network)
+    allowed = getattr(args, "allow_other_model", False)  # False for a command without the option
+    for r in rs:
+        if isinstance(r, schedules.Tuned):
+            schedules.resolve(r, depth)
+            schedules.check_model(r, args.model, allowed, "--allow-other-model")
 
 
 def label(r: schedules.Schedule, name: str = "tome") -> str:

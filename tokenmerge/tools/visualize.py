@@ -43,7 +43,7 @@ from tokenmerge.state import CappedRWarning, MergeState
 from . import options
 from .models import load_model
 from .reports import check_figure_path
-from .settings import Setting, cap_notes, largest_r
+from .settings import Setting, cap_notes, check_schedule_files, largest_r
 
 ImageInput = Union[str, Path, Image.Image]
 Colour = tuple[float, float, float]
@@ -151,9 +151,12 @@ def chosen_blocks(blocks: Optional[Sequence[int]], depth: int) -> tuple[int, ...
 
 
 @contextmanager
-def tracing_merges(model: torch.nn.Module, r: schedules.Schedule, prop_attn: bool) -> Iterator[MergeState]:
+def tracing_merges(
+    model: torch.nn.Module, r: schedules.Schedule, prop_attn: Optional[bool] = None
+) -> Iterator[MergeState]:
     """Patch ``model`` to merge with ``r`` and trace sources, in eval mode, for the
-    duration; then put back what was there: no patch, or the previous settings."""
+    duration; then put back what was there: no patch, or the previous settings.
+    ``prop_attn`` None takes a schedule file's own, as :func:`tokenmerge.apply` does."""
     previous = None
     if tokenmerge.is_applied(model):
         state = tokenmerge.get_state(model)
@@ -176,11 +179,12 @@ def merge_groups(
     inputs: torch.Tensor,
     r: schedules.Schedule,
     blocks: Optional[Sequence[int]] = None,
-    prop_attn: bool = True,
+    prop_attn: Optional[bool] = None,
 ) -> MergeGroups:
     """Run ``model`` with token merging on normalised ``inputs`` (B, 3, H, W) and
     return the group of every patch after the final block and after ``blocks``.
-    ``r`` and ``prop_attn`` are those of :func:`tokenmerge.apply`.
+    ``r`` and ``prop_attn`` are those of :func:`tokenmerge.apply` (a schedule file
+    merges with the method and attention it was tuned with, unless ``prop_attn`` is given).
 
     The model is left as it was: unpatched if it was, otherwise with its previous
     merge settings (the sizes and sources of its last pass are those of this one)."""
@@ -297,10 +301,11 @@ def visualize(
     r: schedules.Schedule,
     blocks: Optional[Sequence[int]] = None,
     img_size: Optional[tuple[int, int]] = None,
-    prop_attn: bool = True,
+    prop_attn: Optional[bool] = None,
 ) -> Visualization:
     """Merge groups and painted pictures for image files or PIL images, preprocessed
-    with the model's own transform and run as one batch."""
+    with the model's own transform and run as one batch; ``r`` and ``prop_attn`` as
+    in :func:`merge_groups`."""
     if not images:
         raise ValueError("no images given")
     opened = [image if isinstance(image, Image.Image) else open_image(image) for image in images]
@@ -368,7 +373,7 @@ def add_parser(subparsers) -> None:
     options.add_model_options(parser, default_model=options.DEFAULT_MODEL)
     options.add_schedule_option(parser, "four fifths of (patch tokens) // (blocks), so it follows the model: 13 for "
                                 "a 197-token, 12-block ViT")
-    options.add_prop_attn_option(parser)
+    options.add_prop_attn_option(parser, methods=False)
     shown = parser.add_mutually_exclusive_group()
     shown.add_argument("--blocks", type=parse_blocks, metavar="I,J,...",
                        help="also show the groups after these blocks, numbered from 0 (the final one is always shown)")
@@ -392,6 +397,7 @@ def run(args: argparse.Namespace) -> None:
     depth = find_adapter(model).depth(model)
     blocks = range(depth) if args.every_block else args.blocks
     chosen_blocks(blocks, depth)
+    check_schedule_files(model, [r], args)
     for text in cap_notes(model, [Setting("r", r)]):
         options.note("visualize", text)
     with warnings.catch_warnings():

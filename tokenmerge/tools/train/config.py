@@ -16,7 +16,7 @@ from ..options import AMP_DTYPES, check_device
 #: Fields of :class:`TrainConfig` that do not change what is computed, so a run may
 #: resume with others: the data order and the augmentation of every image are drawn
 #: from the seed, the epoch and the image, whatever the number of loading processes.
-RUN_ONLY_FIELDS = ("output", "workers", "progress")
+RUN_ONLY_FIELDS = ("output", "workers", "progress", "allow_other_model")
 
 
 @dataclass
@@ -31,7 +31,11 @@ class TrainConfig:
     batch over all processes. ``r`` is the merging schedule while training and
     ``eval_r`` (default: ``r``) for validation, as schedules or their text
     (:func:`tokenmerge.schedule.parse`), ``method`` and ``prop_attn`` those of
-    :func:`tokenmerge.apply`. ``amp`` is none, bfloat16 or float16
+    :func:`tokenmerge.apply` (default: ``tome`` with proportional attention, or for a
+    schedule file ``r`` the method and attention it was tuned with). A schedule file
+    tuned for a model other than ``model`` is refused unless ``allow_other_model``;
+    a checkpoint records a file's schedule, not its name, so a file changed since is
+    another run. ``amp`` is none, bfloat16 or float16
     (float16 on CUDA only, with loss scaling); ``img_size`` (one size, or height and width) builds the model for
     that input size (the transforms resize to it); ``augment=False`` trains on the
     evaluation transform, which makes runs comparable image for image. ``progress``
@@ -54,8 +58,9 @@ class TrainConfig:
     warmup_epochs: int = 0
     r: schedules.Schedule = 0
     eval_r: Optional[schedules.Schedule] = None
-    method: str = "tome"
-    prop_attn: bool = True
+    method: Optional[str] = None
+    prop_attn: Optional[bool] = None
+    allow_other_model: bool = False
     drop_path: float = 0.1
     amp: str = "none"
     seed: int = 0
@@ -72,15 +77,25 @@ class TrainConfig:
             self.eval_r = schedules.parse(self.eval_r)
         if self.eval_r is None:
             self.eval_r = self.r
+        if self.method is None:
+            self.method = self.r.method if isinstance(self.r, schedules.Tuned) else "tome"
+        if self.prop_attn is None:
+            self.prop_attn = self.r.prop_attn if isinstance(self.r, schedules.Tuned) else True
 
     def identity(self) -> dict[str, Any]:
         """The settings a checkpoint must agree on to be resumed, as JSON values."""
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in RUN_ONLY_FIELDS}
-        values["r"], values["eval_r"] = schedules.describe(self.r), schedules.describe(self.eval_r)
+        values["r"], values["eval_r"] = recorded_schedule(self.r), recorded_schedule(self.eval_r)
         values["device"] = torch.device(self.device).type  # kernels differ between device types
         if isinstance(self.img_size, int):
             values["img_size"] = [self.img_size, self.img_size]
         return json.loads(json.dumps(values))
+
+
+def recorded_schedule(schedule: schedules.Schedule) -> str:
+    """The text of a schedule as a checkpoint records it: a file's schedule itself
+    (one r per block), not its name, so that a file changed between runs is another run."""
+    return schedules.describe(list(schedule) if isinstance(schedule, schedules.Tuned) else schedule)
 
 
 def check_config(config: TrainConfig) -> None:
@@ -107,6 +122,9 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError("workers must be at least 0")
     if config.method not in METHODS or config.method == "cut":
         raise ValueError(f"method must be one of {', '.join(m for m in METHODS if m != 'cut')}, got {config.method!r}")
+    for schedule in (config.r, config.eval_r):
+        schedules.check_model(schedule, config.model, config.allow_other_model,
+                              "--allow-other-model (allow_other_model=True)")
     device = check_device(config.device)
     if config.amp == "float16" and device.type != "cuda":
         raise ValueError("amp float16 needs a CUDA device; use bfloat16 on the CPU")
