@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from tests.conftest import CHECKPOINT, require_shared
+from tests.conftest import CHECKPOINT, make_class_folder, require_shared
 from tokenmerge.tools.cli import main
 
 FAST = ["--runs", "2", "--warmup", "0", "--batch-size", "1"]
@@ -101,3 +101,18 @@ def test_unknown_method_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--method", "pruning"])
     assert "invalid choice: 'pruning'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, choices", [
+    ("--opt", ["adamw", "sgd", "lamb"]),
+    ("--sched", ["cosine", "step", "poly"]),
+])
+def test_train_names_an_unknown_timm_option_and_its_choices(option, choices, tmp_path, capsys):
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+        make_class_folder(tmp_path / split, ["cat", "dog"], 2)
+    assert main(["train", "--model", "vit_tiny_patch16_224", "--data", str(tmp_path), "--output",
+                 str(tmp_path / "run"), "--batch-size", "2", option, "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tokenmerge train: error: {option} nope: timm has no ") and "choose one of" in err
+    assert all(choice in err for choice in choices) and not (tmp_path / "run").exists()

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 import tokenmerge
-from tests.conftest import CHECKPOINT, IMAGENET_SAMPLE, require_shared
+from tests.conftest import CHECKPOINT, IMAGENET_SAMPLE, make_class_folder, require_shared
 from tokenmerge.tools import distributed
 from tokenmerge.tools.accuracy import correct_predictions
 from tokenmerge.tools.cli import main
@@ -33,6 +33,7 @@ from tokenmerge.tools.distributed import shard_loader
 from tokenmerge.tools.evaluate import evaluate
 from tokenmerge.tools.evaluation import rotated
 from tokenmerge.tools.models import create_timm_model, timm_transform
+from tokenmerge.tools.train.splits import read_splits
 
 MODEL = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
 CLASSES = 16
@@ -40,6 +41,7 @@ BROKEN = ("corrupt.JPEG", "truncated.JPEG")
 SETTINGS = ["unpatched", "r=0", "r=8"]
 FAST = ["--sweep", "0,8", "--batch-size", "8", "--workers", "0"]  # torchrun reads --r as one of its own options
 TORCHRUN = Path(sys.executable).with_name("torchrun")
+TINY = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=8", "depth=2", "--img-size", "32"]
 
 
 def add_broken_images(folders):
@@ -291,3 +293,37 @@ def test_errors_say_what_to_do(case, message, tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert err.splitlines()[-1].startswith("tokenmerge eval: error: ") and message in err
+
+
+@pytest.fixture
+def linked_synset_folder(tmp_path):
+    """4 synset folders of 2 pictures each, 2 of them links to folders elsewhere, and
+    two links that lead back: one to the root, one to its own folder."""
+    info = timm.data.ImageNetInfo()
+    synsets = [info.index_to_label_name(i) for i in range(4)]
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "images").mkdir()
+    make_class_folder(tmp_path / "elsewhere", synsets[2:], 2)
+    root, _ = make_class_folder(tmp_path / "images", synsets[:2], 2)
+    for name in synsets[2:]:
+        (root / name).symlink_to(tmp_path / "elsewhere" / name, target_is_directory=True)
+    (root / synsets[0] / "loop").symlink_to(root, target_is_directory=True)
+    (root / synsets[1] / "again").symlink_to(root / synsets[1], target_is_directory=True)
+    return root
+
+
+def test_every_command_sees_the_images_behind_folder_links(linked_synset_folder, tmp_path, capsys):
+    root = linked_synset_folder
+    assert len(folder_samples(root)) == len(folder_samples(root, labels=False)) == 8
+    for labels in ([], ["--no-labels"]):
+        assert main(["eval", *TINY, "--data", str(root), *labels, "--r", "2", "--batch-size", "8"]) == 0
+        assert "on 8 image files" in capsys.readouterr().out.splitlines()[0]
+    assert main(["tune", *TINY, "--data", str(root), "--flops", "70%", "--budget-minutes", "0.01", "--images", "100",
+                 "--runs", "1", "--batch-size", "2", "--output", str(tmp_path / "tuned.json")]) == 0
+    assert "calibrating on 8 image files" in capsys.readouterr().out
+    assert json.loads((tmp_path / "tuned.json").read_text())["calibration"]["images"] == 8
+    (tmp_path / "data").mkdir()
+    for split in ("train", "val"):
+        (tmp_path / "data" / split).symlink_to(root, target_is_directory=True)
+    splits = read_splits(tmp_path / "data")
+    assert len(splits.train) == len(splits.val) == 8

@@ -262,3 +262,96 @@ def test_errors_say_what_is_wrong(case, extra, message, data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("tokenmerge train: error: ") and message in err
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def with_broken_files(data, root, train=True, val=True):
+    """A copy of ``data`` in ``root`` with a file of random bytes in train/cat and a
+    JPEG cut short in val/dog (or, without ``val``, a validation split of that file alone)."""
+    import io
+    import shutil
+
+    shutil.copytree(data / "train", root / "train")
+    if train:
+        (root / "train" / "cat" / "corrupt.jpg").write_bytes(np.random.default_rng(0).bytes(2048))
+    photo = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(photo, "JPEG")
+    if val:
+        shutil.copytree(data / "val", root / "val")
+    (root / "val" / "dog").mkdir(parents=True, exist_ok=True)
+    (root / "val" / "dog" / "truncated.jpg").write_bytes(photo.getvalue()[:len(photo.getvalue()) // 3])
+    return root
+
+
+def test_unreadable_images_are_skipped_and_named_once(data, tmp_path, capsys):
+    root, output = with_broken_files(data, tmp_path / "data"), tmp_path / "run"
+    assert main(["train", *TINY_ARGS, "--data", str(root), "--output", str(output), "--epochs", "2",
+                 "--batch-size", "5", "--workers", "0"]) == 0
+    captured = capsys.readouterr()
+    assert "on 25 training and 7 validation images" in captured.out
+    notes = [line for line in captured.err.splitlines() if "unreadable" in line]
+    assert len(notes) == 2, "each file is named once, not every epoch"
+    assert "1 unreadable training image" in notes[0] and str(root / "train" / "cat" / "corrupt.jpg") in notes[0]
+    assert "1 unreadable validation image" in notes[1] and str(root / "val" / "dog" / "truncated.jpg") in notes[1]
+    rows = read_csv(output / "metrics.csv")
+    assert [row["epoch"] for row in rows] == ["1", "2"]
+    assert all(round(float(row["val_top1"]) * 6 / 100, 6).is_integer() for row in rows), "6 readable images"
+    assert [row["step"] for row in read_csv(output / "steps.csv")] == [str(step) for step in range(1, 11)]
+
+
+def test_a_validation_split_none_of_which_can_be_read_keeps_the_epoch(data, tmp_path, capsys):
+    root, output = with_broken_files(data, tmp_path / "data", train=False, val=False), tmp_path / "run"
+    assert main(["train", *TINY_ARGS, "--data", str(root), "--output", str(output), "--epochs", "2",
+                 "--batch-size", "8", "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "none of the 1 validation images could be read" in err and "truncated.jpg" in err
+    assert "epoch 1 is saved" in err.splitlines()[-1]
+    assert (output / "epoch-1" / "state.json").is_file() and not (output / "epoch-2").exists()
+
+
+def write_schedule(path, r, **fields):
+    path.write_text(json.dumps({"r": r, "method": "tome", "prop_attn": True, "model": "vit_tiny_patch16_224",
+                                "library": "timm"} | fields))
+    return path
+
+
+def test_a_schedule_file_changed_before_a_resume_is_another_run(data, tmp_path, capsys):
+    schedule = write_schedule(tmp_path / "schedule.json", [2, 2], method="tome-attended", prop_attn=False)
+    args = ["train", *TINY_ARGS, "--data", str(data), "--output", str(tmp_path / "out"), "--batch-size", "8",
+            "--epochs", "1", "--max-steps-per-epoch", "1", "--merge-r", f"@{schedule}"]
+    assert main(args) == 0
+    recorded = json.loads((tmp_path / "out" / "epoch-1" / "state.json").read_text())["config"]
+    assert [recorded[key] for key in ("r", "method", "prop_attn")] == ["2/2", "tome-attended", False]
+    write_schedule(schedule, [3, 1], method="tome-attended", prop_attn=False)
+    assert main(args) == 2
+    assert "another configuration (eval_r: '2/2' there, '3/1' here; r: '2/2' there, '3/1' here)" in \
+        capsys.readouterr().err
+
+
+def test_a_training_config_takes_method_and_attention_from_its_schedule_file(data, tmp_path):
+    schedule = write_schedule(tmp_path / "schedule.json", [2, 2], method="tome-attended", prop_attn=False)
+    taken = config(data, tmp_path / "out", r=f"@{schedule}")
+    assert (taken.method, taken.prop_attn) == ("tome-attended", False)
+    told = config(data, tmp_path / "out", r=f"@{schedule}", method="tome", prop_attn=True)
+    assert (told.method, told.prop_attn) == ("tome", True)
+
+
+def test_a_schedule_file_tuned_for_another_model_is_refused_unless_meant(data, tmp_path, capsys):
+    schedule = write_schedule(tmp_path / "schedule.json", [2, 2], model="vit_small_patch16_224")
+    args = ["train", *TINY_ARGS, "--data", str(data), "--output", str(tmp_path / "out"), "--batch-size", "8",
+            "--epochs", "1", "--max-steps-per-epoch", "1", "--merge-r", f"@{schedule}"]
+    assert main(args) == 2
+    assert "was tuned for vit_small_patch16_224, not vit_tiny_patch16_224" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    history = train(config(data, tmp_path / "out", r=f"@{schedule}", epochs=1, max_steps_per_epoch=1,
+                           allow_other_model=True))
+    assert [row["epoch"] for row in history] == [1]
+
+
+@pytest.mark.parametrize("model", ["resnet18", "eva02_tiny_patch14_224"])
+def test_a_model_tokenmerge_cannot_merge_in_is_refused_before_training(model, data, tmp_path, capsys):
+    args = ["train", "--model", model, "--data", str(data), "--output", str(tmp_path / "out"), "--batch-size", "8",
+            "--merge-r", "2"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tokenmerge train: error: ") and "does not support timm's" in err
+    assert "Traceback" not in err and not (tmp_path / "out" / "model.safetensors").exists()

@@ -7,13 +7,15 @@ import json
 import numpy as np
 import pytest
 import timm
+import torch
 from PIL import Image
 
 import tokenmerge
 from tokenmerge import schedule as schedules
+from tokenmerge.tools import tune as tuning
 from tokenmerge.tools.cli import main
 from tokenmerge.tools.settings import sweep_settings
-from tokenmerge.tools.tune import CostLine, Space
+from tokenmerge.tools.tune import CostLine, Space, Target
 
 MODEL = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=8", "depth=4", "--img-size", "64"]
 QUICK = ["--budget-minutes", "0.1", "--images", "8", "--runs", "2", "--batch-size", "2"]
@@ -169,3 +171,40 @@ def test_the_cost_line_goes_through_timings_and_measured_points():
     assert (line.intercept, line.slope) == pytest.approx((1.0, 2.0))
     assert line.flops_for(5.0) == pytest.approx(2.0)
     assert line.through(2.0, 6.0).seconds(2.0) == pytest.approx(6.0)
+
+
+@pytest.mark.parametrize("minutes, message", [
+    ("inf", "expected a finite number"),
+    ("nan", "expected a finite number"),
+    ("0", "expected a positive number"),
+    ("-1", "expected a positive number"),
+])
+def test_a_search_budget_must_be_positive_and_finite(minutes, message, data, tmp_path, capsys):
+    output = tmp_path / "s.json"
+    with pytest.raises(SystemExit) as info:
+        main(["tune", *MODEL, "--data", str(data), "--flops", "60%", *QUICK, "--budget-minutes", minutes,
+              "--output", str(output)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"--budget-minutes: {message}, got {minutes}" in err and not output.exists()
+    with pytest.raises(ValueError, match="positive, finite number of minutes"):
+        tuning.tune(tiny(), Space(tiny(), (64, 64)), torch.zeros(1, 3, 64, 64), Target("flops", 0.01), ["tome"],
+                    float(minutes))
+
+
+@pytest.mark.parametrize("spread, busy", [(0.0, False), (0.4, True)])
+def test_an_unreachable_speedup_says_how_noisy_the_timings_were(spread, busy, data, tmp_path, capsys, monkeypatch):
+    """Timings as a quiet and as a busy machine gives them: the same medians, every
+    setting a little faster than the one before, and no spread or a wide one."""
+    def timings(runners, inputs, runs, warmup, progress=True):
+        rounds = [1 - spread, 1 - spread / 2, 1.0, 1 + spread / 2, 1 + spread]
+        return {name: [(1 - 0.01 * index) * value for value in rounds] for index, name in enumerate(runners)}
+
+    monkeypatch.setattr(tuning, "time_interleaved", timings)
+    assert main(["tune", *MODEL, "--data", str(data), "--speedup", "50", *QUICK,
+                 "--output", str(tmp_path / "s.json")]) == 2
+    err = capsys.readouterr().err
+    assert "--speedup 50 cannot be reached here" in err and len(err.strip().splitlines()) == 1
+    if busy:
+        assert "vary by up to 60%" in err and "the machine was busy" in err and "more --runs" in err
+    else:
+        assert "the timings vary by up to 0% between runs" in err and "busy" not in err

@@ -206,3 +206,54 @@ def test_merge_state_help_shows_no_internals():
     text = pydoc.render_doc(tokenmerge.MergeState, renderer=pydoc.plaintext)
     for internal in ("block_pass", "pass_of", "adopt", "warn_capped"):
         assert f"\n |  {internal}(" not in text
+
+
+@pytest.mark.parametrize("command, args", [
+    ("eval", ["--output", "/proc/tokenmerge.json"]),
+    ("eval", ["--plot", "/proc/tokenmerge.png"]),
+    ("compare", ["--plot", "/sys/tokenmerge.svg"]),
+    ("bench", ["--output", "/sys/tokenmerge.csv"]),
+    ("tune", ["--output", "/proc/tokenmerge.json"]),
+    ("visualize", ["--output", "/proc/tokenmerge.png"]),
+    ("train", ["--output", "/proc/tokenmerge-run"]),
+])
+def test_outputs_that_cannot_be_created_are_refused_before_any_work(command, args, tmp_path, capsys):
+    """Even for root, whom permission bits do not stop."""
+    if not os.path.isdir("/proc/self") or not os.path.isdir("/sys/kernel"):
+        pytest.skip("needs Linux's /proc and /sys, where no file can be created")
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+        make_class_folder(tmp_path / split, ["cat", "dog"], 2)
+    images = tmp_path / "val"
+    inputs = {"eval": ["--data", str(images), "--no-labels"], "compare": ["--data", str(images), "--no-labels"],
+              "bench": FAST, "tune": ["--data", str(images), "--flops", "70%"],
+              "visualize": [str(images / "cat" / "0.png")], "train": ["--data", str(tmp_path)]}[command]
+    assert main([command, *inputs, *TINY, *args]) == 2
+    captured = capsys.readouterr()
+    assert f"{args[1]} cannot be written" in captured.err and len(captured.err.strip().splitlines()) == 1
+    assert captured.out == "", "nothing ran"
+
+
+@pytest.mark.parametrize("command", ["eval", "compare", "tune", "train"])
+def test_data_given_a_file_says_it_is_a_file(command, tmp_path, capsys):
+    picture = tmp_path / "photo.png"
+    picture.write_bytes(b"")
+    extra = {"tune": ["--flops", "70%", "--output", str(tmp_path / "s.json")],
+             "train": ["--output", str(tmp_path / "run")]}.get(command, [])
+    assert main([command, *TINY, "--data", str(picture), *extra]) == 2
+    err = capsys.readouterr().err
+    assert f"{picture} is a file, not a folder; give the folder that holds" in err and "does not exist" not in err
+
+
+@pytest.mark.parametrize("command, args", [
+    ("bench", ["--r", "@"]),
+    ("eval", ["--r", "0,@"]),
+    ("visualize", ["--r", " @ "]),
+    ("train", ["--merge-r", "@"]),
+    ("train", ["--eval-r", "@"]),
+])
+def test_an_at_sign_without_a_file_name_says_the_name_is_missing(command, args, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, *args])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "a file name is missing after '@'" in err and "schedule file ." not in err

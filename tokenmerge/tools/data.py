@@ -1,8 +1,13 @@
 """Image folders for evaluation: ImageNet synset folders mapped to ImageNet-1k
 indices, or class folders mapped to indices by a class map, and a dataset that
-reports unreadable files instead of failing on them."""
+reports unreadable files instead of failing on them.
+
+Every command finds images the same way (:func:`images_in`): at any depth, through
+links to folders, each real folder once; labelled, those of every class folder,
+without labels, those of the whole folder."""
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,22 +22,54 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 CLASS_MAP_HELP = "a class map: a text file with one class name per line, the line number (from 0) being the class index"
 
 
-def class_folders(root: str | Path) -> list[Path]:
-    """The sub-folders of ``root``, sorted; a missing ``root`` is an error."""
+def check_folder(root: str | Path, kind: str = "image folder", holds: str = "the images") -> Path:
+    """``root`` as a path, if it is a folder; a one-line error saying what it is
+    otherwise: missing, or a file where a folder (that ``holds`` something) belongs."""
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"{kind} {root} is a file, not a folder; give the folder that holds {holds}")
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist")
+        raise FileNotFoundError(f"{kind} {root} does not exist")
+    return root
+
+
+def class_folders(root: str | Path) -> list[Path]:
+    """The sub-folders of ``root`` (links to folders included), sorted; a missing
+    ``root``, or a file, is an error."""
+    root = check_folder(root)
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def images_in(folder: Path) -> list[Path]:
-    """The image files directly inside ``folder``, sorted by name."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """The image files in ``folder`` and in its sub-folders at any depth, sorted by
+    path, hidden files and folders left out. Links to folders are followed, since
+    data sets are often assembled from them; each real folder is read once and none
+    that holds ``folder`` itself, so that a link loop ends and no image counts twice."""
+    top = Path(os.path.realpath(folder))
+    seen = {top}
+    found = []
+    for current, subfolders, files in os.walk(folder, followlinks=True):
+        subfolders[:] = [name for name in sorted(subfolders)
+                         if not name.startswith(".") and first_visit(Path(current, name), top, seen)]
+        found += [path for name in files if not name.startswith(".")
+                  and (path := Path(current, name)).suffix.lower() in IMAGE_SUFFIXES and path.is_file()]
+    return sorted(found)
+
+
+def first_visit(folder: Path, top: Path, seen: set[Path]) -> bool:
+    """Whether a walk from ``top`` should enter ``folder``: not if its real folder was
+    entered before or holds ``top`` (a link back up); it counts as entered from now on."""
+    real = Path(os.path.realpath(folder))
+    if real in seen or real in top.parents:
+        return False
+    seen.add(real)
+    return True
 
 
 def labelled_samples(root: str | Path, folders: Sequence[Path], index: dict[str, int]) -> list[tuple[Path, int]]:
-    """(image path, index of its folder's name) for every image in ``folders``;
-    finding no image at all is an error, since there is nothing to evaluate."""
+    """(image path, index of its folder's name) for every image in ``folders``, at any
+    depth (see :func:`images_in`); finding no image at all is an error, since there is
+    nothing to evaluate."""
     samples = [(path, index[folder.name]) for folder in folders for path in images_in(folder)]
     if not samples:
         raise ValueError(f"no images found in {root}: expected <class folder>/<image> files "
@@ -116,13 +153,9 @@ NO_LABEL = -1
 
 
 def unlabelled_samples(root: str | Path) -> list[tuple[Path, int]]:
-    """(image path, :data:`NO_LABEL`) for every image file under ``root``, at any depth,
-    sorted by path."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist")
-    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    """(image path, :data:`NO_LABEL`) for every image file under ``root``, at any depth
+    (see :func:`images_in`), sorted by path."""
+    paths = images_in(check_folder(root))
     if not paths:
         raise ValueError(f"no images found in {root} or below it (suffixes {', '.join(sorted(IMAGE_SUFFIXES))})")
     return [(path, NO_LABEL) for path in paths]

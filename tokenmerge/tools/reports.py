@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import platform
 from collections.abc import Sequence
 from pathlib import Path
@@ -77,7 +76,9 @@ def check_output_path(
 ) -> None:
     """Fail before a long run, not after it, on a file that cannot be written: a
     folder, a wrong suffix, a folder that cannot be made or written, a read-only
-    file. A missing folder is made, as for a training run's output folder."""
+    file. A missing folder is made, as for a training run's output folder. Whether
+    the file can be written is tried, not read from permission bits, which do not
+    stop root and say nothing of file systems such as /proc."""
     if path is None:
         return
     path = Path(path)
@@ -92,8 +93,20 @@ def check_output_path(
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ValueError(f"{option} {path}: its folder {folder} cannot be made ({error.strerror})") from None
-    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise ValueError(f"{option} {path} cannot be written (permission denied); choose another file")
+    try:
+        try_writing(path)
+    except OSError as error:
+        raise ValueError(f"{option} {path} cannot be written ({error.strerror}); choose another file") from None
+
+
+def try_writing(path: Path) -> None:
+    """Open ``path`` for writing, leaving an existing file as it is (opened to append,
+    nothing written) and removing one that this created."""
+    existed = path.exists()
+    with path.open("a"):
+        pass
+    if not existed:
+        path.unlink()
 
 
 def check_figure_path(path: str | Path | None, option: str = "--plot") -> None:

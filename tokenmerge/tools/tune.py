@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import statistics
 import time
@@ -50,7 +51,7 @@ from .data import TolerantImageFiles, balanced_subset, collate_readable, folder_
 from .models import load_model, unwrap
 from .reports import check_output_path, environment
 from .settings import UNPATCHED, VARIANTS, Setting, configure, largest_r, setting_runner, variant
-from .timing import time_interleaved
+from .timing import spread_percent, time_interleaved, untrusted
 
 #: Linear schedules the search starts from: slope 1 merges early, -1 late.
 SLOPES = (1.0, 0.5, 0.0, -0.5, -1.0)
@@ -97,12 +98,19 @@ def parse_latency(text: str) -> float:
     return _positive_float(text, "--latency-ms")
 
 
+def parse_minutes(text: str) -> float:
+    """A search budget: minutes the clock can count down, so neither 0 nor infinite."""
+    return _positive_float(text, "--budget-minutes")
+
+
 def _positive_float(text: str, option: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{option}: expected a number, got {text!r}") from None
-    if not 0 < value < float("inf"):
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{option}: expected a finite number, got {text}")
+    if value <= 0:
         raise argparse.ArgumentTypeError(f"{option}: expected a positive number, got {text}")
     return value
 
@@ -302,28 +310,47 @@ def search(
 # --- measuring ---------------------------------------------------------------------------
 
 
+@dataclass
+class Timings:
+    """The median seconds per pass of every setting timed, and the spread of its
+    timings (interquartile range over the median, in percent)."""
+
+    seconds: dict[str, float]
+    spreads: dict[str, float]
+
+    def describe_spread(self) -> str:
+        """How far to trust a figure derived from these timings, to end a sentence:
+        the spread, or a warning naming the settings whose timings were noisy."""
+        warning = untrusted(self.spreads)
+        if warning:
+            return f"; but {warning}"
+        return f" (the timings vary by up to {max(self.spreads.values()):.0f}% between runs)"
+
+
 def median_seconds(
     model: torch.nn.Module, settings: Sequence[Setting], inputs: torch.Tensor, runs: int, warmup: int = 2
-) -> dict[str, float]:
+) -> Timings:
     runners = {s.name: setting_runner(model, s) for s in settings}
     times = time_interleaved(runners, inputs, runs, warmup, progress=False)
     configure(model, Setting(UNPATCHED))
-    return {name: statistics.median(values) for name, values in times.items()}
+    return Timings({name: statistics.median(values) for name, values in times.items()},
+                   {name: spread_percent(values) for name, values in times.items()})
 
 
 def timing_inputs(target: Target, img_size: tuple[int, int], batch_size: int, device: torch.device) -> torch.Tensor:
     return torch.randn(1 if target.kind == "latency_ms" else batch_size, 3, *img_size, device=device)
 
 
-def cost_line(model: torch.nn.Module, space: Space, inputs: torch.Tensor, runs: int) -> tuple[CostLine, float]:
-    """The FLOP line of this device, and the unpatched model's seconds per pass."""
+def cost_line(model: torch.nn.Module, space: Space, inputs: torch.Tensor, runs: int) -> tuple[CostLine, Timings]:
+    """The FLOP line of this device, and the timings it was fitted to (the unpatched
+    model's among them)."""
     top = largest_r(space.network, space.img_size)
     rs = sorted({max(1, round(top * share)) for share in (0.25, 0.5, 0.75, 1.0)})
     settings = [Setting(UNPATCHED)] + [Setting(f"r={r}", r) for r in rs]
-    seconds = median_seconds(model, settings, inputs, runs)
-    points = [(space.flops([0] * space.depth), seconds[UNPATCHED])]
-    points += [(space.flops([r] * space.depth), seconds[f"r={r}"]) for r in rs]
-    return CostLine.fit(points), seconds[UNPATCHED]
+    timings = median_seconds(model, settings, inputs, runs)
+    points = [(space.flops([0] * space.depth), timings.seconds[UNPATCHED])]
+    points += [(space.flops([r] * space.depth), timings.seconds[f"r={r}"]) for r in rs]
+    return CostLine.fit(points), timings
 
 
 def budget_for(target: Target, line: Optional[CostLine], unpatched_seconds: float, unpatched_flops: float,
@@ -345,9 +372,12 @@ def reached(target: Target, speedup: float, latency_ms: float) -> float:
 # --- the command ---------------------------------------------------------------------
 
 
-def calibration_images(args: argparse.Namespace, transform: Callable) -> torch.Tensor:
-    samples = folder_samples(args.data, labels=False)
-    samples = balanced_subset(samples, args.images, args.seed)
+def calibration_images(args: argparse.Namespace, found: list[tuple[Path, int]], transform: Callable) -> torch.Tensor:
+    """The decoded calibration images: ``--images`` of the image files ``found`` in
+    ``--data``, after saying how many it holds; unreadable files are left out with a note."""
+    samples = balanced_subset(found, args.images, args.seed)
+    sample = f" (a sample of {len(found)}, seed {args.seed})" if len(samples) < len(found) else ""
+    print(f"{args.model}: calibrating on {len(samples)} image files{sample} in {args.data}", flush=True)
     loader = DataLoader(TolerantImageFiles(samples, transform), batch_size=64, collate_fn=collate_readable)
     batches, unreadable = [], []
     for batch in loader:
@@ -402,7 +432,7 @@ def add_parser(subparsers) -> None:
     group.add_argument("--methods", type=options.parse_methods, default=list(DEFAULT_METHODS), metavar="M,M,...",
                        help=f"merging methods to search (default: {','.join(DEFAULT_METHODS)}; tome-attended where "
                        "the model has a class token)")
-    group.add_argument("--budget-minutes", type=float, default=10.0, metavar="M",
+    group.add_argument("--budget-minutes", type=parse_minutes, default=10.0, metavar="M",
                        help="stop searching after M minutes with the best found (default: 10)")
     group.add_argument("--batch-size", type=options.positive_int, default=16,
                        help="images per batch when timing a speed-up, as in bench (default: 16)")
@@ -415,17 +445,15 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> None:
     check_output_path(args.output, (".json",))
-    if not args.budget_minutes > 0:
-        raise ValueError(f"--budget-minutes {args.budget_minutes:g}: give a positive number of minutes")
     device = options.check_runtime(args)
-    folder_samples(args.data, labels=False)  # a missing or empty folder fails before the model loads
+    found = folder_samples(args.data, labels=False)  # a missing or empty folder fails before the model loads
     model = load_model(args.library, args.model, args.checkpoint, num_classes=args.num_classes,
                        model_kwargs=args.model_kwargs, img_size=args.img_size)
     model = model.eval().to(device)
     network = unwrap(model)
     space = Space(network, tuple(find_adapter(network).input_size(network)))
     names = check_names(args.methods, space.num_protected)
-    result = tune(model, space, calibration_images(args, model.transform).to(device), target_of(args), names,
+    result = tune(model, space, calibration_images(args, found, model.transform).to(device), target_of(args), names,
                   args.budget_minutes, args.batch_size, args.runs, args.seed)
     record = {
         "r": result["r"], "method": result["method"], "prop_attn": result["prop_attn"],
@@ -461,6 +489,8 @@ def tune(
 ) -> dict:
     """The best schedule for ``target`` and what was measured of it, as the fields of
     the schedule file; a share of the FLOPs is turned into GFLOPs first."""
+    if not 0 < budget_minutes < math.inf:
+        raise ValueError(f"budget_minutes must be a positive, finite number of minutes, got {budget_minutes}")
     started = time.monotonic()
     deadline = started + 60 * budget_minutes
     unpatched_flops = space.flops([0] * space.depth)
@@ -469,11 +499,12 @@ def tune(
     inputs = timing_inputs(target, space.img_size, batch_size, images.device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CappedRWarning)
-        line, unpatched_seconds = (None, None) if target.kind == "flops" else cost_line(model, space, inputs, runs)
+        line, timings = (None, None) if target.kind == "flops" else cost_line(model, space, inputs, runs)
+        unpatched_seconds = timings.seconds[UNPATCHED] if timings else None
         timed_batch = len(inputs)
         fewest = min(space.flops(space.most(), variant(name)[0]) for name in names)
         budget = budget_for(target, line, unpatched_seconds, unpatched_flops, timed_batch)
-        check_reachable(target, budget, fewest, unpatched_flops, line, unpatched_seconds, timed_batch)
+        check_reachable(target, budget, fewest, unpatched_flops, line, timings, timed_batch)
         calibration = Calibration(model, images, max(batch_size, 32))
         state = search(space, calibration, names, budget, deadline, progress=progress, seed=seed)
         measured = measure(model, state.best, inputs, runs)
@@ -500,13 +531,16 @@ def measure(model: torch.nn.Module, best: Candidate, inputs: torch.Tensor, runs:
     """The measured speed-up of ``best`` over the unpatched model, and its milliseconds
     per image."""
     method, prop_attn = variant(best.name)
-    seconds = median_seconds(model, [Setting(UNPATCHED), Setting("best", best.r, method, prop_attn)], inputs, runs)
+    settings = [Setting(UNPATCHED), Setting("best", best.r, method, prop_attn)]
+    seconds = median_seconds(model, settings, inputs, runs).seconds
     return seconds[UNPATCHED] / seconds["best"], 1000 * seconds["best"] / len(inputs)
 
 
 def check_reachable(target: Target, budget: float, fewest: float, unpatched_flops: float,
-                    line: Optional[CostLine], unpatched_seconds: Optional[float], batch: int) -> None:
-    """A one-line error, saying what is reachable, for a target merging cannot meet."""
+                    line: Optional[CostLine], timings: Optional[Timings], batch: int) -> None:
+    """A one-line error, saying what is reachable, for a target merging cannot meet;
+    for a timed target also how much the timings varied, since on a busy machine the
+    figure it gives is noise rather than a limit."""
     if target.kind == "flops":
         if budget >= unpatched_flops:
             raise ValueError(f"--flops: the unpatched model takes {unpatched_flops / 1e9:.2f} GFLOPs per image "
@@ -515,17 +549,17 @@ def check_reachable(target: Target, budget: float, fewest: float, unpatched_flop
             raise ValueError(f"--flops {target.value:.3g} GFLOPs cannot be reached: with every block merging as "
                              f"much as it can the model takes {fewest / 1e9:.2f}; ask for at least that")
         return
-    fastest = line.seconds(fewest)
+    fastest, unpatched_seconds, spread = line.seconds(fewest), timings.seconds[UNPATCHED], timings.describe_spread()
     if target.kind == "speedup" and budget < fewest:
         raise ValueError(f"--speedup {target.value:g} cannot be reached here: with every block merging as much "
                          f"as it can the model is about {unpatched_seconds / fastest:.2f}x faster; ask for at "
-                         "most that")
+                         f"most that{spread}")
     if target.kind == "latency_ms":
         unpatched_ms = 1000 * unpatched_seconds / batch
         if target.value >= unpatched_ms:
             raise ValueError(f"--latency-ms {target.value:g}: the unpatched model takes {unpatched_ms:.1f} ms per "
-                             "image here already; ask for less")
+                             f"image here already; ask for less{spread}")
         if budget < fewest:
             raise ValueError(f"--latency-ms {target.value:g} cannot be reached here: with every block merging as "
                              f"much as it can an image takes about {1000 * fastest / batch:.1f} ms; ask for at "
-                             "least that")
+                             f"least that{spread}")

@@ -11,7 +11,7 @@ from ..distributed import first_process
 from ..reports import format_table
 from ..settings import tuned_variant, variant
 from .config import TrainConfig
-from .loop import train
+from .loop import check_timm_names, train
 from .metrics import METRIC_COLUMNS
 
 
@@ -65,6 +65,7 @@ def add_parser(subparsers) -> None:
 
 def run_command(args: argparse.Namespace) -> None:
     options.check_library(args, "train", ["timm"])
+    check_timm_names(args.opt, args.sched, prefix="--")
     if args.num_classes is not None:
         found = len(class_folders(Path(args.data) / "train"))
         if args.num_classes != found:

@@ -1,12 +1,18 @@
 """A fine-tuning run from start to end: build it, resume it, train and validate
-every epoch, write what it finished."""
+every epoch, write what it finished.
+
+A training or validation image that cannot be decoded is skipped and named once in a
+note, as ``tokenmerge eval`` does, so that one bad file costs neither the run nor a
+finished epoch; a run only stops at a training batch none of whose images can be
+read, or after an epoch (kept) if no validation image can."""
 from __future__ import annotations
 
 import math
-import os
 import random
+import tempfile
 import time
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -21,8 +27,8 @@ import tokenmerge
 from tokenmerge import schedule as schedules
 from tokenmerge.state import CappedRWarning
 
-from ..data import ImageFiles
-from ..distributed import combine, process_group, rank, shard_loader, world_size
+from ..data import Batch, TolerantImageFiles, Unreadable
+from ..distributed import combine, gather_objects, process_group, rank, shard_loader, world_size
 from ..models import create_timm_model
 from ..options import default_workers, note
 from ..reports import describe_environment, environment
@@ -31,16 +37,22 @@ from .checkpoints import CHECKPOINT_PREFIX, Progress, resume, save_checkpoint
 from .config import AMP_DTYPES, TrainConfig, check_config
 from .metrics import METRIC_COLUMNS, draw_metrics, keep_steps, write_metrics, write_steps
 from .splits import SeededImages, Splits, data_transforms, read_splits, train_loader
-from .steps import evaluate_accuracy, train_step, unwrap_parallel
+from .steps import count_correct, train_step, unwrap_parallel
 
 
 def create_model(config: TrainConfig, num_classes: int) -> torch.nn.Module:
     """The timm model with a new ``num_classes`` classifier, its pretrained weights
-    read from ``config.checkpoint`` (random without), and drop path set."""
+    read from ``config.checkpoint`` (random without), and drop path set; a model
+    tokenmerge cannot merge in is refused, naming what it does not support."""
     kwargs = dict(config.model_kwargs, num_classes=num_classes, drop_path_rate=config.drop_path)
     if config.img_size is not None:
         kwargs["img_size"] = config.img_size
-    return create_timm_model(config.model, config.checkpoint, **kwargs)
+    model = create_timm_model(config.model, config.checkpoint, **kwargs)
+    try:
+        tokenmerge.checked_adapter(model)
+    except TypeError as error:
+        raise ValueError(f"--model {config.model}: {error}") from None
+    return model
 
 
 def schedule_notes(model: torch.nn.Module, config: TrainConfig) -> list[str]:
@@ -56,18 +68,45 @@ def schedule_notes(model: torch.nn.Module, config: TrainConfig) -> list[str]:
     return cap_notes(model, settings)
 
 
+#: timm's learning rate schedulers that step with the updates, as a run does ("plateau",
+#: which needs a metric, is refused apart by the configuration's check).
+SCHEDULERS = ("cosine", "tanh", "step", "multistep", "poly", "constant", "wsd", "rsqrt")
+
+
+def check_timm_names(opt: str, sched: str, prefix: str = "") -> None:
+    """Refuse an optimizer or a scheduler that timm does not have, naming the option
+    (``prefix`` + its name: ``--`` on the command line) and listing the choices,
+    before anything is built; timm itself would only fail once the model exists."""
+    from timm.optim import list_optimizers
+
+    optimizers = list_optimizers()
+    if opt.lower().split("_")[-1] not in optimizers:  # (timm reads "lookahead_adamw" as adamw with lookahead)
+        raise ValueError(f"{prefix}opt {opt}: timm has no optimizer of that name; choose one of "
+                         f"{', '.join(optimizers)}")
+    if sched not in SCHEDULERS and sched != "plateau":
+        raise ValueError(f"{prefix}sched {sched}: timm has no scheduler of that name; choose one of "
+                         f"{', '.join(SCHEDULERS)}")
+
+
 def method_text(config: TrainConfig) -> str:
     attention = "" if config.prop_attn else " without proportional attention"
     return "" if config.method == "tome" and config.prop_attn else f"{config.method}{attention}, "
 
 
 def check_output_folder(output: Path) -> None:
-    """The output folder must be a folder this process can write, or creatable."""
+    """The output folder must be a folder this process can write, or creatable:
+    tried by creating (and removing) a file in it or in the folder it would be made
+    in, since permission bits do not stop root and say nothing of file systems such
+    as /proc."""
     if output.exists() and not output.is_dir():
         raise ValueError(f"output {output} is a file, not a folder")
-    existing = next((folder for folder in (output, *output.parents) if folder.exists()), None)
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"output {output} cannot be written ({existing}: permission denied)")
+    existing = next(folder for folder in (output, *output.parents) if folder.exists())
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".tokenmerge-check-"):
+            pass
+    except OSError as error:
+        raise ValueError(f"output {output} cannot be written ({existing}: {error.strerror}); "
+                         "choose another folder") from None
 
 
 def seed_epoch(seed: int, epoch: int) -> None:
@@ -98,19 +137,29 @@ class Run:
         return unwrap_parallel(self.model)
 
 
-def train_epoch(run: Run, epoch: int, progress: Progress) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Train one epoch; returns its figures over all processes and a row per step."""
+def train_epoch(
+    run: Run, epoch: int, progress: Progress
+) -> tuple[dict[str, float], list[dict[str, Any]], list[Unreadable]]:
+    """Train one epoch on the readable images of every batch; returns its figures over
+    all processes, a row per step and the files of this process that could not be read."""
     config, device = run.config, run.device
     dtype = AMP_DTYPES[config.amp]
     run.train_loader.sampler.set_epoch(epoch)
     run.train_loader.dataset.set_epoch(epoch)
     tokenmerge.apply(run.network, r=config.r, method=config.method, prop_attn=config.prop_attn)
     loss_sum = correct = images = 0.0
-    steps = []
+    steps, skipped = [], []
     bar = tqdm(total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step",
                disable=not (config.progress and rank() == 0))
     start = time.perf_counter()
-    for batch, labels in islice(run.train_loader, run.steps_per_epoch):
+    for batch, labels, unreadable in islice(run.train_loader, run.steps_per_epoch):
+        skipped += unreadable
+        if batch is None:
+            bar.close()
+            raise ValueError(
+                f"no image of a training batch could be read ({', '.join(item.path for item in unreadable)}); "
+                f"replace or remove them and run again: {config.output} keeps the checkpoint of every finished "
+                f"epoch ({epoch})")
         batch, labels = batch.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         lr = run.optimizer.param_groups[0]["lr"]
         loss, hits = train_step(run.model, run.optimizer, batch, labels, autocast_dtype=dtype, scaler=run.scaler)
@@ -131,13 +180,37 @@ def train_epoch(run: Run, epoch: int, progress: Progress) -> tuple[dict[str, flo
     seconds = time.perf_counter() - start
     bar.close()
     return {"train_loss": loss_sum / images, "train_top1": 100 * correct / images,
-            "images_per_second": images / seconds, "lr": steps[-1]["lr"]}, steps
+            "images_per_second": images / seconds, "lr": steps[-1]["lr"]}, steps, skipped
 
 
-def validate(run: Run) -> float:
-    """Top-1 on the validation images with the evaluation schedule."""
+def readable_batches(loader: Iterable[Batch], unreadable: list[Unreadable]) -> Iterator[tuple[torch.Tensor, ...]]:
+    """The (images, labels) of ``loader``'s batches that hold a readable image, adding
+    the files that could not be read to ``unreadable``."""
+    for batch in loader:
+        unreadable += batch.unreadable
+        if batch.images is not None:
+            yield batch.images, batch.labels
+
+
+def validate(run: Run) -> tuple[float, list[Unreadable]]:
+    """Top-1 on the readable validation images with the evaluation schedule (NaN if
+    there are none), and the files of this process that could not be read."""
     tokenmerge.apply(run.network, r=run.config.eval_r, method=run.config.method, prop_attn=run.config.prop_attn)
-    return evaluate_accuracy(run.model, run.val_loader, run.device, autocast_dtype=AMP_DTYPES[run.config.amp])
+    unreadable: list[Unreadable] = []
+    correct, total = count_correct(run.model, readable_batches(run.val_loader, unreadable), run.device,
+                                   autocast_dtype=AMP_DTYPES[run.config.amp])
+    return (100 * correct / total if total else math.nan), unreadable
+
+
+def note_unreadable(split: str, unreadable: list[Unreadable], reported: set[str]) -> None:
+    """Name, on the first process, the files of every process that could not be read
+    and were not named before (``reported``, updated): each once in a run, not every epoch."""
+    new = {item.path: item for item in gather_objects(unreadable) if item.path not in reported}
+    reported.update(new)
+    if new and rank() == 0:
+        noun = "image" if len(new) == 1 else "images"
+        files = ", ".join(f"{item.path} ({item.reason})" for item in sorted(new.values(), key=lambda item: item.path))
+        note("train", f"{len(new)} unreadable {split} {noun} skipped, not counted: {files}")
 
 
 def finish_epoch(run: Run, epoch: int, progress: Progress, steps: list[dict[str, Any]]) -> None:
@@ -192,7 +265,7 @@ def build_run(config: TrainConfig, splits: Splits, device: torch.device) -> Run:
     parallel = model
     if world_size() > 1:
         parallel = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    val_loader = shard_loader(ImageFiles(splits.val, eval_transform), config.batch_size, workers)
+    val_loader = shard_loader(TolerantImageFiles(splits.val, eval_transform), config.batch_size, workers)
     return Run(config, device, parallel, optimizer, scheduler, scaler, loader, val_loader, steps)
 
 
@@ -226,6 +299,7 @@ def train(config: TrainConfig) -> list[dict[str, Any]]:
     environment describes, resuming after the last finished epoch of a checkpoint in
     the output folder; returns a row of metrics per epoch (earlier runs' included)."""
     check_config(config)
+    check_timm_names(config.opt, config.sched)
     check_output_folder(Path(config.output))
     splits = read_splits(config.data, config.val_split)
     with process_group(config.device) as device, warnings.catch_warnings():
@@ -237,16 +311,22 @@ def train(config: TrainConfig) -> list[dict[str, Any]]:
             announce(config, splits, progress)
         if run.scheduler is not None:
             run.scheduler.step_update(num_updates=progress.step)
+        reported: set[str] = set()
         for epoch in range(progress.epoch, config.epochs):
             start = time.perf_counter()
             seed_epoch(config.seed, epoch)
-            figures, steps = train_epoch(run, epoch, progress)
-            row = {"epoch": epoch + 1, **figures, "val_top1": validate(run),
-                   "epoch_seconds": time.perf_counter() - start}
+            figures, steps, skipped = train_epoch(run, epoch, progress)
+            val_top1, unreadable = validate(run)
+            row = {"epoch": epoch + 1, **figures, "val_top1": val_top1, "epoch_seconds": time.perf_counter() - start}
             row = {key: row[key] for key, _, _ in METRIC_COLUMNS}
             progress.history.append(row)
             finish_epoch(run, epoch, progress, steps)
             if rank() == 0:
                 print(describe_epoch(row, config), flush=True)
+            note_unreadable("training", skipped, reported)
+            note_unreadable("validation", unreadable, reported)
+            if math.isnan(val_top1):
+                raise ValueError(f"none of the {len(splits.val)} validation images could be read; epoch {epoch + 1} "
+                                 f"is saved in {config.output}: replace them and run the same command to go on")
         tokenmerge.remove(run.network)
     return progress.history

@@ -1,5 +1,7 @@
 """The images a run trains and validates on, and the loaders that feed them, with an
-augmentation drawn for every image from the seed, the epoch and the image alone."""
+augmentation drawn for every image from the seed, the epoch and the image alone.
+A file that cannot be decoded is set apart in its batch (see
+:func:`tokenmerge.tools.data.collate_readable`) rather than ending the run."""
 from __future__ import annotations
 
 import random
@@ -11,7 +13,7 @@ from typing import Any, Optional
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ..data import ImageFiles, class_folders, labelled_samples
+from ..data import TolerantImageFiles, check_folder, class_folders, collate_readable, labelled_samples
 from ..distributed import rank, world_size
 from ..models import timm_transform
 from .config import TrainConfig
@@ -29,9 +31,7 @@ class Splits:
 def read_splits(root: str | Path, val_split: str = "val") -> Splits:
     """The ``train/`` and ``<val_split>/`` class folders of ``root``, labelled by the
     sorted class names of ``train/``; a validation class that training lacks is an error."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"data folder {root} does not exist")
+    root = check_folder(root, "data folder", f"train/ and {val_split}/")
     for split in ("train", val_split):
         if not (root / split).is_dir():
             raise FileNotFoundError(f"data folder {root} has no {split}/ folder: expected "
@@ -53,8 +53,8 @@ def data_transforms(model: torch.nn.Module, augment: bool) -> tuple[Any, Any]:
     return (timm_transform(model, is_training=True) if augment else evaluation), evaluation
 
 
-class SeededImages(ImageFiles):
-    """:class:`ImageFiles` whose random transform draws, for image ``index`` in epoch
+class SeededImages(TolerantImageFiles):
+    """:class:`TolerantImageFiles` whose random transform draws, for image ``index`` in epoch
     ``epoch`` (set with :meth:`set_epoch`), from random states seeded by the seed, the
     epoch and the index alone, leaving the process's own random states untouched. An
     image is then augmented alike whichever process loads it (no workers or any
@@ -81,8 +81,11 @@ class SeededImages(ImageFiles):
 
 def train_loader(dataset: SeededImages, config: TrainConfig, batch: int, workers: int, pin: bool) -> DataLoader:
     """This process's batches of ``batch`` images, reshuffled every epoch (call
-    ``loader.sampler.set_epoch`` and ``loader.dataset.set_epoch``); incomplete batches
-    are dropped, so every step averages the same number of images on every process."""
+    ``loader.sampler.set_epoch`` and ``loader.dataset.set_epoch``), as
+    :class:`tokenmerge.tools.data.Batch` (the readable images, their labels, the
+    unreadable files); incomplete batches are dropped, so every step averages the same
+    number of images on every process (less any unreadable ones)."""
     sampler = DistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=True, seed=config.seed,
                                  drop_last=True)
-    return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True, pin_memory=pin)
+    return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True, pin_memory=pin,
+                      collate_fn=collate_readable)

@@ -46,16 +46,17 @@ def train_step(
     return loss.item(), correct_predictions(logits, labels)[0]
 
 
-def evaluate_accuracy(
+def count_correct(
     model: torch.nn.Module,
     loader: Iterable,
     device: str | torch.device,
     *,
     autocast_dtype: Optional[torch.dtype] = None,
-) -> float:
-    """Top-1 accuracy in percent of ``model`` (in eval mode, without gradients) on the
-    ``(images, labels, ...)`` batches of ``loader``; in a process group the counts of
-    all processes are summed, so each loader should hold its share of the images."""
+) -> tuple[int, int]:
+    """Correct top-1 predictions of ``model`` (in eval mode, without gradients) on the
+    ``(images, labels, ...)`` batches of ``loader``, and the images counted; in a
+    process group the counts of all processes are summed, so each loader should hold
+    its share of the images."""
     device = torch.device(device)
     model = unwrap_parallel(model).eval()
     correct = total = 0
@@ -64,6 +65,19 @@ def evaluate_accuracy(
             correct += correct_predictions(model(images.to(device)), labels.to(device))[0]
             total += len(labels)
     correct, total = combine([correct, total], device)
+    return int(correct), int(total)
+
+
+def evaluate_accuracy(
+    model: torch.nn.Module,
+    loader: Iterable,
+    device: str | torch.device,
+    *,
+    autocast_dtype: Optional[torch.dtype] = None,
+) -> float:
+    """Top-1 accuracy in percent of ``model`` on the batches of ``loader``, counted as
+    :func:`count_correct` counts; no image at all is an error."""
+    correct, total = count_correct(model, loader, device, autocast_dtype=autocast_dtype)
     if total == 0:
         raise ValueError("there are no images to evaluate")
     return 100 * correct / total
