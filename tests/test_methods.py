@@ -185,3 +185,16 @@ def test_methods_work_through_other_adapters():
         assert state.source.shape == (2, 17) and torch.equal(state.source[:, 0], torch.zeros(2, dtype=torch.long))
         assert len(set(state.source[0].tolist()) - {-1}) == 17 - 9
     tokenmerge.remove(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_keys_summed_over_heads_are_the_same_bits_for_any_batch(dtype):
+    """Large batches copy the strided keys before summing, small ones do not: the sums
+    must be the same bits either way, or an image would match differently alone and in
+    a batch."""
+    from tokenmerge.methods import sum_over_heads
+
+    qkv = torch.randn(64, 197, 3, 6, 64).to(dtype)
+    keys = qkv.permute(2, 0, 3, 1, 4)[1]
+    assert not keys.is_contiguous() and keys.numel() > 1 << 17 > keys[:1].numel()
+    assert torch.equal(sum_over_heads(keys[:1]), sum_over_heads(keys)[:1])
