@@ -20,12 +20,12 @@ from .state import MergeState, Pass
 class MergingBlock:
     """Mixin for a library's block class. Subclasses implement the two branches and,
     for blocks that are not batch first, the layout conversions; their ``forward``
-    checks its arguments and returns ``self._tokenmerge_forward(x, unpatched)``."""
+    checks its arguments and returns ``self.tokenmerge_forward(x, unpatched)``."""
 
     _tokenmerge_state: MergeState
     _tokenmerge_index: int
 
-    def _tokenmerge_attention(
+    def tokenmerge_attention(
         self, x: Tensor, size: Optional[Tensor], plan: Callable[[Tensor, Tensor], Any], run: Pass, **kwargs: Any
     ) -> tuple[Tensor, Any]:
         """The attention branch over (B, N, C) tokens, its residual not yet added, with
@@ -35,31 +35,31 @@ class MergingBlock:
         ``kwargs`` are those the block's ``forward`` passed on."""
         raise NotImplementedError
 
-    def _tokenmerge_mlp(self, x: Tensor) -> Tensor:
+    def tokenmerge_mlp(self, x: Tensor) -> Tensor:
         """The MLP branch over (B, N, C) tokens, its residual not yet added."""
         raise NotImplementedError
 
-    def _tokenmerge_tokens(self, x: Tensor) -> Tensor:
+    def tokenmerge_tokens(self, x: Tensor) -> Tensor:
         """The block's input in the (B, N, C) layout."""
         return x
 
-    def _tokenmerge_layout(self, x: Tensor) -> Tensor:
+    def tokenmerge_layout(self, x: Tensor) -> Tensor:
         """(B, N, C) tokens in the block's own layout."""
         return x
 
-    def _tokenmerge_forward(self, x: Tensor, unpatched: Callable[[], Tensor], **kwargs: Any) -> Tensor:
+    def tokenmerge_forward(self, x: Tensor, unpatched: Callable[[], Tensor], **kwargs: Any) -> Tensor:
         """The block's forward: the unpatched one where it merges nothing and needs no
         sizes, otherwise the merge step (``kwargs`` go to the attention branch)."""
         state, index = self._tokenmerge_state, self._tokenmerge_index
-        tokens = self._tokenmerge_tokens(x)
-        run = state._block_pass(x, tokens, index)
+        tokens = self.tokenmerge_tokens(x)
+        run = state.block_pass(x, tokens, index)
         if run.passes_through(index):
             out = unpatched()
             run.pass_through(index)
-            return state._record(run, index, out, self._tokenmerge_tokens(out))
-        attended, plan = self._tokenmerge_attention(
+            return state.record(run, index, out, self.tokenmerge_tokens(out))
+        attended, plan = self.tokenmerge_attention(
             tokens, run.attention_size(index), partial(run.plan, index, tokens), run, **kwargs
         )
         tokens = run.reduce(index, tokens + attended, plan)
-        tokens = tokens + self._tokenmerge_mlp(tokens)
-        return state._record(run, index, self._tokenmerge_layout(tokens), tokens)
+        tokens = tokens + self.tokenmerge_mlp(tokens)
+        return state.record(run, index, self.tokenmerge_layout(tokens), tokens)

@@ -8,7 +8,7 @@ the pass of the tokens it is given, so that any number of threads can run one mo
 at once, and a pooling head uses the sizes of the tokens it pools, not those of
 whichever pass ran last.
 
-How a block finds its pass (:meth:`MergeState._block_pass`): the tokens a block returns
+How a block finds its pass (:meth:`MergeState.block_pass`): the tokens a block returns
 are remembered, weakly, as entering the next block of their pass; a block given tokens
 it does not know continues the pass its thread just ran if that pass left the
 previous block with tokens of this shape (tokens that a hook or a library replaced
@@ -291,9 +291,6 @@ class MergeState:
     def trace_source(self, value: bool) -> None:
         self.update(trace_source=value)
 
-    def _merges_anything(self) -> bool:
-        return any(self.settings.r_per_block)
-
     # --- what the calling thread's last pass computed -------------------------------
 
     @property
@@ -327,8 +324,16 @@ class MergeState:
         return None if run is None else run.num_input_tokens
 
     # --- for adapters ----------------------------------------------------------------
+    # What an adapter (or the block template, :mod:`tokenmerge.block`) may call: find
+    # or start the pass of a block's tokens (block_pass), record a block's output
+    # (record), hand the final tokens to a pooling head (adopt), find the pass and so
+    # the sizes of tokens a head is given (pass_of), and whether anything merges.
 
-    def _block_pass(self, x: Tensor, tokens: Tensor, block: int) -> Pass:
+    def merges_anything(self) -> bool:
+        """Whether the current settings merge tokens in any block."""
+        return any(self.settings.r_per_block)
+
+    def block_pass(self, x: Tensor, tokens: Tensor, block: int) -> Pass:
         """The pass that the tokens ``x`` given to block ``block`` belong to (see the
         module docstring); ``tokens`` is the same as (B, N, C)."""
         mode = _trace_mode()
@@ -352,7 +357,7 @@ class MergeState:
         """The pass the calling thread ran last; while torch.export traces, the one it traces."""
         return getattr(self._local, "traced" if mode == "export" else "current", None)
 
-    def _record(self, run: Pass, block: int, out: Tensor, tokens: Tensor) -> Tensor:
+    def record(self, run: Pass, block: int, out: Tensor, tokens: Tensor) -> Tensor:
         """Note that ``out`` (the same as (B, N, C) ``tokens``) left block ``block`` in
         ``run``; returns ``out``."""
         run.last_block, run.shape_out = block, tuple(tokens.shape[:2])
@@ -364,7 +369,7 @@ class MergeState:
         self._local.current = run
         return out
 
-    def _adopt(self, out: Tensor) -> Tensor:
+    def adopt(self, out: Tensor) -> Tensor:
         """Note that the (B, N, C) tokens ``out`` are those the calling thread's pass has
         just left after the last block, maybe changed token by token (by a final norm)
         inside the model's own forward, so that a head given ``out``, now or later, pools
@@ -377,7 +382,7 @@ class MergeState:
             self._tokens[out] = (run, self.depth)
         return out
 
-    def _pass_of(self, tokens: Tensor, grid_tokens: Optional[int] = None) -> Optional[Pass]:
+    def pass_of(self, tokens: Tensor, grid_tokens: Optional[int] = None) -> Optional[Pass]:
         """The pass that left the (B, N, C) ``tokens`` after its last block, for a pooling
         head: the one remembered for them (while a graph is traced, the thread's current
         pass). Tokens no pass left are fine as a whole patch grid (``grid_tokens``, the
@@ -391,7 +396,7 @@ class MergeState:
             run = None if known is None else known[0]
         if run is None:
             last = self._last_pass
-            if not self._merges_anything() or tokens.shape[1] in (grid_tokens, last and last.num_input_tokens):
+            if not self.merges_anything() or tokens.shape[1] in (grid_tokens, last and last.num_input_tokens):
                 return None
             raise ValueError(
                 f"a pooling head got {tokens.shape[1]} tokens that no forward pass of this model left, so the "

@@ -117,7 +117,7 @@ class KeepsSizes:
     norm before a pooling head): its output keeps their sizes."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._tokenmerge_state._adopt(super().forward(input))
+        return self._tokenmerge_state.adopt(super().forward(input))
 
 
 def enclosing_modules(model: nn.Module, blocks: Sequence[nn.Module]) -> list[nn.Module]:

@@ -258,24 +258,24 @@ class MergingResidualAttentionBlock(MergingBlock):
     ) -> Tensor:
         if k_x is not None or v_x is not None:
             raise NotImplementedError("tokenmerge does not support cross attention (k_x, v_x) in open_clip blocks")
-        if attn_mask is not None and self._tokenmerge_state._merges_anything():
+        if attn_mask is not None and self._tokenmerge_state.merges_anything():
             raise NotImplementedError(
                 "tokenmerge does not support attn_mask in open_clip's visual blocks while merging: "
                 "the mask no longer fits the merged tokens; set r=0 or pass no mask"
             )
-        return self._tokenmerge_forward(q_x, partial(super().forward, q_x, attn_mask=attn_mask))
+        return self.tokenmerge_forward(q_x, partial(super().forward, q_x, attn_mask=attn_mask))
 
-    def _tokenmerge_attention(self, x: Tensor, size: Optional[Tensor], plan: Callable, run: Pass) -> tuple[Tensor, Any]:
+    def tokenmerge_attention(self, x: Tensor, size: Optional[Tensor], plan: Callable, run: Pass) -> tuple[Tensor, Any]:
         out, planned = multihead_attention_with_plan(self.attn, self.ln_1(x), size, plan)
         return self.ls_1(out), planned
 
-    def _tokenmerge_mlp(self, x: Tensor) -> Tensor:
+    def tokenmerge_mlp(self, x: Tensor) -> Tensor:
         return self.ls_2(self.mlp(self.ln_2(x)))
 
-    def _tokenmerge_tokens(self, x: Tensor) -> Tensor:
+    def tokenmerge_tokens(self, x: Tensor) -> Tensor:
         return _switch_layout(self, x)
 
-    def _tokenmerge_layout(self, x: Tensor) -> Tensor:
+    def tokenmerge_layout(self, x: Tensor) -> Tensor:
         return _switch_layout(self, x)
 
 
@@ -284,14 +284,14 @@ class MergingTransformer:
     where its blocks ran sequence first) keeps the sizes of its last block's tokens."""
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
-        return self._tokenmerge_state._adopt(super().forward(x, attn_mask=attn_mask))
+        return self._tokenmerge_state.adopt(super().forward(x, attn_mask=attn_mask))
 
 
 class MergingVisionTransformer:
     """open_clip ``VisionTransformer`` that pools merged tokens by the patches they stand for."""
 
     def forward_intermediates(self, x: Tensor, *args, **kwargs):
-        if self._tokenmerge_state._merges_anything():
+        if self._tokenmerge_state.merges_anything():
             raise NotImplementedError(
                 "forward_intermediates returns patch grids, which merged tokens no longer form; "
                 "use forward or encode_image, or set r=0"
@@ -299,7 +299,7 @@ class MergingVisionTransformer:
         return super().forward_intermediates(x, *args, **kwargs)
 
     def _pool(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        run = self._tokenmerge_state._pass_of(x, self.grid_size[0] * self.grid_size[1] + NUM_PROTECTED)
+        run = self._tokenmerge_state.pass_of(x, self.grid_size[0] * self.grid_size[1] + NUM_PROTECTED)
         size = None if run is None else run.size
         if size is None:
             return super()._pool(x)

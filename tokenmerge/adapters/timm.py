@@ -142,13 +142,13 @@ class MergingTimmBlock(MergingBlock):
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal:
             raise NotImplementedError("tokenmerge does not support attn_mask or is_causal in timm blocks")
-        return self._tokenmerge_forward(x, partial(super().forward, x))
+        return self.tokenmerge_forward(x, partial(super().forward, x))
 
-    def _tokenmerge_attention(self, x: Tensor, size: Optional[Tensor], plan: Callable, run: Pass) -> tuple[Tensor, Any]:
+    def tokenmerge_attention(self, x: Tensor, size: Optional[Tensor], plan: Callable, run: Pass) -> tuple[Tensor, Any]:
         out, planned = attention_with_plan(self.attn, self.norm1(x), size, plan)
         return self.drop_path1(self.ls1(out)), planned
 
-    def _tokenmerge_mlp(self, x: Tensor) -> Tensor:
+    def tokenmerge_mlp(self, x: Tensor) -> Tensor:
         return self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -157,10 +157,10 @@ class MergingVisionTransformer:
 
     def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         out = super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
-        return self._tokenmerge_state._adopt(out)
+        return self._tokenmerge_state.adopt(out)
 
     def forward_intermediates(self, *args, **kwargs):
-        if self._tokenmerge_state._merges_anything():
+        if self._tokenmerge_state.merges_anything():
             raise NotImplementedError(
                 "forward_intermediates returns token grids, which merged tokens no longer form; "
                 "use forward_features, or set r=0"
@@ -168,7 +168,7 @@ class MergingVisionTransformer:
         return super().forward_intermediates(*args, **kwargs)
 
     def pool(self, x: Tensor, pool_type: Optional[str] = None) -> Tensor:
-        run = self._tokenmerge_state._pass_of(x, self.patch_embed.num_patches + self.num_prefix_tokens)
+        run = self._tokenmerge_state.pass_of(x, self.patch_embed.num_patches + self.num_prefix_tokens)
         size = None if run is None else run.size
         pool_type = self.global_pool if pool_type is None else pool_type
         if size is None or (self.attn_pool is None and pool_type in ("", "token", "max")):

@@ -146,13 +146,13 @@ class MergingEncoderBlock(MergingBlock):
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() != 3:
             raise ValueError(f"Expected (batch_size, seq_length, hidden_dim) got {tuple(input.shape)}")
-        return self._tokenmerge_forward(input, partial(super().forward, input))
+        return self.tokenmerge_forward(input, partial(super().forward, input))
 
-    def _tokenmerge_attention(self, x: Tensor, size: Optional[Tensor], plan: Callable, run: Pass) -> tuple[Tensor, Any]:
+    def tokenmerge_attention(self, x: Tensor, size: Optional[Tensor], plan: Callable, run: Pass) -> tuple[Tensor, Any]:
         out, planned = multihead_attention_with_plan(self.self_attention, self.ln_1(x), size, plan)
         return self.dropout(out), planned
 
-    def _tokenmerge_mlp(self, x: Tensor) -> Tensor:
+    def tokenmerge_mlp(self, x: Tensor) -> Tensor:
         return self.mlp(self.ln_2(x))
 
 

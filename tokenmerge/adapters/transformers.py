@@ -66,39 +66,39 @@ class MergingLayer(MergingBlock):
 
     def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, **kwargs) -> Tensor:
         unpatched = partial(super().forward, hidden_states, attention_mask, **kwargs)
-        return self._tokenmerge_forward(hidden_states, unpatched, mask=attention_mask, layer_kwargs=kwargs)
+        return self.tokenmerge_forward(hidden_states, unpatched, mask=attention_mask, layer_kwargs=kwargs)
 
 
 class MergingViTLayer(MergingLayer):
     """ViT and DeiT layers: pre-norm branches, each followed by dropout."""
 
-    def _tokenmerge_attention(self, x, size, plan, run, *, mask, layer_kwargs) -> Branch:
+    def tokenmerge_attention(self, x, size, plan, run, *, mask, layer_kwargs) -> Branch:
         out, _, planned = self.attention(self.layernorm_before(x), mask, tokenmerge=(size, plan), **layer_kwargs)
         return self.dropout(out), planned
 
-    def _tokenmerge_mlp(self, x: Tensor) -> Tensor:
+    def tokenmerge_mlp(self, x: Tensor) -> Tensor:
         return self.dropout(self.mlp(self.layernorm_after(x)))
 
 
 class MergingCLIPLayer(MergingLayer):
     """CLIP and SigLIP encoder layers: plain pre-norm branches."""
 
-    def _tokenmerge_attention(self, x, size, plan, run, *, mask, layer_kwargs) -> Branch:
+    def tokenmerge_attention(self, x, size, plan, run, *, mask, layer_kwargs) -> Branch:
         out, _, planned = self.self_attn(self.layer_norm1(x), mask, tokenmerge=(size, plan), **layer_kwargs)
         return out, planned
 
-    def _tokenmerge_mlp(self, x: Tensor) -> Tensor:
+    def tokenmerge_mlp(self, x: Tensor) -> Tensor:
         return self.mlp(self.layer_norm2(x))
 
 
 class MergingDinov2Layer(MergingLayer):
     """DINOv2 layers: pre-norm branches scaled by LayerScale, with drop path."""
 
-    def _tokenmerge_attention(self, x, size, plan, run, *, mask, layer_kwargs) -> Branch:
+    def tokenmerge_attention(self, x, size, plan, run, *, mask, layer_kwargs) -> Branch:
         out, _, planned = self.attention(self.norm1(x), mask, tokenmerge=(size, plan), **layer_kwargs)
         return self.drop_path(self.layer_scale1(out)), planned
 
-    def _tokenmerge_mlp(self, x: Tensor) -> Tensor:
+    def tokenmerge_mlp(self, x: Tensor) -> Tensor:
         return self.drop_path(self.layer_scale2(self.mlp(self.norm2(x))))
 
 
@@ -198,7 +198,7 @@ class MergingAttentionPoolingHead:
     patches it holds when proportional attention is on."""
 
     def forward(self, hidden_state: Tensor) -> Tensor:
-        run = self._tokenmerge_state._pass_of(hidden_state)
+        run = self._tokenmerge_state.pass_of(hidden_state)
         size = None if run is None else run.size
         if size is None or not run.settings.prop_attn:
             return super().forward(hidden_state)
@@ -224,7 +224,7 @@ class MergingDinov2Classifier:
         outputs = getattr(self, self.base_model_prefix)(pixel_values, attention_mask=attention_mask, **kwargs)
         tokens = outputs.last_hidden_state
         state: MergeState = self._tokenmerge_state
-        run = state._pass_of(tokens)
+        run = state.pass_of(tokens)
         size = None if run is None else run.size
         prefix = state.num_protected
         patch_mean = _mean_over_patches(tokens[:, prefix:], None if size is None else size[:, prefix:])

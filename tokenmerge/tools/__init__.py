@@ -1,5 +1,6 @@
-"""The command-line tools (``tokenmerge bench``, ``eval``, ``compare``, ``visualize``,
-``train``) and the pieces they share, beside the core library they measure.
+"""The command-line tools (``tokenmerge bench``, ``eval``, ``compare``, ``tune``,
+``visualize``, ``train``, ``export``) and the pieces they share, beside the core
+library they measure.
 
 Every command is a module with ``add_parser(subparsers)``; what commands share lives
 in modules of its own (``options``: the one vocabulary of arguments and the checks
