@@ -243,63 +243,62 @@ def _mean_over_patches(x: Tensor, size: Optional[Tensor]) -> Tensor:
 
 @dataclass(frozen=True)
 class Tower:
-    """Where one vision transformer class keeps its parts, and how its layers are patched."""
+    """Where one vision transformer class keeps its parts, and how they are patched."""
 
     layers: str  # attribute path of the layer list
     layer: type
+    layer_mixin: type
     attention: str  # the layer's attribute holding its attention module
     attention_class: type
-    layer_mixin: type
     attention_mixin: type
     patch_projection: str  # attribute path, from the embeddings, of the patch convolution
     class_tokens: int  # class and distillation tokens; register tokens are counted from the embeddings
     heads: tuple[str, ...] = ()  # linear heads of the tower itself (may be None)
+    attention_pooling_head: bool = False  # a probe that attends to the tokens (SigLIP's ``head``, if used)
 
+
+@dataclass(frozen=True)
+class Model:
+    """A supported model class: where its vision tower is and what reads the tokens."""
+
+    tower: str = ""  # attribute holding its vision tower, "" for the tower itself
+    heads: tuple[str, ...] = ()  # its linear heads on top of the tower
+    patch_mean_classifier: bool = False  # a classifier on the class token and the mean of the patch tokens
+
+
+VIT_ATTENTION = dict(attention="attention", attention_mixin=MergingViTAttention,
+                     patch_projection="patch_embeddings.projection")
+CLIP_ATTENTION = dict(attention="self_attn", attention_mixin=MergingCLIPAttention, patch_projection="patch_embedding")
 
 TOWERS = {
-    vit.ViTModel: Tower(
-        "layers", vit.ViTLayer, "attention", vit.ViTAttention, MergingViTLayer, MergingViTAttention,
-        "patch_embeddings.projection", 1, ("pooler",),
-    ),
-    deit.DeiTModel: Tower(
-        "layers", deit.DeiTLayer, "attention", deit.DeiTAttention, MergingViTLayer, MergingViTAttention,
-        "patch_embeddings.projection", 2, ("pooler",),
-    ),
-    clip.CLIPVisionModel: Tower(
-        "encoder.layers", clip.CLIPEncoderLayer, "self_attn", clip.CLIPAttention, MergingCLIPLayer,
-        MergingCLIPAttention, "patch_embedding", 1,
-    ),
-    siglip.SiglipVisionModel: Tower(
-        "encoder.layers", siglip.SiglipEncoderLayer, "self_attn", siglip.SiglipAttention, MergingCLIPLayer,
-        MergingCLIPAttention, "patch_embedding", 0,
-    ),
-    dinov2.Dinov2Model: Tower(
-        "encoder.layer", dinov2.Dinov2Layer, "attention", dinov2.Dinov2Attention, MergingDinov2Layer,
-        MergingViTAttention, "patch_embeddings.projection", 1,
-    ),
+    vit.ViTModel: Tower(layers="layers", layer=vit.ViTLayer, layer_mixin=MergingViTLayer,
+                        attention_class=vit.ViTAttention, class_tokens=1, heads=("pooler",), **VIT_ATTENTION),
+    deit.DeiTModel: Tower(layers="layers", layer=deit.DeiTLayer, layer_mixin=MergingViTLayer,
+                          attention_class=deit.DeiTAttention, class_tokens=2, heads=("pooler",), **VIT_ATTENTION),
+    clip.CLIPVisionModel: Tower(layers="encoder.layers", layer=clip.CLIPEncoderLayer, layer_mixin=MergingCLIPLayer,
+                                attention_class=clip.CLIPAttention, class_tokens=1, **CLIP_ATTENTION),
+    siglip.SiglipVisionModel: Tower(layers="encoder.layers", layer=siglip.SiglipEncoderLayer,
+                                    layer_mixin=MergingCLIPLayer, attention_class=siglip.SiglipAttention,
+                                    class_tokens=0, attention_pooling_head=True, **CLIP_ATTENTION),
+    dinov2.Dinov2Model: Tower(layers="encoder.layer", layer=dinov2.Dinov2Layer, layer_mixin=MergingDinov2Layer,
+                              attention_class=dinov2.Dinov2Attention, class_tokens=1, **VIT_ATTENTION),
     dinov2_registers.Dinov2WithRegistersModel: Tower(
-        "encoder.layer", dinov2_registers.Dinov2WithRegistersLayer, "attention",
-        dinov2_registers.Dinov2WithRegistersAttention, MergingDinov2Layer, MergingViTAttention,
-        "patch_embeddings.projection", 1,
-    ),
+        layers="encoder.layer", layer=dinov2_registers.Dinov2WithRegistersLayer, layer_mixin=MergingDinov2Layer,
+        attention_class=dinov2_registers.Dinov2WithRegistersAttention, class_tokens=1, **VIT_ATTENTION),
 }
 
-# Supported class -> (attribute holding its vision tower, "" for the tower itself;
-# its linear heads on top of the tower).
-MODELS: dict[type, tuple[str, tuple[str, ...]]] = {
-    **{tower: ("", ()) for tower in TOWERS},
-    vit.ViTForImageClassification: ("vit", ("classifier",)),
-    deit.DeiTForImageClassification: ("deit", ("classifier",)),
-    deit.DeiTForImageClassificationWithTeacher: ("deit", ("cls_classifier", "distillation_classifier")),
-    clip.CLIPVisionModelWithProjection: ("vision_model", ("visual_projection",)),
-    clip.CLIPModel: ("vision_model", ("visual_projection",)),
-    dinov2.Dinov2ForImageClassification: ("dinov2", ("classifier",)),
-    dinov2_registers.Dinov2WithRegistersForImageClassification: ("dinov2_with_registers", ("classifier",)),
+MODELS: dict[type, Model] = {
+    **{tower: Model() for tower in TOWERS},
+    vit.ViTForImageClassification: Model(tower="vit", heads=("classifier",)),
+    deit.DeiTForImageClassification: Model(tower="deit", heads=("classifier",)),
+    deit.DeiTForImageClassificationWithTeacher: Model(tower="deit",
+                                                      heads=("cls_classifier", "distillation_classifier")),
+    clip.CLIPVisionModelWithProjection: Model(tower="vision_model", heads=("visual_projection",)),
+    clip.CLIPModel: Model(tower="vision_model", heads=("visual_projection",)),
+    dinov2.Dinov2ForImageClassification: Model(tower="dinov2", heads=("classifier",), patch_mean_classifier=True),
+    dinov2_registers.Dinov2WithRegistersForImageClassification: Model(
+        tower="dinov2_with_registers", heads=("classifier",), patch_mean_classifier=True),
 }
-PATCH_MEAN_CLASSIFIERS = (
-    dinov2.Dinov2ForImageClassification,
-    dinov2_registers.Dinov2WithRegistersForImageClassification,
-)
 
 
 def _model_class(model: torch.nn.Module) -> type:
@@ -308,7 +307,7 @@ def _model_class(model: torch.nn.Module) -> type:
 
 
 def _tower(model: torch.nn.Module) -> torch.nn.Module:
-    name = MODELS[_model_class(model)][0]
+    name = MODELS[_model_class(model)].tower
     return model.get_submodule(name) if name else model
 
 
@@ -326,9 +325,9 @@ def _pooling(model: torch.nn.Module) -> list[tuple[torch.nn.Module, type]]:
     """The modules that pool tokens and must weigh them by size, with their mixins."""
     tower = _tower(model)
     found = []
-    if _model_class(model) in PATCH_MEAN_CLASSIFIERS:
+    if MODELS[_model_class(model)].patch_mean_classifier:
         found += [(tower.layernorm, KeepsSizes), (model, MergingDinov2Classifier)]
-    if type(tower) is siglip.SiglipVisionModel and tower.use_head:
+    if TOWERS[type(tower)].attention_pooling_head and tower.use_head:
         found += [(tower.post_layernorm, KeepsSizes), (tower.head, MergingAttentionPoolingHead)]
     return found
 
@@ -358,7 +357,7 @@ class TransformersAdapter(Adapter):
                     f"({spec.layers}.{index}.{spec.attention}). Supported: {SUPPORTED}"
                 )
         _check_implementation(tower.config._attn_implementation)
-        if type(tower) is siglip.SiglipVisionModel and tower.use_head:
+        if TOWERS[type(tower)].attention_pooling_head and tower.use_head:
             if type(tower.head) is not siglip.SiglipMultiheadAttentionPoolingHead:
                 raise TypeError(
                     f"tokenmerge does not support pooling head {type(tower.head).__name__}. Supported: {SUPPORTED}"
@@ -407,11 +406,11 @@ class TransformersAdapter(Adapter):
         projection = tower.embeddings.get_submodule(spec.patch_projection)
         num_tokens, prefix = self.token_layout(model, img_size)
         heads = [getattr(tower, name) for name in spec.heads]
-        heads += [getattr(model, name) for name in MODELS[_model_class(model)][1]]
+        heads += [getattr(model, name) for name in MODELS[_model_class(model)].heads]
         head = sum(linear_flops_per_token(module) for module in heads if module is not None)
         mlp_linear = [linear_flops_per_token(layer.mlp) for layer in layers]
         head_per_token = 0
-        if type(tower) is siglip.SiglipVisionModel and tower.use_head:
+        if TOWERS[type(tower)].attention_pooling_head and tower.use_head:
             per_image, head_per_token = _pooling_head_flops(tower.head)
             head += per_image
         return FlopShape(
