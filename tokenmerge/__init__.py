@@ -47,25 +47,37 @@ def apply(
 ) -> ModelT:
     """Patch ``model`` in place to merge tokens, and return it.
 
-    ``r`` is the number of tokens each block merges: an int, one int per block, a
-    :class:`tokenmerge.Linear` schedule, or a schedule ``tokenmerge tune`` wrote, read
-    by :func:`load_schedule` (merged with the method and attention it was tuned with,
-    unless given). ``prop_attn`` turns on proportional attention (keys weighted by the
-    number of patches they stand for; the default); ``trace_source`` records
-    which input patches each output token covers (see :func:`get_state`). ``method``
-    picks what blocks do to reduce tokens: ``"tome"`` merges (the default); the
-    ablations ``"tome-random-split"``, ``"tome-unweighted"`` and ``"tome-features"``
-    and the pruning methods ``"random"``, ``"evit"`` and ``"evit-fuse"`` remove the
-    same number of tokens for comparisons (see :mod:`tokenmerge.methods`); ``"cut"``
-    drops the last r tokens unseen, as a zero-overhead speed reference. It works in
-    training too (keep ``prop_attn=True`` there, to train with the attention the model
-    is evaluated with; see :mod:`tokenmerge.tools.train`).
-
+    It works in training too (keep ``prop_attn=True`` there, to train with the
+    attention the model is evaluated with; see :mod:`tokenmerge.tools.train`).
     Applying to a patched model changes only what it is given, like assigning to
     :func:`get_state`'s attributes: ``apply(model, r=8)`` keeps the method, attention
-    and source tracing set before (a tuned schedule brings its own method and
-    attention). A ``torch.compile`` wrapper, ``DataParallel`` or
-    ``DistributedDataParallel`` is patched through the model it wraps, and returned.
+    and source tracing set before.
+
+    Args:
+        model: a supported model, or a ``torch.compile`` wrapper, ``DataParallel`` or
+            ``DistributedDataParallel`` around one (the model inside is patched).
+        r: the number of tokens each block merges: an int, one int per block, a
+            :class:`tokenmerge.Linear` schedule, or a schedule ``tokenmerge tune`` wrote,
+            read by :func:`load_schedule` (with the method and attention it was tuned
+            with, unless given).
+        prop_attn: proportional attention, keys weighted by the number of patches they
+            stand for (default: on).
+        trace_source: record which input patches each output token covers (see
+            :func:`get_state`; default: off).
+        method: what blocks do to reduce tokens: ``"tome"`` merges (the default); the
+            ablations ``"tome-random-split"``, ``"tome-unweighted"`` and
+            ``"tome-features"`` and the pruning methods ``"random"``, ``"evit"`` and
+            ``"evit-fuse"`` remove the same number of tokens for comparisons (see
+            :mod:`tokenmerge.methods`); ``"cut"`` drops the last r tokens unseen, as a
+            zero-overhead speed reference.
+
+    Returns:
+        ``model`` itself, patched.
+
+    Raises:
+        TypeError: the model, or a part of it, is not one tokenmerge reproduces exactly
+            (the message names the class or feature).
+        ValueError: a bad ``r`` or ``method``, before anything changes.
     """
     inner = unwrap(model)
     if isinstance(r, Tuned):
@@ -112,7 +124,20 @@ def checked_adapter(model: torch.nn.Module) -> Adapter:
 
 def remove(model: ModelT) -> ModelT:
     """Undo :func:`apply`: same classes, same forward, same state dict as before.
-    Forward passes that other threads are running finish first, with merging."""
+
+    Calls of the model that other threads are running finish first, with merging;
+    calls that start meanwhile wait and then run unpatched.
+
+    Args:
+        model: a patched model, or a wrapper around one.
+
+    Returns:
+        ``model`` itself, unpatched.
+
+    Raises:
+        ValueError: nothing is applied to ``model``.
+        RuntimeError: other threads' calls did not finish within a minute.
+    """
     inner = unwrap(model)
     if not is_applied(inner):
         raise ValueError(f"{type(inner).__name__} has no token merging applied; nothing to remove")
@@ -122,13 +147,24 @@ def remove(model: ModelT) -> ModelT:
 
 
 def is_applied(model: torch.nn.Module) -> bool:
-    """Whether :func:`apply` has patched ``model``."""
+    """Whether :func:`apply` has patched ``model`` (or the model a wrapper holds)."""
     return isinstance(getattr(unwrap(model), "_tokenmerge_state", None), MergeState)
 
 
 def get_state(model: torch.nn.Module) -> MergeState:
-    """The settings of a patched model (assign ``r`` to change it) and the sizes and
-    source maps of the last forward pass the calling thread ran."""
+    """The settings of a patched model and what the calling thread's last pass computed.
+
+    Args:
+        model: a patched model, or a wrapper around one.
+
+    Returns:
+        Its :class:`MergeState`: assign ``r``, ``method``, ``prop_attn`` or
+        ``trace_source`` to change a setting from the next pass; read ``size``,
+        ``source``, ``sizes`` and ``sources`` for the calling thread's last pass.
+
+    Raises:
+        ValueError: nothing is applied to ``model``.
+    """
     model = unwrap(model)
     if not is_applied(model):
         raise ValueError(f"{type(model).__name__} has no token merging applied; call tokenmerge.apply first")
@@ -138,9 +174,19 @@ def get_state(model: torch.nn.Module) -> MergeState:
 def token_counts(
     model: torch.nn.Module, r: Optional[Schedule] = None, img_size: Optional[tuple[int, int]] = None
 ) -> list[int]:
-    """Tokens left after every block of ``model`` (protected tokens included) for
-    schedule ``r`` (default: the model's current one) at ``img_size`` (default: the
-    model's own)."""
+    """Tokens left after every block of ``model``, protected tokens included.
+
+    Args:
+        model: a supported model, patched or not, or a wrapper around one.
+        r: a schedule, as :func:`apply` takes it (default: the patched model's own).
+        img_size: (height, width) of the input (default: the model's own).
+
+    Returns:
+        One count per block.
+
+    Raises:
+        TypeError: tokenmerge cannot patch ``model`` (the message names why).
+    """
     model = unwrap(model)
     adapter = checked_adapter(model)
     if r is None:
@@ -155,9 +201,21 @@ def flops_per_image(
     img_size: Optional[tuple[int, int]] = None,
     method: Optional[str] = None,
 ) -> int:
-    """FLOPs per image of ``model`` for schedule ``r`` (default: the model's current
-    one, 0 if unpatched) at ``img_size``, computed from the token counts; a
-    multiply-add counts two, as in ``torch.utils.flop_counter``."""
+    """FLOPs per image of ``model``, computed from its token counts.
+
+    Args:
+        model: a supported model, patched or not, or a wrapper around one.
+        r: a schedule, as :func:`apply` takes it (default: the patched model's own, 0
+            if unpatched).
+        img_size: (height, width) of the input (default: the model's own).
+        method: the reduction method (default: the patched model's own, or ``"tome"``).
+
+    Returns:
+        FLOPs per image, a multiply-add counting two, as in ``torch.utils.flop_counter``.
+
+    Raises:
+        TypeError: tokenmerge cannot patch ``model`` (the message names why).
+    """
     from .flops import analytic_flops
 
     model = unwrap(model)
