@@ -1,7 +1,9 @@
 """``tokenmerge tune`` and schedule files: a tuned schedule meets its FLOP target,
 its file round-trips through every command and ``tokenmerge.load_schedule``, a file
-for another depth and targets merging cannot meet are one-line errors. Tiny random
-models and a handful of images throughout."""
+for another depth and targets merging cannot meet are one-line errors, and the search
+keeps the best schedule within its budget with any score. Tiny random models and a
+handful of images throughout."""
+import itertools
 import json
 
 import numpy as np
@@ -14,8 +16,10 @@ import tokenmerge
 from tokenmerge import schedule as schedules
 from tokenmerge.tools import tune as tuning
 from tokenmerge.tools.cli import main
-from tokenmerge.tools.settings import sweep_settings
-from tokenmerge.tools.tune import CostLine, Space, Target
+from tokenmerge.tools.settings import sweep_settings, variant
+from tokenmerge.tools.tuning import measuring
+from tokenmerge.tools.tuning.search import SLOPES, Score, Space, search
+from tokenmerge.tools.tuning.targets import CostLine, Target
 
 MODEL = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "patch_size=8", "depth=4", "--img-size", "64"]
 QUICK = ["--budget-minutes", "0.1", "--images", "8", "--runs", "2", "--batch-size", "2"]
@@ -166,6 +170,32 @@ def test_schedules_are_fitted_to_a_flop_budget_keeping_their_shape():
     assert doubled[:3] == [4, 4, 4] and space.flops(doubled) <= space.flops([4, 4, 4, 2, 2, 2])
 
 
+def test_the_search_keeps_the_least_score_within_the_flop_budget():
+    """No model is run or timed: a made-up score that prefers late merges and
+    ``tome-attended``, and a clock that never moves, so only the moves end the search."""
+    space = Space(tiny(depth=6), (64, 64))
+    budget = 0.6 * space.flops([0] * 6)
+    scored = {}
+
+    def score(r, name):
+        scored[tuple(r), name] = Score(sum((6 - i) * v for i, v in enumerate(r)) + (name == "tome"), 0.0)
+        return scored[tuple(r), name]
+
+    state = search(space, score, ["tome", "tome-attended"], budget, deadline=1.0, progress=False, clock=lambda: 0.0)
+    assert state.scored == len(scored) > 2 * len(SLOPES)
+    assert all(space.flops(r, variant(name)[0]) <= budget for r, name in scored)
+    assert state.best.name == "tome-attended" and state.best.score == min(scored.values())
+    assert state.best.score <= score(space.shaped(-1.0, budget, "tome-attended"), "tome-attended")
+
+
+def test_the_search_stops_at_its_deadline():
+    space = Space(tiny(depth=6), (64, 64))
+    ticks = itertools.count()
+    state = search(space, lambda r, name: Score(0.0, 0.0), ["tome"], 0.6 * space.flops([0] * 6), deadline=3.0,
+                   progress=False, clock=lambda: float(next(ticks)))
+    assert 1 <= state.scored < len(SLOPES)
+
+
 def test_the_cost_line_goes_through_timings_and_measured_points():
     line = CostLine.fit([(1.0, 3.0), (2.0, 5.0), (3.0, 7.0)])
     assert (line.intercept, line.slope) == pytest.approx((1.0, 2.0))
@@ -199,7 +229,7 @@ def test_an_unreachable_speedup_says_how_noisy_the_timings_were(spread, busy, da
         rounds = [1 - spread, 1 - spread / 2, 1.0, 1 + spread / 2, 1 + spread]
         return {name: [(1 - 0.01 * index) * value for value in rounds] for index, name in enumerate(runners)}
 
-    monkeypatch.setattr(tuning, "time_interleaved", timings)
+    monkeypatch.setattr(measuring, "time_interleaved", timings)
     assert main(["tune", *MODEL, "--data", str(data), "--speedup", "50", *QUICK,
                  "--output", str(tmp_path / "s.json")]) == 2
     err = capsys.readouterr().err
