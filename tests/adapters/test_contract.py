@@ -247,7 +247,7 @@ def precisions() -> list:
     """(model dtype, device, autocast dtype or None) for every way a user runs a model in
     lower precision: converted, and under autocast with a float32 residual stream, on
     the CPU and, where there is one, on a GPU."""
-    modes = [(dtype, "cpu", None) for dtype in (torch.float32, torch.bfloat16, torch.float16)]
+    modes = [(dtype, "cpu", None) for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16)]
     modes += [(torch.float32, "cpu", dtype) for dtype in (torch.bfloat16, torch.float16)]
     if torch.cuda.is_available():
         modes += [(torch.float32, "cuda", dtype) for dtype in (torch.bfloat16, torch.float16)]
