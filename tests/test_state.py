@@ -120,3 +120,15 @@ def test_token_counts_and_flops_of_a_model_that_cannot_be_patched_say_why(build)
     for entry in (tokenmerge.token_counts, tokenmerge.flops_per_image):
         with pytest.raises(TypeError, match=f"does not support timm's {type(model).__name__}"):
             entry(model, r=8)
+
+
+def test_a_copy_counts_its_calls_in_its_own_state():
+    """The hooks that count a model's calls in flight (for ``remove``) belong to the
+    copy's own state after ``deepcopy``, not to the original's."""
+    import copy
+
+    model = tokenmerge.apply(make(CASES_BY_ID["timm_class_token"]), r=R)
+    twin = copy.deepcopy(model)
+    hooks = list(twin._forward_pre_hooks.values()) + list(twin.blocks._forward_pre_hooks.values())
+    assert hooks and all(hook.__self__ is tokenmerge.get_state(twin).passes for hook in hooks)
+    assert tokenmerge.get_state(twin).passes is not tokenmerge.get_state(model).passes

@@ -141,7 +141,7 @@ def remove(model: ModelT) -> ModelT:
     inner = unwrap(model)
     if not is_applied(inner):
         raise ValueError(f"{type(inner).__name__} has no token merging applied; nothing to remove")
-    with inner._tokenmerge_state.closing():
+    with inner._tokenmerge_state.passes.closing():
         find_adapter(inner).unpatch(inner)
     return model
 

@@ -52,14 +52,14 @@ class MergingBlock:
         sizes, otherwise the merge step (``kwargs`` go to the attention branch)."""
         state, index = self._tokenmerge_state, self._tokenmerge_index
         tokens = self.tokenmerge_tokens(x)
-        run = state.block_pass(x, tokens, index)
+        run = state.passes.block_pass(x, tokens, index)
         if run.passes_through(index):
             out = unpatched()
             run.pass_through(index)
-            return state.record(run, index, out, self.tokenmerge_tokens(out))
+            return state.passes.record(run, index, out, self.tokenmerge_tokens(out))
         attended, plan = self.tokenmerge_attention(
             tokens, run.attention_size(index), partial(run.plan, index, tokens), run, **kwargs
         )
         tokens = run.reduce(index, tokens + attended, plan)
         tokens = tokens + self.tokenmerge_mlp(tokens)
-        return state.record(run, index, self.tokenmerge_layout(tokens), tokens)
+        return state.passes.record(run, index, self.tokenmerge_layout(tokens), tokens)

@@ -1,5 +1,6 @@
-"""The settings of a patched model (:class:`MergeState`) and what one forward pass
-computes (:class:`Pass`).
+"""The settings of a patched model (:class:`MergeState`), what one forward pass
+computes (:class:`Pass`), and how blocks find the pass of their tokens (:class:`Passes`,
+the part adapters use).
 
 Settings (r, method, proportional attention, source tracing) belong to the model and
 change only when a user changes them. Everything a forward pass computes (the sizes
@@ -8,7 +9,7 @@ the pass of the tokens it is given, so that any number of threads can run one mo
 at once, and a pooling head uses the sizes of the tokens it pools, not those of
 whichever pass ran last.
 
-How a block finds its pass (:meth:`MergeState.block_pass`): the tokens a block returns
+How a block finds its pass (:meth:`Passes.block_pass`): the tokens a block returns
 are remembered, weakly, as entering the next block of their pass; a block given tokens
 it does not know continues the pass its thread just ran if that pass left the
 previous block with tokens of this shape (tokens that a hook or a library replaced
@@ -172,63 +173,8 @@ class MergeState:
         self._reset_runtime()
 
     def _reset_runtime(self) -> None:
-        self._local = threading.local()
-        self._tokens = WeakIdKeyDictionary()  # token tensor -> (its Pass, the block it enters)
+        self.passes = Passes(self)
         self._warned_cap = False
-        self._gate = threading.Condition()
-        self._inside: set[int] = set()  # threads inside a call of the model (:meth:`enter_call`)
-        self._closing = False
-
-    # --- calls in flight and removal -------------------------------------------------
-
-    #: How long :meth:`closing` waits for other threads' calls before giving up.
-    CLOSING_TIMEOUT_S = 60.0
-
-    def enter_call(self, module: torch.nn.Module, args: Any) -> None:
-        """Forward pre-hook of the model and of the modules its blocks run inside: the
-        calling thread is inside a call, which :meth:`closing` waits for. A call that
-        starts while the model is being unpatched waits until that is done."""
-        if tracing():
-            return
-        depth = getattr(self._local, "calls", 0)
-        if depth == 0:
-            with self._gate:
-                self._gate.wait_for(lambda: not self._closing)
-                self._inside.add(threading.get_ident())
-        self._local.calls = depth + 1
-
-    def leave_call(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        """Forward hook, called also when the call fails, paired with :meth:`enter_call`."""
-        if tracing():
-            return
-        depth = getattr(self._local, "calls", 0) - 1
-        self._local.calls = max(depth, 0)
-        if depth <= 0:
-            with self._gate:
-                self._inside.discard(threading.get_ident())
-                self._gate.notify_all()
-
-    @contextlib.contextmanager
-    def closing(self):
-        """The context :func:`tokenmerge.remove` unpatches in: calls of the model that
-        other threads are running finish first, with the settings they started with,
-        and new ones wait until the model is unpatched, then run unpatched."""
-        me = threading.get_ident()
-        with self._gate:
-            self._closing = True
-            if not self._gate.wait_for(lambda: self._inside <= {me}, timeout=self.CLOSING_TIMEOUT_S):
-                self._closing = False
-                self._gate.notify_all()
-                raise RuntimeError(
-                    f"tokenmerge.remove waited {self.CLOSING_TIMEOUT_S:.0f} s for calls of this model that other "
-                    "threads are running; call it again once they have finished"
-                )
-        try:
-            yield
-        finally:
-            with self._gate:
-                self._closing = False
-                self._gate.notify_all()
 
     def _settings(self, r: schedules.Schedule, method: str, prop_attn: bool, trace_source: bool) -> Settings:
         """Validated settings: a bad one raises before anything changes."""
@@ -291,123 +237,36 @@ class MergeState:
     def trace_source(self, value: bool) -> None:
         self.update(trace_source=value)
 
-    # --- what the calling thread's last pass computed -------------------------------
-
-    @property
-    def _last_pass(self) -> Optional[Pass]:
-        """The last forward pass run by the calling thread (None before any)."""
-        return getattr(self._local, "current", None)
-
-    @property
-    def size(self) -> Optional[Tensor]:
-        run = self._last_pass
-        return None if run is None else run.size
-
-    @property
-    def source(self) -> Optional[Tensor]:
-        run = self._last_pass
-        return None if run is None else run.source
-
-    @property
-    def sizes(self) -> dict[int, Optional[Tensor]]:
-        run = self._last_pass
-        return {} if run is None else run.sizes
-
-    @property
-    def sources(self) -> dict[int, Optional[Tensor]]:
-        run = self._last_pass
-        return {} if run is None else run.sources
-
-    @property
-    def num_input_tokens(self) -> Optional[int]:
-        run = self._last_pass
-        return None if run is None else run.num_input_tokens
-
-    # --- for adapters ----------------------------------------------------------------
-    # What an adapter (or the block template, :mod:`tokenmerge.block`) may call: find
-    # or start the pass of a block's tokens (block_pass), record a block's output
-    # (record), hand the final tokens to a pooling head (adopt), find the pass and so
-    # the sizes of tokens a head is given (pass_of), and whether anything merges.
-
     def merges_anything(self) -> bool:
         """Whether the current settings merge tokens in any block."""
         return any(self.settings.r_per_block)
 
-    def block_pass(self, x: Tensor, tokens: Tensor, block: int) -> Pass:
-        """The pass that the tokens ``x`` given to block ``block`` belong to (see the
-        module docstring); ``tokens`` is the same as (B, N, C)."""
-        mode = _trace_mode()
-        if mode == "eager":
-            known = self._tokens.get(x)
-            if known is not None and known[1] == block:
-                return known[0]
-            if block > 0 and torch._C._current_graph_task_id() != -1:
-                raise RuntimeError(
-                    "tokenmerge cannot recompute a merging block from tokens it has not seen: reentrant gradient "
-                    "checkpointing detaches them from their pass; use non-reentrant checkpointing "
-                    "(use_reentrant=False, the default of timm, transformers and open_clip)"
-                )
-        if block > 0:  # (block 0 never reads the thread's pass: a compiled graph need not guard on it)
-            current = self._current(mode)
-            if current is not None and current.last_block == block - 1 and current.shape_out == tuple(tokens.shape[:2]):
-                return current
-        return Pass(self, block, tokens.shape[1], mode)
+    # --- what the calling thread's last pass computed -------------------------------
 
-    def _current(self, mode: str) -> Optional[Pass]:
-        """The pass the calling thread ran last; while torch.export traces, the one it traces."""
-        return getattr(self._local, "traced" if mode == "export" else "current", None)
+    @property
+    def size(self) -> Optional[Tensor]:
+        run = self.passes.last
+        return None if run is None else run.size
 
-    def record(self, run: Pass, block: int, out: Tensor, tokens: Tensor) -> Tensor:
-        """Note that ``out`` (the same as (B, N, C) ``tokens``) left block ``block`` in
-        ``run``; returns ``out``."""
-        run.last_block, run.shape_out = block, tuple(tokens.shape[:2])
-        if run.mode == "export":
-            self._local.traced = run
-            return out
-        if run.mode == "eager":
-            self._tokens[out] = (run, block + 1)
-        self._local.current = run
-        return out
+    @property
+    def source(self) -> Optional[Tensor]:
+        run = self.passes.last
+        return None if run is None else run.source
 
-    def adopt(self, out: Tensor) -> Tensor:
-        """Note that the (B, N, C) tokens ``out`` are those the calling thread's pass has
-        just left after the last block, maybe changed token by token (by a final norm)
-        inside the model's own forward, so that a head given ``out``, now or later, pools
-        with their sizes. Returns ``out``."""
-        run = self._last_pass
-        if (
-            not tracing() and run is not None and run.last_block == self.depth - 1
-            and run.shape_out == tuple(out.shape[:2])
-        ):
-            self._tokens[out] = (run, self.depth)
-        return out
+    @property
+    def sizes(self) -> dict[int, Optional[Tensor]]:
+        run = self.passes.last
+        return {} if run is None else run.sizes
 
-    def pass_of(self, tokens: Tensor, grid_tokens: Optional[int] = None) -> Optional[Pass]:
-        """The pass that left the (B, N, C) ``tokens`` after its last block, for a pooling
-        head: the one remembered for them (while a graph is traced, the thread's current
-        pass). Tokens no pass left are fine as a whole patch grid (``grid_tokens``, the
-        model's own, or that of the thread's last pass), each standing for one patch:
-        then None. Otherwise their sizes are unknown, and guessing would be wrong: an error."""
-        mode = _trace_mode()
-        if mode != "eager":
-            run = self._current(mode)
-        else:
-            known = self._tokens.get(tokens)
-            run = None if known is None else known[0]
-        if run is None:
-            last = self._last_pass
-            if not self.merges_anything() or tokens.shape[1] in (grid_tokens, last and last.num_input_tokens):
-                return None
-            raise ValueError(
-                f"a pooling head got {tokens.shape[1]} tokens that no forward pass of this model left, so the "
-                "number of patches each stands for is unknown; pass it the tokens the model returned, unchanged"
-            )
-        if run.shape_out != tuple(tokens.shape[:2]):
-            raise ValueError(
-                f"a pooling head got {tokens.shape[1]} tokens for {tokens.shape[0]} images, but their pass left "
-                f"{run.shape_out[1]} tokens for {run.shape_out[0]}; pass it the tokens the model returned, unchanged"
-            )
-        return run
+    @property
+    def sources(self) -> dict[int, Optional[Tensor]]:
+        run = self.passes.last
+        return {} if run is None else run.sources
+
+    @property
+    def num_input_tokens(self) -> Optional[int]:
+        run = self.passes.last
+        return None if run is None else run.num_input_tokens
 
     def _warn_capped(self, r: int, block: int, num_tokens: int, limit: int) -> None:
         if self._warned_cap:
@@ -434,6 +293,165 @@ class MergeState:
             f"MergeState(r={schedules.describe(self.r)}, method={self.method!r}, prop_attn={self.prop_attn}, "
             f"trace_source={self.trace_source}, depth={self.depth}, num_protected={self.num_protected})"
         )
+
+
+
+class Passes:
+    """The forward passes of one patched model, for adapters and the block template
+    (:mod:`tokenmerge.block`); users read their results through :class:`MergeState`.
+
+    A block finds or starts the pass of its tokens (:meth:`block_pass`) and records
+    what it returns (:meth:`record`); a module that changes the last block's tokens
+    one by one hands them on (:meth:`adopt`); a pooling head finds the pass, and so
+    the sizes, of the tokens it is given (:meth:`pass_of`). The model and the modules
+    its blocks run inside count the calls in flight (:meth:`enter_call`,
+    :meth:`leave_call`), which :func:`tokenmerge.remove` waits for (:meth:`closing`).
+    """
+
+    def __init__(self, state: MergeState):
+        self.state = state
+        self._local = threading.local()
+        self._tokens = WeakIdKeyDictionary()  # token tensor -> (its Pass, the block it enters)
+        self._gate = threading.Condition()
+        self._inside: set[int] = set()  # threads inside a call of the model (:meth:`enter_call`)
+        self._closing = False
+
+    def __reduce__(self) -> tuple:
+        """Copies and pickles are the passes of the copied state (the model's hooks hold
+        them): none of the passes themselves, and one gate per state."""
+        return getattr, (self.state, "passes")
+
+    @property
+    def last(self) -> Optional[Pass]:
+        """The last forward pass run by the calling thread (None before any)."""
+        return getattr(self._local, "current", None)
+
+    # --- calls in flight and removal -------------------------------------------------
+
+    #: How long :meth:`closing` waits for other threads' calls before giving up.
+    CLOSING_TIMEOUT_S = 60.0
+
+    def enter_call(self, module: torch.nn.Module, args: Any) -> None:
+        """Forward pre-hook of the model and of the modules its blocks run inside: the
+        calling thread is inside a call, which :meth:`closing` waits for. A call that
+        starts while the model is being unpatched waits until that is done."""
+        if tracing():
+            return
+        depth = getattr(self._local, "calls", 0)
+        if depth == 0:
+            with self._gate:
+                self._gate.wait_for(lambda: not self._closing)
+                self._inside.add(threading.get_ident())
+        self._local.calls = depth + 1
+
+    def leave_call(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        """Forward hook, called also when the call fails, paired with :meth:`enter_call`."""
+        if tracing():
+            return
+        depth = getattr(self._local, "calls", 0) - 1
+        self._local.calls = max(depth, 0)
+        if depth <= 0:
+            with self._gate:
+                self._inside.discard(threading.get_ident())
+                self._gate.notify_all()
+
+    @contextlib.contextmanager
+    def closing(self):
+        """The context :func:`tokenmerge.remove` unpatches in: calls of the model that
+        other threads are running finish first, with the settings they started with,
+        and new ones wait until the model is unpatched, then run unpatched."""
+        me = threading.get_ident()
+        with self._gate:
+            self._closing = True
+            if not self._gate.wait_for(lambda: self._inside <= {me}, timeout=self.CLOSING_TIMEOUT_S):
+                self._closing = False
+                self._gate.notify_all()
+                raise RuntimeError(
+                    f"tokenmerge.remove waited {self.CLOSING_TIMEOUT_S:.0f} s for calls of this model that other "
+                    "threads are running; call it again once they have finished"
+                )
+        try:
+            yield
+        finally:
+            with self._gate:
+                self._closing = False
+                self._gate.notify_all()
+
+    def block_pass(self, x: Tensor, tokens: Tensor, block: int) -> Pass:
+        """The pass that the tokens ``x`` given to block ``block`` belong to (see the
+        module docstring); ``tokens`` is the same as (B, N, C)."""
+        mode = _trace_mode()
+        if mode == "eager":
+            known = self._tokens.get(x)
+            if known is not None and known[1] == block:
+                return known[0]
+            if block > 0 and torch._C._current_graph_task_id() != -1:
+                raise RuntimeError(
+                    "tokenmerge cannot recompute a merging block from tokens it has not seen: reentrant gradient "
+                    "checkpointing detaches them from their pass; use non-reentrant checkpointing "
+                    "(use_reentrant=False, the default of timm, transformers and open_clip)"
+                )
+        if block > 0:  # (block 0 never reads the thread's pass: a compiled graph need not guard on it)
+            current = self._current(mode)
+            if current is not None and current.last_block == block - 1 and current.shape_out == tuple(tokens.shape[:2]):
+                return current
+        return Pass(self.state, block, tokens.shape[1], mode)
+
+    def _current(self, mode: str) -> Optional[Pass]:
+        """The pass the calling thread ran last; while torch.export traces, the one it traces."""
+        return getattr(self._local, "traced" if mode == "export" else "current", None)
+
+    def record(self, run: Pass, block: int, out: Tensor, tokens: Tensor) -> Tensor:
+        """Note that ``out`` (the same as (B, N, C) ``tokens``) left block ``block`` in
+        ``run``; returns ``out``."""
+        run.last_block, run.shape_out = block, tuple(tokens.shape[:2])
+        if run.mode == "export":
+            self._local.traced = run
+            return out
+        if run.mode == "eager":
+            self._tokens[out] = (run, block + 1)
+        self._local.current = run
+        return out
+
+    def adopt(self, out: Tensor) -> Tensor:
+        """Note that the (B, N, C) tokens ``out`` are those the calling thread's pass has
+        just left after the last block, maybe changed token by token (by a final norm)
+        inside the model's own forward, so that a head given ``out``, now or later, pools
+        with their sizes. Returns ``out``."""
+        run = self.last
+        if (
+            not tracing() and run is not None and run.last_block == self.state.depth - 1
+            and run.shape_out == tuple(out.shape[:2])
+        ):
+            self._tokens[out] = (run, self.state.depth)
+        return out
+
+    def pass_of(self, tokens: Tensor, grid_tokens: Optional[int] = None) -> Optional[Pass]:
+        """The pass that left the (B, N, C) ``tokens`` after its last block, for a pooling
+        head: the one remembered for them (while a graph is traced, the thread's current
+        pass). Tokens no pass left are fine as a whole patch grid (``grid_tokens``, the
+        model's own, or that of the thread's last pass), each standing for one patch:
+        then None. Otherwise their sizes are unknown, and guessing would be wrong: an error."""
+        mode = _trace_mode()
+        if mode != "eager":
+            run = self._current(mode)
+        else:
+            known = self._tokens.get(tokens)
+            run = None if known is None else known[0]
+        if run is None:
+            last = self.last
+            if not self.state.merges_anything() or tokens.shape[1] in (grid_tokens, last and last.num_input_tokens):
+                return None
+            raise ValueError(
+                f"a pooling head got {tokens.shape[1]} tokens that no forward pass of this model left, so the "
+                "number of patches each stands for is unknown; pass it the tokens the model returned, unchanged"
+            )
+        if run.shape_out != tuple(tokens.shape[:2]):
+            raise ValueError(
+                f"a pooling head got {tokens.shape[1]} tokens for {tokens.shape[0]} images, but their pass left "
+                f"{run.shape_out[1]} tokens for {run.shape_out[0]}; pass it the tokens the model returned, unchanged"
+            )
+        return run
 
 
 def _caller_stacklevel() -> int:

@@ -41,7 +41,8 @@ def test_an_adapter_uses_no_private_name_of_another_module(path):
 @pytest.mark.parametrize("path", ADAPTERS, ids=[path.stem for path in ADAPTERS])
 def test_an_adapter_uses_the_state_and_its_passes_through_public_members_only(path):
     """``state``, ``run`` and ``self._tokenmerge_state`` are a MergeState or a Pass:
-    what an adapter reads of them is public (``pass_of``, ``adopt``, ``side``, ...)."""
+    what an adapter reads of them is public (``passes.pass_of``, ``passes.adopt``,
+    ``side``, ...)."""
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
             receiver = ast.unparse(node.value)

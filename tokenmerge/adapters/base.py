@@ -92,8 +92,8 @@ class Adapter(ABC):
             handle = module.register_forward_pre_hook(hook, with_kwargs=True)
             module.__dict__.setdefault("_tokenmerge_hooks", []).append(handle)
         for module in enclosing_modules(model, self.blocks(model)):
-            handles = [module.register_forward_pre_hook(state.enter_call),
-                       module.register_forward_hook(state.leave_call, always_call=True)]
+            handles = [module.register_forward_pre_hook(state.passes.enter_call),
+                       module.register_forward_hook(state.passes.leave_call, always_call=True)]
             module.__dict__.setdefault("_tokenmerge_hooks", []).extend(handles)
         mixin = self.block_mixin(model)
         for index, block in reversed(list(enumerate(self.blocks(model)))):
@@ -117,7 +117,7 @@ class KeepsSizes:
     norm before a pooling head): its output keeps their sizes."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._tokenmerge_state.adopt(super().forward(input))
+        return self._tokenmerge_state.passes.adopt(super().forward(input))
 
 
 def enclosing_modules(model: nn.Module, blocks: Sequence[nn.Module]) -> list[nn.Module]:

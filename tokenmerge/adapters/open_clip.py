@@ -284,7 +284,7 @@ class MergingTransformer:
     where its blocks ran sequence first) keeps the sizes of its last block's tokens."""
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
-        return self._tokenmerge_state.adopt(super().forward(x, attn_mask=attn_mask))
+        return self._tokenmerge_state.passes.adopt(super().forward(x, attn_mask=attn_mask))
 
 
 class MergingVisionTransformer:
@@ -299,7 +299,7 @@ class MergingVisionTransformer:
         return super().forward_intermediates(x, *args, **kwargs)
 
     def _pool(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        run = self._tokenmerge_state.pass_of(x, self.grid_size[0] * self.grid_size[1] + NUM_PROTECTED)
+        run = self._tokenmerge_state.passes.pass_of(x, self.grid_size[0] * self.grid_size[1] + NUM_PROTECTED)
         size = None if run is None else run.size
         if size is None:
             return super()._pool(x)

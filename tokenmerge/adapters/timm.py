@@ -157,7 +157,7 @@ class MergingVisionTransformer:
 
     def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         out = super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
-        return self._tokenmerge_state.adopt(out)
+        return self._tokenmerge_state.passes.adopt(out)
 
     def forward_intermediates(self, *args, **kwargs):
         if self._tokenmerge_state.merges_anything():
@@ -168,7 +168,7 @@ class MergingVisionTransformer:
         return super().forward_intermediates(*args, **kwargs)
 
     def pool(self, x: Tensor, pool_type: Optional[str] = None) -> Tensor:
-        run = self._tokenmerge_state.pass_of(x, self.patch_embed.num_patches + self.num_prefix_tokens)
+        run = self._tokenmerge_state.passes.pass_of(x, self.patch_embed.num_patches + self.num_prefix_tokens)
         size = None if run is None else run.size
         pool_type = self.global_pool if pool_type is None else pool_type
         if size is None or (self.attn_pool is None and pool_type in ("", "token", "max")):

@@ -198,7 +198,7 @@ class MergingAttentionPoolingHead:
     patches it holds when proportional attention is on."""
 
     def forward(self, hidden_state: Tensor) -> Tensor:
-        run = self._tokenmerge_state.pass_of(hidden_state)
+        run = self._tokenmerge_state.passes.pass_of(hidden_state)
         size = None if run is None else run.size
         if size is None or not run.settings.prop_attn:
             return super().forward(hidden_state)
@@ -224,7 +224,7 @@ class MergingDinov2Classifier:
         outputs = getattr(self, self.base_model_prefix)(pixel_values, attention_mask=attention_mask, **kwargs)
         tokens = outputs.last_hidden_state
         state: MergeState = self._tokenmerge_state
-        run = state.pass_of(tokens)
+        run = state.passes.pass_of(tokens)
         size = None if run is None else run.size
         prefix = state.num_protected
         patch_mean = _mean_over_patches(tokens[:, prefix:], None if size is None else size[:, prefix:])
