@@ -7,9 +7,12 @@ README reports under "Tried and dropped as well".
 Every rule removes exactly ToMe's tokens in every block, so all of them cost the same
 and only their outputs are compared (FLOPs differ only in the matching). The rules
 here are not methods of the library: each is a :class:`tokenmerge.methods.Method`
-registered under a name of its own for the length of the run. One rule scales the
-log-size bias of proportional attention, which the library has no setting for; the
-script swaps the bias function for that row only.
+registered with :func:`tokenmerge.methods.register` for the length of its row. Some
+rows scale the log-size bias of proportional attention, which the library has no
+setting for: their rule carries every size s as s ** scale, which proportional
+attention (and the class attention of ``tome-attended``) turns into ``scale * log s``,
+and merges with the sizes themselves (the model pools its class token, so no pooling
+reads the sizes).
 
 Prints one Markdown table: for every rule at every schedule, the KL divergence from
 the unmerged model's outputs and the share of images whose top-1 changed, on the
@@ -18,21 +21,20 @@ tuning half and on the held-out half (top-1 accuracy on the held-out half too).
 from __future__ import annotations
 
 import argparse
-import contextlib
-from collections.abc import Callable, Iterator
+import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 import tokenmerge
-import tokenmerge.adapters.timm as timm_adapter
-from tokenmerge import attention, methods
+from tokenmerge import methods
 from tokenmerge.kernels import merge_weighted
 from tokenmerge.merge import Matching, descending_order, in_index_order
-from tokenmerge.methods import Evidence, Method, class_attention, follow_merge, merge, sum_over_heads
+from tokenmerge.methods import Evidence, Method, Reduction, class_attention, follow_merge, merge, sum_over_heads
 from tokenmerge.tools.data import ImageFiles, class_folders, synset_samples
 from tokenmerge.tools.models import create_timm_model, timm_transform
 
@@ -40,6 +42,8 @@ MODEL = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
 CHECKPOINT = "models/vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors"
 #: The schedules ``tune_fidelity.py`` found at the FLOPs of ToMe r=13 and r=16 (README).
 TUNED = {13: [8, 6, 15, 13, 14, 20, 17, 18, 19, 12, 17, 6], 16: [16, 12, 20, 18, 16, 20, 16, 14, 13, 12, 12, 4]}
+#: The name every row's rule is registered under while its row runs.
+EXPLORED = "explored"
 
 Similarity = Callable[[Tensor, Tensor, Evidence, int], Tensor]
 
@@ -68,7 +72,7 @@ SIMILARITIES: dict[str, Similarity] = {
 
 
 def rule(similarity: Similarity, attended_cost: float = 0.0, partner_by_cost: bool = False,
-         norm_preserving: bool = False) -> Method:
+         norm_preserving: bool = False) -> Method[Any]:
     """A merging rule: bipartite matching by ``similarity`` of the tokens after the
     attention branch; with ``attended_cost``, every link's score lowered by the class
     attention of its two tokens as in ``tome-attended`` (charged after the partner is
@@ -98,56 +102,64 @@ def rule(similarity: Similarity, attended_cost: float = 0.0, partner_by_cost: bo
             out = out * (norms / out.norm(dim=-1, keepdim=True).clamp_min(1e-12))
         return out, new_size, source
 
-    return Method(plan, reduce, follow_merge, matches=True)
+    return Method(plan, reduce, follow_merge, merges=True, matches=True)
 
 
-@contextlib.contextmanager
-def size_bias_scaled(scale: float) -> Iterator[None]:
-    """Proportional attention with ``scale * log s`` instead of ``log s``, everywhere
-    the timm adapter and the methods read the bias."""
-    original = attention.log_size_bias
-    modules = (attention, timm_adapter, methods)
+def size_bias_scaled(method: Method[Any], scale: float) -> Method[Any]:
+    """``method`` with proportional attention biased by ``scale * log s`` instead of
+    ``log s``: the blocks carry every size s as s ** scale, and ``method`` merges with
+    the sizes themselves."""
 
-    def scaled(size: Tensor, dtype) -> Tensor:
-        return original(size, dtype) * scale
+    def reduce(x: Tensor, size: Optional[Tensor], source: Optional[Tensor], plan: Any) -> Reduction:
+        x, size, source = method.reduce(x, None if size is None else size ** (1 / scale), source, plan)
+        return x, None if size is None else size ** scale, source
 
-    for module in modules:
-        module.log_size_bias = scaled
-    try:
-        yield
-    finally:
-        for module in modules:
-            module.log_size_bias = original
+    return dataclasses.replace(method, reduce=reduce)
 
 
-def rows(tuned: bool) -> list[tuple[str, Method, float, bool]]:
-    """(name, rule, bias scale, proportional attention) of every row: at a constant r,
-    the rules; at a tuned schedule, ``tome-attended``'s variants."""
+class Row(NamedTuple):
+    """One row of the table: a rule and whether its attention is proportional."""
+
+    name: str
+    method: Method[Any]
+    prop_attn: bool = True
+
+
+def rows(tuned: bool) -> list[Row]:
+    """Every row: at a constant r, the rules; at a tuned schedule, ``tome-attended``'s variants."""
     keys, attended = SIMILARITIES["keys"], methods.ATTENDED_COST
     if tuned:
         return [
-            ("tome-attended", rule(keys, attended), 1.0, True),
-            ("tome-attended, partner chosen by class attention", rule(keys, attended, partner_by_cost=True), 1.0,
-             True),
-            ("tome-attended, partner chosen by class attention, log-size bias x0.8",
-             rule(keys, attended, partner_by_cost=True), 0.8, True),
-            *[(f"tome-attended, class-attention weight {cost:g}", rule(keys, cost), 1.0, True)
-              for cost in (0.03, 0.08, 0.12)],
-            *[(f"tome-attended, class-attention weight {cost:g}, partner chosen by it",
-               rule(keys, cost, partner_by_cost=True), 1.0, True) for cost in (0.03, 0.08, 0.12)],
+            Row("tome-attended", rule(keys, attended)),
+            Row("tome-attended, partner chosen by class attention", rule(keys, attended, partner_by_cost=True)),
+            Row("tome-attended, partner chosen by class attention, log-size bias x0.8",
+                size_bias_scaled(rule(keys, attended, partner_by_cost=True), 0.8)),
+            *[Row(f"tome-attended, class-attention weight {cost:g}", rule(keys, cost)) for cost in (0.03, 0.08, 0.12)],
+            *[Row(f"tome-attended, class-attention weight {cost:g}, partner chosen by it",
+                  rule(keys, cost, partner_by_cost=True)) for cost in (0.03, 0.08, 0.12)],
         ]
     return [
-        ("tome", rule(keys), 1.0, True),
-        ("tome-attended", rule(keys, attended), 1.0, True),
-        ("tome, norm-preserving", rule(keys, norm_preserving=True), 1.0, True),
-        ("tome-attended, norm-preserving", rule(keys, attended, norm_preserving=True), 1.0, True),
-        *[(f"tome-attended, log-size bias x{scale:g}", rule(keys, attended), scale, True)
+        Row("tome", rule(keys)),
+        Row("tome-attended", rule(keys, attended)),
+        Row("tome, norm-preserving", rule(keys, norm_preserving=True)),
+        Row("tome-attended, norm-preserving", rule(keys, attended, norm_preserving=True)),
+        *[Row(f"tome-attended, log-size bias x{scale:g}", size_bias_scaled(rule(keys, attended), scale))
           for scale in (0.5, 0.65, 0.8, 1.2, 1.5)],
-        ("tome-attended, no log-size bias", rule(keys, attended), 1.0, False),
-        *[(f"tome, {name}", rule(similarity), 1.0, True)
-          for name, similarity in SIMILARITIES.items() if name != "keys"],
-        ("tome-attended, partner chosen by class attention", rule(keys, attended, partner_by_cost=True), 1.0, True),
+        Row("tome-attended, no log-size bias", rule(keys, attended), prop_attn=False),
+        *[Row(f"tome, {name}", rule(similarity)) for name, similarity in SIMILARITIES.items() if name != "keys"],
+        Row("tome-attended, partner chosen by class attention", rule(keys, attended, partner_by_cost=True)),
     ]
+
+
+def row_logits(model: torch.nn.Module, row: Row, r: Any, images: Tensor, batch_size: int) -> Tensor:
+    """The model's outputs with ``row``'s rule at schedule ``r``, registered for this row only."""
+    methods.register(EXPLORED, row.method)
+    tokenmerge.apply(model, r=r, method=EXPLORED, prop_attn=row.prop_attn)
+    try:
+        return logits(model, images, batch_size)
+    finally:
+        tokenmerge.remove(model)
+        methods.unregister(EXPLORED)
 
 
 def load_sample(shared: Path, batch_size: int) -> tuple[Tensor, Tensor, Tensor, torch.nn.Module]:
@@ -189,19 +201,12 @@ def main() -> None:
     print("| schedule | rule | tuning KL | tuning differs % | held-out KL | held-out differs % | held-out top-1 % |\n"
           "|---|---|---|---|---|---|---|", flush=True)
     for schedule_name, r in schedules.items():
-        for name, method, scale, prop_attn in rows(tuned=schedule_name.startswith("tuned")):
-            methods.METHODS["explored"] = method
-            tokenmerge.apply(model, r=r, method="explored", prop_attn=prop_attn)
-            try:
-                with size_bias_scaled(scale):
-                    out = logits(model, images, args.batch_size)
-            finally:
-                tokenmerge.remove(model)
-                del methods.METHODS["explored"]
+        for row in rows(tuned=schedule_name.startswith("tuned")):
+            out = row_logits(model, row, r, images, args.batch_size)
             tuning = fidelity(out[halves == 0], reference[halves == 0], labels[halves == 0])
             held = fidelity(out[halves == 1], reference[halves == 1], labels[halves == 1])
-            print(f"| {schedule_name} | {name} | {tuning[0]:.4f} | {tuning[1]:.1f} | {held[0]:.4f} | {held[1]:.1f} | "
-                  f"{held[2]:.1f} |", flush=True)
+            print(f"| {schedule_name} | {row.name} | {tuning[0]:.4f} | {tuning[1]:.1f} | {held[0]:.4f} | "
+                  f"{held[1]:.1f} | {held[2]:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
 """Every token reduction method, through the adapters: the token counts the schedule
 says, protected tokens kept, sizes summing to the patch count where sizes exist,
-exactness at r=0, independence of the batch, and the choices that tell them apart."""
+exactness at r=0, independence of the batch, and the choices that tell them apart;
+the one registry of methods, and no module telling methods apart by their names."""
+import ast
 import copy
+import dataclasses
+from pathlib import Path
 
 import pytest
 import timm
@@ -9,6 +13,7 @@ import torch
 
 import tokenmerge
 from tests.adapters.invariants import assert_sizes_and_sources_agree
+from tokenmerge import methods
 from tokenmerge.methods import METHODS, Evidence, class_attention, keep_attended
 
 MERGING = ["tome", "tome-attended", "tome-random-split", "tome-unweighted", "tome-features"]
@@ -198,3 +203,76 @@ def test_keys_summed_over_heads_are_the_same_bits_for_any_batch(dtype):
     keys = qkv.permute(2, 0, 3, 1, 4)[1]
     assert not keys.is_contiguous() and keys.numel() > 1 << 17 > keys[:1].numel()
     assert torch.equal(sum_over_heads(keys[:1]), sum_over_heads(keys)[:1])
+
+
+def test_the_flags_say_what_each_method_is():
+    def flagged(flag):
+        return {name for name, method in METHODS.items() if getattr(method, flag)}
+
+    assert flagged("merges") == flagged("matches") == set(MERGING)
+    assert flagged("needs_class_token") == {"tome-attended", "evit", "evit-fuse"}
+    assert flagged("speed_reference") == {"cut"}
+
+
+@pytest.fixture
+def registered():
+    """``tome`` registered again as ``tome-again``, removed afterwards."""
+    methods.register("tome-again", dataclasses.replace(methods.resolve("tome")))
+    yield "tome-again"
+    methods.unregister("tome-again")
+
+
+def test_a_registered_method_runs_through_apply(models, registered):
+    model = models["class token"]
+    images = torch.randn(2, 3, 64, 64)
+    out, counts, state, _ = run(model, images, r=7, method=registered)
+    assert state.method == registered and counts == [65 - 7 * (i + 1) for i in range(4)]
+    torch.testing.assert_close(out, run(model, images, r=7, method="tome")[0], atol=0, rtol=0)
+    assert tokenmerge.flops_per_image(model, 7, method=registered) == tokenmerge.flops_per_image(model, 7)
+
+
+def test_a_taken_name_is_refused(registered):
+    with pytest.raises(ValueError, match="'tome' is already registered"):
+        methods.register("tome", methods.resolve("evit"))
+    with pytest.raises(ValueError, match="'tome-again' is already registered"):
+        methods.register(registered, methods.resolve("tome"))
+    assert methods.resolve(registered).merges and methods.resolve("tome").plan is methods.match_keys
+
+
+def test_the_registry_changes_only_through_register():
+    with pytest.raises(TypeError):
+        METHODS["mine"] = methods.resolve("tome")  # type: ignore[index]
+    with pytest.raises(TypeError, match="is a tokenmerge.methods.Method"):
+        methods.register("mine", methods.match_keys)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="library's own methods"):
+        methods.unregister("tome")
+    with pytest.raises(ValueError, match="unknown token reduction method 'mine'"):
+        methods.unregister("mine")
+    assert set(METHODS) == set(ALL)
+
+
+ROOT = Path(__file__).parents[1]
+SOURCES = sorted([*(ROOT / "tokenmerge").rglob("*.py"), *(ROOT / "benchmarks").glob("*.py")])
+AFFIX_TESTS = {"startswith": str.startswith, "removeprefix": str.startswith,
+               "endswith": str.endswith, "removesuffix": str.endswith}
+
+
+def affix_tests_of_method_names(path: Path) -> list[int]:
+    """Lines of ``path`` that call ``startswith`` or ``endswith`` (or remove a prefix or
+    suffix) with a string that begins or ends a method's name: telling methods apart
+    by name, where a flag of :class:`tokenmerge.methods.Method` says it."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args \
+                and node.func.attr in AFFIX_TESTS:
+            argument = node.args[0]
+            texts = [element.value for element in (argument.elts if isinstance(argument, ast.Tuple) else [argument])
+                     if isinstance(element, ast.Constant) and isinstance(element.value, str)]
+            if any(AFFIX_TESTS[node.func.attr](name, text) for name in ALL for text in texts):
+                lines.append(node.lineno)
+    return lines
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=[str(path.relative_to(ROOT)) for path in SOURCES])
+def test_no_module_tells_methods_apart_by_their_names(path):
+    assert not affix_tests_of_method_names(path), f"{path.relative_to(ROOT)}: use a flag of the method"

@@ -37,12 +37,19 @@ and their speeds are comparable:
 
 Proportional attention is a separate setting (``prop_attn``); the pruning methods keep
 no sizes (every token counts as one), so it does not change them.
+
+Every method lives in one registry: :func:`register` adds one under a name that
+``tokenmerge.apply(..., method=name)`` and the command-line tools then accept,
+:func:`resolve` finds one, :data:`METHODS` is a read-only view of them all. A
+:class:`Method` says with flags what it is and needs (``merges``, ``matches``,
+``needs_class_token``, ``speed_reference``), so that nothing has to read it from its name.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional
+from types import MappingProxyType
+from typing import Any, Generic, NamedTuple, Optional, TypeVar
 
 import torch
 from torch import Tensor
@@ -66,17 +73,33 @@ class Evidence(NamedTuple):
     block: int
 
 
-@dataclass(frozen=True)
-class Method:
-    """A token reduction method: ``plan(evidence, r, num_protected)``,
-    ``reduce(x, size, source, plan)`` and ``follow(side, plan)``, as described in the
-    module docstring. ``matches`` says whether it computes bipartite matching
-    similarities, which count towards its FLOPs."""
+Plan = TypeVar("Plan")
 
-    plan: Callable[[Evidence, int, int], Any]
-    reduce: Callable[[Tensor, Optional[Tensor], Optional[Tensor], Any], Reduction]
-    follow: Callable[[Tensor, Any], Tensor]
+
+@dataclass(frozen=True)
+class Method(Generic[Plan]):
+    """A token reduction method: ``plan(evidence, r, num_protected)`` makes a ``Plan``,
+    ``reduce(x, size, source, plan)`` and ``follow(side, plan)`` apply it, as described
+    in the module docstring. The flags say what it is, for whatever treats methods
+    differently (the FLOP count, the tools' variants and figures, training):
+
+    * ``merges``: it combines tokens into ones that stand for several patches and adds
+      up their sizes, so proportional attention changes what it computes;
+    * ``matches``: it computes bipartite matching similarities, which count towards
+      its FLOPs;
+    * ``needs_class_token``: it plans with the class token's attention, so a model
+      without a class token cannot run it;
+    * ``speed_reference``: it is a speed limit to measure others against, not a method
+      to use for accuracy: the tools offer it only as such and training refuses it.
+    """
+
+    plan: Callable[[Evidence, int, int], Plan]
+    reduce: Callable[[Tensor, Optional[Tensor], Optional[Tensor], Plan], Reduction]
+    follow: Callable[[Tensor, Plan], Tensor]
+    merges: bool = False
     matches: bool = False
+    needs_class_token: bool = False
+    speed_reference: bool = False
 
 
 # --- merging -------------------------------------------------------------------------
@@ -304,20 +327,60 @@ def follow_cut(side: Tensor, keep: int) -> Tensor:
     return side[:, :keep]
 
 
-METHODS: dict[str, Method] = {
-    "tome": Method(match_keys, merge, follow_merge, matches=True),
-    "tome-attended": Method(match_keys_sparing_attended, merge, follow_merge, matches=True),
-    "tome-random-split": Method(match_keys_random_split, merge_random_split, follow_random_split, matches=True),
-    "tome-unweighted": Method(match_keys, merge_unweighted, follow_merge, matches=True),
-    "tome-features": Method(match_tokens, merge, follow_merge, matches=True),
-    "random": Method(drop_random, prune, follow_prune),
-    "evit": Method(keep_attended, prune, follow_prune),
-    "evit-fuse": Method(keep_attended_and_fuse, prune, follow_prune),
-    "cut": Method(keep_first, cut, follow_cut),
-}
+# --- the registry ----------------------------------------------------------------------
+
+_REGISTRY: dict[str, Method[Any]] = {}
+
+#: Every registered method by name, in the order registered: a read-only view that
+#: follows :func:`register` and :func:`unregister`.
+METHODS: Mapping[str, Method[Any]] = MappingProxyType(_REGISTRY)
 
 
-def resolve(name: str) -> Method:
-    if name not in METHODS:
-        raise ValueError(f"unknown token reduction method {name!r}; known: {', '.join(METHODS)}")
-    return METHODS[name]
+def register(name: str, method: Method[Plan]) -> Method[Plan]:
+    """Make ``method`` available as ``name`` to :func:`tokenmerge.apply` and the tools;
+    a name already taken is refused rather than silently replaced, so that a model
+    never runs another method than the one its name meant."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a token reduction method needs a non-empty name, got {name!r}")
+    if not isinstance(method, Method):
+        raise TypeError(f"{name!r}: a token reduction method is a tokenmerge.methods.Method, got "
+                        f"{type(method).__name__}")
+    if name in _REGISTRY:
+        raise ValueError(f"a token reduction method named {name!r} is already registered; choose another name")
+    _REGISTRY[name] = method
+    return method
+
+
+def unregister(name: str) -> Method[Any]:
+    """Remove the method registered as ``name`` (the library's own stay) and return it:
+    for a rule registered for the length of an experiment."""
+    if name in _BUILT_IN:
+        raise ValueError(f"{name!r} is one of the library's own methods and stays registered")
+    _check_known(name)
+    return _REGISTRY.pop(name)
+
+
+def resolve(name: str) -> Method[Any]:
+    """The method registered as ``name``."""
+    _check_known(name)
+    return _REGISTRY[name]
+
+
+def _check_known(name: str) -> None:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown token reduction method {name!r}; known: {', '.join(_REGISTRY)}")
+
+
+register("tome", Method(match_keys, merge, follow_merge, merges=True, matches=True))
+register("tome-attended", Method(match_keys_sparing_attended, merge, follow_merge, merges=True, matches=True,
+                                 needs_class_token=True))
+register("tome-random-split", Method(match_keys_random_split, merge_random_split, follow_random_split, merges=True,
+                                     matches=True))
+register("tome-unweighted", Method(match_keys, merge_unweighted, follow_merge, merges=True, matches=True))
+register("tome-features", Method(match_tokens, merge, follow_merge, merges=True, matches=True))
+register("random", Method(drop_random, prune, follow_prune))
+register("evit", Method(keep_attended, prune, follow_prune, needs_class_token=True))
+register("evit-fuse", Method(keep_attended_and_fuse, prune, follow_prune, needs_class_token=True))
+register("cut", Method(keep_first, cut, follow_cut, speed_reference=True))
+
+_BUILT_IN = frozenset(_REGISTRY)

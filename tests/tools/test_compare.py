@@ -1,15 +1,18 @@
 """``tokenmerge compare``: every method at every r against the unpatched model in one
 run, a table, JSON and a figure with one curve per method; clear errors."""
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from tests.conftest import make_class_folder
+from tokenmerge import methods
 from tokenmerge.tools.cli import main
 from tokenmerge.tools.compare import curves, point_label
 from tokenmerge.tools.evaluation import evaluate_settings
-from tokenmerge.tools.settings import UNPATCHED, VARIANTS, Setting, comparison_settings
+from tokenmerge.tools.options import parse_methods
+from tokenmerge.tools.settings import UNPATCHED, VARIANTS, Setting, comparison_settings, merging, variant
 
 CLASSES = ["ant", "bee", "cat"]
 
@@ -71,3 +74,33 @@ def test_unknown_method_is_a_usage_error_listing_the_known_ones(class_folder, ca
 def test_the_first_setting_must_be_the_unpatched_model():
     with pytest.raises(ValueError, match="first setting must be the unpatched model"):
         evaluate_settings(torch.nn.Identity(), [(torch.zeros(3), 0)], [Setting("tome r=4", 4)])
+
+
+def test_the_variants_are_every_method_and_every_merging_one_without_proportional_attention():
+    assert {name: VARIANTS[name] for name in (
+        "tome", "tome-no-prop-attn", "tome-attended", "tome-random-split", "tome-unweighted", "tome-features",
+        "random", "evit", "evit-fuse")} == {
+        "tome": ("tome", True), "tome-no-prop-attn": ("tome", False), "tome-attended": ("tome-attended", True),
+        "tome-random-split": ("tome-random-split", True), "tome-unweighted": ("tome-unweighted", True),
+        "tome-features": ("tome-features", True), "random": ("random", True), "evit": ("evit", True),
+        "evit-fuse": ("evit-fuse", True)}
+    assert {name for name, (_, prop_attn) in VARIANTS.items() if not prop_attn} == {
+        f"{name}-no-prop-attn" for name, method in methods.METHODS.items() if method.merges}
+    assert "cut" not in VARIANTS and "evit-no-prop-attn" not in VARIANTS
+    assert merging("tome-features-no-prop-attn") and not merging("evit-fuse") and not merging("tome, tuned")
+
+
+def test_a_registered_method_is_a_variant_of_every_command():
+    methods.register("evit-again", dataclasses.replace(methods.resolve("evit")))
+    methods.register("tome-again", dataclasses.replace(methods.resolve("tome")))
+    try:
+        assert parse_methods("evit-again,tome-again-no-prop-attn") == ["evit-again", "tome-again-no-prop-attn"]
+        assert "evit-again-no-prop-attn" not in VARIANTS
+        assert variant("tome-again-no-prop-attn") == ("tome-again", False)
+        settings = comparison_settings(["evit-again", "tome-again-no-prop-attn"], [4])
+        assert [(s.name, s.method, s.prop_attn) for s in settings[1:]] == [
+            ("evit-again r=4", "evit-again", True), ("tome-again-no-prop-attn r=4", "tome-again", False)]
+    finally:
+        methods.unregister("evit-again")
+        methods.unregister("tome-again")
+    assert "tome-again" not in VARIANTS

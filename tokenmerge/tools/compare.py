@@ -21,7 +21,7 @@ import torch
 
 from . import options
 from .evaluation import MEASURES, EvalRow, add_evaluation_options, run_settings
-from .settings import UNPATCHED, VARIANTS, check_schedule_files, comparison_settings, default_sweep
+from .settings import UNPATCHED, VARIANTS, check_schedule_files, comparison_settings, default_sweep, merging
 
 
 def curves(rows: Sequence[EvalRow]) -> dict[str, list[EvalRow]]:
@@ -60,7 +60,7 @@ def draw_comparison(rows: Sequence[EvalRow], title: Optional[str] = None):
 def draw_measure(ax, rows: Sequence[EvalRow], measure: str) -> None:
     for index, (method, points) in enumerate(curves(rows).items()):
         points = sorted(points, key=lambda p: p.images_per_second)
-        style = ":" if method.endswith("tuned") else "-" if method.startswith("tome") else "--"
+        style = ":" if method.endswith("tuned") else "-" if merging(method) else "--"
         width = 2.2 if method == "tome" else 1.2
         values = [getattr(p, measure) for p in points]
         ax.plot([p.images_per_second for p in points], values, style, marker="o",

@@ -21,7 +21,7 @@ from timm.utils import ParseKwargs
 from tokenmerge import schedule as schedules
 from tokenmerge.libraries import LIBRARIES
 
-from .settings import VARIANTS
+from .settings import VARIANTS, compared_by_default
 
 #: The model of the commands that can run without data: bench and visualize.
 DEFAULT_MODEL = "vit_small_patch16_224"
@@ -176,8 +176,10 @@ def add_allow_other_model_option(parser: argparse.ArgumentParser) -> None:
 def add_method_option(parser: argparse.ArgumentParser, many: bool = False) -> None:
     """``--method`` (``--methods`` for a comparison) and ``--prop-attn``."""
     if many:
-        parser.add_argument("--methods", type=parse_methods, default=list(VARIANTS), metavar="M,M,...",
-                            help=f"comma-separated methods (default: all: {','.join(VARIANTS)})")
+        default = compared_by_default()
+        parser.add_argument("--methods", type=parse_methods, default=default, metavar="M,M,...",
+                            help=f"comma-separated methods (default: {','.join(default)}; also known: "
+                            f"{','.join(name for name in VARIANTS if name not in default) or 'none'})")
     else:
         parser.add_argument("--method", choices=list(VARIANTS),
                             help="token reduction method (default: tome, token merging, or for --r @FILE the "

@@ -6,13 +6,14 @@ A sweep never holds the same setting twice: two would be counted into one tally.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 import tokenmerge
+from tokenmerge import methods
 from tokenmerge import schedule as schedules
 from tokenmerge.adapters import find_adapter
 
@@ -20,21 +21,55 @@ from .models import unwrap
 
 UNPATCHED = "unpatched"
 
-#: Every method name a command accepts: a reduction method of :func:`tokenmerge.apply`
-#: and whether its attention is proportional. ``tome`` is the paper's method; the
-#: ``tome-attended`` spares the tokens the class token attends to; the other ``tome-*``
-#: variants change one of its choices; ``random`` and ``evit*`` prune.
-VARIANTS: dict[str, tuple[str, bool]] = {
-    "tome": ("tome", True),
-    "tome-no-prop-attn": ("tome", False),
-    "tome-attended": ("tome-attended", True),
-    "tome-random-split": ("tome-random-split", True),
-    "tome-unweighted": ("tome-unweighted", True),
-    "tome-features": ("tome-features", True),
-    "random": ("random", True),
-    "evit": ("evit", True),
-    "evit-fuse": ("evit-fuse", True),
-}
+#: What a variant name adds to a merging method's name to run it without proportional attention.
+NO_PROP_ATTN = "-no-prop-attn"
+
+
+def variants() -> dict[str, tuple[str, bool]]:
+    """Every variant name a command accepts, with the method of
+    :data:`tokenmerge.methods.METHODS` it runs and whether its attention is
+    proportional: every registered method but the speed references under its own name,
+    and every merging one also as ``NAME-no-prop-attn`` (``prop_attn=False``)."""
+    named: dict[str, tuple[str, bool]] = {}
+    for name, method in methods.METHODS.items():
+        if not method.speed_reference:
+            named[name] = (name, True)
+            if method.merges:
+                named[name + NO_PROP_ATTN] = (name, False)
+    return named
+
+
+class Variants(Mapping[str, tuple[str, bool]]):
+    """:func:`variants` as a mapping that reads the registry on every use, so that a
+    method registered after import is a variant too."""
+
+    def __getitem__(self, name: str) -> tuple[str, bool]:
+        return variants()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(variants())
+
+    def __len__(self) -> int:
+        return len(variants())
+
+
+#: Every variant name a command accepts: ``tome`` is the paper's method, ``tome-attended``
+#: spares the tokens the class token attends to, the other ``tome-*`` change one of its
+#: choices, ``random`` and ``evit*`` prune (see :mod:`tokenmerge.methods`).
+VARIANTS: Mapping[str, tuple[str, bool]] = Variants()
+
+
+def compared_by_default() -> list[str]:
+    """The variants ``compare`` runs unless told: every registered method under its own
+    name, and the paper's ablation of proportional attention, ``tome-no-prop-attn``
+    (the other ``*-no-prop-attn`` variants only when named)."""
+    names = [name for name, (method, prop_attn) in variants().items() if prop_attn]
+    return names[:1] + ["tome" + NO_PROP_ATTN] + names[1:]
+
+
+def merging(name: str) -> bool:
+    """Whether variant ``name`` merges tokens (False for a name that is no variant)."""
+    return name in VARIANTS and methods.resolve(VARIANTS[name][0]).merges
 
 
 @dataclass(frozen=True)
@@ -91,13 +126,10 @@ def tuned_variant(
     for a schedule file those it was tuned with, or ``tome``."""
     if name is not None or not isinstance(r, schedules.Tuned):
         return name or "tome", prop_attn
-    own = next((key for key, value in VARIANTS.items() if value == (r.method, r.prop_attn)), None)
-    if own is None:
-        own = next((key for key, value in VARIANTS.items() if value[0] == r.method), None)
-    if own is None:
+    if r.method not in VARIANTS:
         raise ValueError(f"schedule file {r.path} was tuned with method {r.method!r}, which this version does not "
                          f"know ({', '.join(VARIANTS)}); give --method")
-    return own, r.prop_attn if prop_attn is None else prop_attn
+    return r.method, r.prop_attn if prop_attn is None else prop_attn
 
 
 def check_schedule_files(

@@ -36,13 +36,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from tokenmerge import methods
 from tokenmerge.adapters import find_adapter
 
 from . import options
 from .data import TolerantImageFiles, balanced_subset, collate_readable, folder_samples
 from .models import load_model, unwrap
 from .reports import check_output_path, environment
-from .settings import VARIANTS, variant
+from .settings import VARIANTS, merging, variant
 from .tuning.search import Space
 from .tuning.targets import Target
 from .tuning.tuner import tune
@@ -111,13 +112,13 @@ def calibration_images(args: argparse.Namespace, found: list[tuple[Path, int]], 
 def check_names(names: Sequence[str], num_protected: int) -> list[str]:
     """The variants to search: merging ones only (pruning loses more), those that need
     a class token only where there is one."""
-    merging = [name for name in names if variant(name)[0].startswith("tome")]
-    if not merging:
+    merges = [name for name in names if merging(name)]
+    if not merges:
         raise ValueError(f"--methods {','.join(names)}: tune searches merging methods; give some of "
-                         f"{', '.join(n for n in VARIANTS if n.startswith('tome'))}")
-    usable = [name for name in merging if num_protected >= 1 or variant(name)[0] != "tome-attended"]
+                         f"{', '.join(n for n in VARIANTS if merging(n))}")
+    usable = [name for name in merges if num_protected >= 1 or not methods.resolve(variant(name)[0]).needs_class_token]
     if not usable:
-        raise ValueError("tome-attended needs a class token, and the model has none; give --methods tome")
+        raise ValueError(f"{', '.join(merges)} need a class token, and the model has none; give --methods tome")
     return usable
 
 

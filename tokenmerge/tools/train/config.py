@@ -120,8 +120,9 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError("sched 'plateau' needs a metric every epoch and is not supported; use cosine, step, poly, ...")
     if config.workers is not None and config.workers < 0:
         raise ValueError("workers must be at least 0")
-    if config.method not in METHODS or config.method == "cut":
-        raise ValueError(f"method must be one of {', '.join(m for m in METHODS if m != 'cut')}, got {config.method!r}")
+    trainable = [name for name, method in METHODS.items() if not method.speed_reference]
+    if config.method not in trainable:
+        raise ValueError(f"method must be one of {', '.join(trainable)}, got {config.method!r}")
     for schedule in (config.r, config.eval_r):
         schedules.check_model(schedule, config.model, config.allow_other_model,
                               "--allow-other-model (allow_other_model=True)")
