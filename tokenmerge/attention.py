@@ -25,9 +25,18 @@ def proportional_attention(
     dropout_p: float = 0.0,
     scale: float | None = None,
 ) -> Tensor:
-    """Multi-head attention over (B, H, N, D) tensors in which key j counts ``size[j]`` times.
+    """Multi-head attention in which key j counts ``size[j]`` times:
+    ``softmax(QK^T * scale + log s) V``. With ``size=None`` this is exactly
+    ``F.scaled_dot_product_attention``.
 
-    With ``size=None`` this is exactly ``F.scaled_dot_product_attention``.
+    Args:
+        q, k, v: (B, H, N, D) queries, keys and values.
+        size: (B, N, 1) sizes of the tokens, or ``None`` for no bias.
+        dropout_p: attention dropout, as ``F.scaled_dot_product_attention`` takes it.
+        scale: the logits' scale (default: ``D ** -0.5``).
+
+    Returns:
+        (B, H, N, D) the attended values.
     """
     mask = None if size is None else log_size_bias(size, q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)

@@ -56,13 +56,24 @@ def bipartite_soft_matching(
 ) -> Matching:
     """Link every A token to its most similar B token and keep the ``r`` best links.
 
-    ``metric`` is (B, N, C): one feature vector per token (ToMe uses the attention
-    keys averaged over heads; any positive multiple, such as their sum, gives the same
-    cosine similarities). ``r`` must not exceed ``max_merges``. ``cost`` (B, N), if
-    given, is what merging each token costs: a link's score is its similarity less the
-    costs of its two tokens, so costly tokens merge only with very similar ones. The
-    matching picks indices and has no gradient, so ``metric`` is detached: in training
-    nothing of it is recorded for the backward pass.
+    The matching picks indices and has no gradient, so ``metric`` is detached: in
+    training nothing of it is recorded for the backward pass.
+
+    Args:
+        metric: (B, N, C), one feature vector per token (ToMe uses the attention keys
+            averaged over heads; any positive multiple, such as their sum, gives the
+            same cosine similarities).
+        r: the number of links to keep, at most :func:`max_merges`.
+        num_protected: leading tokens never merged (class, distillation, registers).
+        cost: (B, N), what merging each token costs, if given: a link's score is its
+            similarity less the costs of its two tokens, so costly tokens merge only
+            with very similar ones.
+
+    Returns:
+        The :class:`Matching` of every image.
+
+    Raises:
+        ValueError: ``r`` is negative or more than the tokens allow.
     """
     num_tokens = metric.shape[1]
     if not 0 <= r <= max_merges(num_tokens, num_protected):
@@ -102,10 +113,17 @@ def descending_order(scores: Tensor) -> Tensor:
 def merge_wavg(x: Tensor, size: Tensor | None, matching: Matching) -> tuple[Tensor, Tensor]:
     """The paper's size-weighted merge, written plainly: every token weighed by the
     patches it stands for, each merged A token added into its B token, the sums divided
-    by the summed sizes. ``size`` is (B, N, 1), or ``None`` while every token stands for
-    one patch; returns the merged features (B, N - r, C) and sizes (B, N - r, 1).
-    Half precision is averaged in float32. The reference that the tuned merge in
-    :mod:`tokenmerge.kernels` is tested against."""
+    by the summed sizes. Half precision is averaged in float32. The reference that the
+    tuned merge in :mod:`tokenmerge.kernels` is tested against.
+
+    Args:
+        x: (B, N, C) tokens.
+        size: (B, N, 1) float32 sizes, or ``None`` while every token stands for one patch.
+        matching: what to merge, from :func:`bipartite_soft_matching`.
+
+    Returns:
+        The merged tokens (B, N - r, C) and their sizes (B, N - r, 1).
+    """
     if size is None:
         size = torch.ones(*x.shape[:2], 1, device=x.device)
     wide = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -126,9 +144,17 @@ def _merge_sums(x: Tensor, matching: Matching) -> Tensor:
 
 
 def weighted_mean(x: Tensor, size: Tensor) -> Tensor:
-    """Mean of (B, N, C) tokens over N in which each token counts as many times as the
-    patches it stands for (sizes (B, N, 1)): the mean over patches of the unmerged
-    tokens, for tokens that are averages. Half precision is averaged in float32."""
+    """Mean over tokens in which each token counts as many times as the patches it
+    stands for: the mean over patches of the unmerged tokens, for tokens that are
+    averages. Half precision is averaged in float32.
+
+    Args:
+        x: (B, N, C) tokens.
+        size: (B, N, 1) their sizes.
+
+    Returns:
+        (B, C) the means.
+    """
     return ((x.float() * size).sum(dim=1) / size.sum(dim=1)).to(x.dtype)
 
 
@@ -138,11 +164,16 @@ def initial_source(batch_size: int, num_tokens: int, device: torch.device | None
 
 
 def merge_source(source: Tensor, matching: Matching) -> Tensor:
-    """Follow a matching in a source map.
+    """Follow a matching in a source map. Memory is linear in N0, unlike a
+    (B, N, N0) membership matrix.
 
-    ``source`` is (B, N0): for every input token, the index of the current token it
-    belongs to. Returns the same map after the merge.
-    Memory is linear in N0, unlike a (B, N, N0) membership matrix.
+    Args:
+        source: (B, N0), for every input token the index of the current token it
+            belongs to.
+        matching: the merge to follow.
+
+    Returns:
+        The same map after the merge, (B, N0).
     """
     p, num_tokens = matching.num_protected, matching.num_tokens
     batch = source.shape[0]
@@ -160,7 +191,16 @@ def merge_source(source: Tensor, matching: Matching) -> Tensor:
 
 
 def unmerge(x: Tensor, source: Tensor) -> Tensor:
-    """Spread merged (B, N, C) tokens back over the input tokens: (B, N0, C)."""
+    """Spread merged tokens back over the input tokens: every input token takes the
+    features of the token it ended up in.
+
+    Args:
+        x: (B, N, C) merged tokens.
+        source: (B, N0) source map, as ``get_state(model).source`` holds it.
+
+    Returns:
+        (B, N0, C) one row per input token.
+    """
     batch, num_tokens, channels = x.shape
     rows = source + torch.arange(batch, device=source.device).unsqueeze(1) * num_tokens
     return x.reshape(-1, channels).index_select(0, rows.view(-1)).view(batch, source.shape[1], channels)

@@ -66,13 +66,24 @@ class Tuned(list):
 
 
 def load(path: str | Path, model: Optional[str] = None, *, allow_other_model: bool = False) -> Tuned:
-    """The schedule in the JSON file ``path`` that ``tokenmerge tune`` wrote: at least
+    """The schedule in a JSON file ``tokenmerge tune`` wrote: at least
     ``{"r": [one int per block]}``, and the ``method``, ``prop_attn`` and ``model`` it
-    was tuned with. A missing file or one without such an ``r`` is a one-line error.
+    was tuned with.
 
-    Given ``model``, the name of the model the schedule is for (as ``tokenmerge tune
-    --model`` takes it), a file tuned for another model is refused, naming both
-    (see :func:`check_model`); ``allow_other_model=True`` says that is meant."""
+    Args:
+        path: the file.
+        model: the name of the model the schedule is for, as ``tokenmerge tune
+            --model`` takes it; a file tuned for another model is then refused, naming
+            both (see :func:`check_model`).
+        allow_other_model: use a file tuned for another model anyway.
+
+    Returns:
+        The :class:`Tuned` schedule, which :func:`tokenmerge.apply` takes as ``r``.
+
+    Raises:
+        ValueError: no file name, a missing file, a folder, a file that is not such
+            JSON, or one tuned for another model; one line naming the problem.
+    """
     if not str(path).strip():
         raise ValueError("a schedule file name is missing: give the path of a file tokenmerge tune wrote")
     schedule = _read(Path(path))
@@ -146,10 +157,20 @@ def describe(schedule: Schedule) -> str:
 
 
 def parse(text: str) -> Schedule:
-    """Read a schedule from text: ``"13"``, ``"8/8/4/..."`` (one per block),
-    ``"linear:13"`` or ``"linear:13:0.5"`` (mean r, slope), ``"decreasing:13"``
-    (slope 1), ``"increasing:13"`` (slope -1) or ``"@schedule.json"`` (a file
-    ``tokenmerge tune`` wrote, see :func:`load`)."""
+    """Read a schedule from text, as the command-line tools take it.
+
+    Args:
+        text: ``"13"``, ``"8/8/4/..."`` (one per block), ``"linear:13"`` or
+            ``"linear:13:0.5"`` (mean r, slope), ``"decreasing:13"`` (slope 1),
+            ``"increasing:13"`` (slope -1) or ``"@schedule.json"`` (a file
+            ``tokenmerge tune`` wrote, see :func:`load`).
+
+    Returns:
+        An int, a list of ints, a :class:`Linear` or a :class:`Tuned` schedule.
+
+    Raises:
+        ValueError: text that is none of these, naming what is wrong.
+    """
     text = text.strip()
     if text.startswith("@"):
         return load(text[1:])
