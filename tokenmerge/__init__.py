@@ -83,9 +83,10 @@ def apply(
     if isinstance(r, Tuned):
         method = r.method if method is None else method
         prop_attn = r.prop_attn if prop_attn is None else prop_attn
+    settings = dict(method=method, prop_attn=prop_attn, trace_source=trace_source)
     adapter = find_adapter(inner)
     if is_applied(inner):
-        get_state(inner).update(r, method=method, prop_attn=prop_attn, trace_source=trace_source)
+        get_state(inner).update(r, **settings)
         return model
     patched = already_patched(inner)
     if patched is not None:
@@ -93,8 +94,8 @@ def apply(
             f"tokenmerge is already applied to part of this {type(inner).__name__} ({patched}); remove it there first"
         )
     adapter.check(inner)
-    state = MergeState(adapter.depth(inner), r, True if prop_attn is None else prop_attn, bool(trace_source),
-                       method or "tome", adapter.num_protected(inner))
+    state = MergeState(adapter.depth(inner), r, num_protected=adapter.num_protected(inner))
+    state.update(**settings)  # settings not given keep MergeState's defaults; a bad one patches nothing
     adapter.patch(inner, state)
     return model
 

@@ -172,6 +172,8 @@ def parse(text: str) -> Schedule:
         ValueError: text that is none of these, naming what is wrong.
     """
     text = text.strip()
+    if text == "@":
+        raise ValueError("a file name is missing after '@': give @FILE, a schedule file tokenmerge tune wrote")
     if text.startswith("@"):
         return load(text[1:])
     name, _, rest = text.partition(":")

@@ -295,7 +295,6 @@ class MergeState:
         )
 
 
-
 class Passes:
     """The forward passes of one patched model, for adapters and the block template
     (:mod:`tokenmerge.block`); users read their results through :class:`MergeState`.

@@ -12,7 +12,7 @@ from tokenmerge.tools.cli import main
 from tokenmerge.tools.compare import curves, point_label
 from tokenmerge.tools.evaluation import evaluate_settings
 from tokenmerge.tools.options import parse_methods
-from tokenmerge.tools.settings import UNPATCHED, VARIANTS, Setting, comparison_settings, merging, variant
+from tokenmerge.tools.settings import UNPATCHED, Setting, comparison_settings, merging, variant, variants
 
 CLASSES = ["ant", "bee", "cat"]
 
@@ -68,7 +68,7 @@ def test_unknown_method_is_a_usage_error_listing_the_known_ones(class_folder, ca
     with pytest.raises(SystemExit):
         main(["compare", "--model", "vit_tiny_patch16_224", "--data", str(root), "--methods", "tome,pruning"])
     err = capsys.readouterr().err
-    assert "unknown method pruning" in err and ", ".join(VARIANTS) in err
+    assert "unknown method pruning" in err and ", ".join(variants()) in err
 
 
 def test_the_first_setting_must_be_the_unpatched_model():
@@ -77,16 +77,16 @@ def test_the_first_setting_must_be_the_unpatched_model():
 
 
 def test_the_variants_are_every_method_and_every_merging_one_without_proportional_attention():
-    assert {name: VARIANTS[name] for name in (
+    assert {name: variants()[name] for name in (
         "tome", "tome-no-prop-attn", "tome-attended", "tome-random-split", "tome-unweighted", "tome-features",
         "random", "evit", "evit-fuse")} == {
         "tome": ("tome", True), "tome-no-prop-attn": ("tome", False), "tome-attended": ("tome-attended", True),
         "tome-random-split": ("tome-random-split", True), "tome-unweighted": ("tome-unweighted", True),
         "tome-features": ("tome-features", True), "random": ("random", True), "evit": ("evit", True),
         "evit-fuse": ("evit-fuse", True)}
-    assert {name for name, (_, prop_attn) in VARIANTS.items() if not prop_attn} == {
+    assert {name for name, (_, prop_attn) in variants().items() if not prop_attn} == {
         f"{name}-no-prop-attn" for name, method in methods.METHODS.items() if method.merges}
-    assert "cut" not in VARIANTS and "evit-no-prop-attn" not in VARIANTS
+    assert "cut" not in variants() and "evit-no-prop-attn" not in variants()
     assert merging("tome-features-no-prop-attn") and not merging("evit-fuse") and not merging("tome, tuned")
 
 
@@ -95,7 +95,7 @@ def test_a_registered_method_is_a_variant_of_every_command():
     methods.register("tome-again", dataclasses.replace(methods.resolve("tome")))
     try:
         assert parse_methods("evit-again,tome-again-no-prop-attn") == ["evit-again", "tome-again-no-prop-attn"]
-        assert "evit-again-no-prop-attn" not in VARIANTS
+        assert "evit-again-no-prop-attn" not in variants()
         assert variant("tome-again-no-prop-attn") == ("tome-again", False)
         settings = comparison_settings(["evit-again", "tome-again-no-prop-attn"], [4])
         assert [(s.name, s.method, s.prop_attn) for s in settings[1:]] == [
@@ -103,4 +103,4 @@ def test_a_registered_method_is_a_variant_of_every_command():
     finally:
         methods.unregister("evit-again")
         methods.unregister("tome-again")
-    assert "tome-again" not in VARIANTS
+    assert "tome-again" not in variants()

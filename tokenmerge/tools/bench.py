@@ -166,7 +166,7 @@ def benchmark(
 ) -> list[BenchRow]:
     """Tokens, GFLOPs per image, images per second, latency at batch size 1 and
     speed-ups of ``model`` unpatched and with ``method`` (a method or variant, see
-    :data:`tokenmerge.tools.settings.VARIANTS`; default: ``tome``, or for a schedule
+    :func:`tokenmerge.tools.settings.variants`; default: ``tome``, or for a schedule
     file the method and attention it was tuned with) at every schedule in ``rs`` and,
     ``with_limit``, their zero-overhead limits; ``kwargs`` go to :func:`benchmark_settings`."""
     settings, _ = unique(sweep_settings(rs, method, prop_attn, with_limit))

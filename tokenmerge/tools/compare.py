@@ -21,7 +21,7 @@ import torch
 
 from . import options
 from .evaluation import MEASURES, EvalRow, add_evaluation_options, run_settings
-from .settings import UNPATCHED, VARIANTS, check_schedule_files, comparison_settings, default_sweep, merging
+from .settings import UNPATCHED, check_schedule_files, comparison_settings, default_sweep, merging, variants
 
 
 def curves(rows: Sequence[EvalRow]) -> dict[str, list[EvalRow]]:
@@ -83,7 +83,7 @@ def add_parser(subparsers) -> None:
         help="merging against pruning and against merging's ablations, accuracy against measured speed",
         description="Evaluate the unpatched model and every method at every r on an image folder, in one run "
         "in which every batch goes through every setting, so that accuracy and throughput are comparable. "
-        f"Methods: {', '.join(VARIANTS)}.",
+        f"Methods: {', '.join(variants())}.",
     )
     options.add_sweep_option(parser, "the sweep of eval without r=0, at which every method is the unpatched "
                              "model: 8,13,16 for a 197-token, 12-block ViT")

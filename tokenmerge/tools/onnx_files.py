@@ -52,7 +52,8 @@ def export_onnx(model: torch.nn.Module, path: str | Path, example: torch.Tensor,
         example = at_least_two(example)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", CappedRWarning)
-        model.eval()(example)
+        with torch.no_grad():
+            model.eval()(example)
         program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=shapes,
                                     input_names=["images"], output_names=["output"], verbose=False)
     program.save(str(path))

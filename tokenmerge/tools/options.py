@@ -21,7 +21,7 @@ from timm.utils import ParseKwargs
 from tokenmerge import schedule as schedules
 from tokenmerge.libraries import LIBRARIES
 
-from .settings import VARIANTS, compared_by_default
+from .settings import compared_by_default, variants
 
 #: The model of the commands that can run without data: bench and visualize.
 DEFAULT_MODEL = "vit_small_patch16_224"
@@ -40,9 +40,6 @@ CAP_POLICY = ("a block merges at most half of its mergeable tokens; an r beyond 
 
 def parse_schedule(text: str) -> schedules.Schedule:
     """One schedule: ``"13"``, ``"decreasing:13"``, ``"8/8/4/..."``, ``"@FILE"``."""
-    if text.strip() == "@":
-        raise argparse.ArgumentTypeError("a file name is missing after '@': give @FILE, a schedule file "
-                                         "tokenmerge tune wrote")
     try:
         return schedules.parse(text)
     except ValueError as error:
@@ -57,10 +54,10 @@ def parse_sweep(text: str) -> list[schedules.Schedule]:
 def parse_methods(text: str) -> list[str]:
     """Comma-separated method names, each known."""
     names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in VARIANTS]
+    unknown = [name for name in names if name not in variants()]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
-            f"unknown method {', '.join(unknown) or '(none given)'}; known: {', '.join(VARIANTS)}"
+            f"unknown method {', '.join(unknown) or '(none given)'}; known: {', '.join(variants())}"
         )
     return names
 
@@ -179,9 +176,9 @@ def add_method_option(parser: argparse.ArgumentParser, many: bool = False) -> No
         default = compared_by_default()
         parser.add_argument("--methods", type=parse_methods, default=default, metavar="M,M,...",
                             help=f"comma-separated methods (default: {','.join(default)}; also known: "
-                            f"{','.join(name for name in VARIANTS if name not in default) or 'none'})")
+                            f"{','.join(name for name in variants() if name not in default) or 'none'})")
     else:
-        parser.add_argument("--method", choices=list(VARIANTS),
+        parser.add_argument("--method", choices=list(variants()),
                             help="token reduction method (default: tome, token merging, or for --r @FILE the "
                             "method it was tuned with); see tokenmerge compare --help")
     add_prop_attn_option(parser)

@@ -6,7 +6,7 @@ A sweep never holds the same setting twice: two would be counted into one tally.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Optional
 
@@ -26,7 +26,8 @@ NO_PROP_ATTN = "-no-prop-attn"
 
 
 def variants() -> dict[str, tuple[str, bool]]:
-    """Every variant name a command accepts, with the method of
+    """Every variant name a command accepts, read from the registry at each call so
+    that a method registered after import is a variant too, with the method of
     :data:`tokenmerge.methods.METHODS` it runs and whether its attention is
     proportional: every registered method but the speed references under its own name,
     and every merging one also as ``NAME-no-prop-attn`` (``prop_attn=False``)."""
@@ -39,26 +40,6 @@ def variants() -> dict[str, tuple[str, bool]]:
     return named
 
 
-class Variants(Mapping[str, tuple[str, bool]]):
-    """:func:`variants` as a mapping that reads the registry on every use, so that a
-    method registered after import is a variant too."""
-
-    def __getitem__(self, name: str) -> tuple[str, bool]:
-        return variants()[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(variants())
-
-    def __len__(self) -> int:
-        return len(variants())
-
-
-#: Every variant name a command accepts: ``tome`` is the paper's method, ``tome-attended``
-#: spares the tokens the class token attends to, the other ``tome-*`` change one of its
-#: choices, ``random`` and ``evit*`` prune (see :mod:`tokenmerge.methods`).
-VARIANTS: Mapping[str, tuple[str, bool]] = Variants()
-
-
 def compared_by_default() -> list[str]:
     """The variants ``compare`` runs unless told: every registered method under its own
     name, and the paper's ablation of proportional attention, ``tome-no-prop-attn``
@@ -69,7 +50,8 @@ def compared_by_default() -> list[str]:
 
 def merging(name: str) -> bool:
     """Whether variant ``name`` merges tokens (False for a name that is no variant)."""
-    return name in VARIANTS and methods.resolve(VARIANTS[name][0]).merges
+    found = variants().get(name)
+    return found is not None and methods.resolve(found[0]).merges
 
 
 @dataclass(frozen=True)
@@ -94,9 +76,10 @@ def variant(name: Optional[str], prop_attn: Optional[bool] = None) -> tuple[str,
     """(method, prop_attn) of variant ``name`` (default ``tome``); ``prop_attn`` given
     overrides the variant's own, except that a ``*-no-prop-attn`` variant never has it."""
     name = name or "tome"
-    if name not in VARIANTS:
-        raise ValueError(f"unknown method {name!r}; known: {', '.join(VARIANTS)}")
-    method, own = VARIANTS[name]
+    known = variants()
+    if name not in known:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(known)}")
+    method, own = known[name]
     return method, own and (True if prop_attn is None else prop_attn)
 
 
@@ -126,9 +109,9 @@ def tuned_variant(
     for a schedule file those it was tuned with, or ``tome``."""
     if name is not None or not isinstance(r, schedules.Tuned):
         return name or "tome", prop_attn
-    if r.method not in VARIANTS:
+    if r.method not in variants():
         raise ValueError(f"schedule file {r.path} was tuned with method {r.method!r}, which this version does not "
-                         f"know ({', '.join(VARIANTS)}); give --method")
+                         f"know ({', '.join(variants())}); give --method")
     return r.method, r.prop_attn if prop_attn is None else prop_attn
 
 
@@ -139,11 +122,10 @@ def check_schedule_files(
     tuned for a model other than ``--model`` unless ``--allow-other-model`` says that
     is meant (see :func:`tokenmerge.schedule.check_model`)."""
     depth = find_adapter(network).depth(network)
-    allowed = getattr(args, "allow_other_model", False)  # False for a command without the option
     for r in rs:
         if isinstance(r, schedules.Tuned):
             schedules.resolve(r, depth)
-            schedules.check_model(r, args.model, allowed, "--allow-other-model")
+            schedules.check_model(r, args.model, args.allow_other_model, "--allow-other-model")
 
 
 def label(r: schedules.Schedule, name: str = "tome") -> str:

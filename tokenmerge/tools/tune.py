@@ -43,7 +43,7 @@ from . import options
 from .data import TolerantImageFiles, balanced_subset, collate_readable, folder_samples
 from .models import load_model, unwrap
 from .reports import check_output_path, environment
-from .settings import VARIANTS, merging, variant
+from .settings import merging, variant, variants
 from .tuning.search import Space
 from .tuning.targets import Target
 from .tuning.tuner import tune
@@ -115,7 +115,7 @@ def check_names(names: Sequence[str], num_protected: int) -> list[str]:
     merges = [name for name in names if merging(name)]
     if not merges:
         raise ValueError(f"--methods {','.join(names)}: tune searches merging methods; give some of "
-                         f"{', '.join(n for n in VARIANTS if merging(n))}")
+                         f"{', '.join(n for n in variants() if merging(n))}")
     usable = [name for name in merges if num_protected >= 1 or not methods.resolve(variant(name)[0]).needs_class_token]
     if not usable:
         raise ValueError(f"{', '.join(merges)} need a class token, and the model has none; give --methods tome")

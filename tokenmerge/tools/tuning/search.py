@@ -99,14 +99,14 @@ class Score:
 
 
 #: How close a schedule keeps the model: ``score(r, name)`` for variant ``name``
-#: (a name of ``tools.settings.VARIANTS``).
+#: (a name of ``tools.settings.variants``).
 Scorer = Callable[[list[int], str], Score]
 
 
 @dataclass
 class Candidate:
     r: list[int]
-    name: str  # a variant name (tools.settings.VARIANTS)
+    name: str  # a variant name (tools.settings.variants)
     score: Score
 
 

@@ -32,7 +32,7 @@ class TuneResult:
     """The schedule tuned for ``target`` and what was measured of it."""
 
     r: list[int]
-    variant_name: str  # the variant tuned with, a name of tools.settings.VARIANTS
+    variant_name: str  # the variant tuned with, a name of tools.settings.variants
     method: str
     prop_attn: bool
     target: Target  # a share of the FLOPs already turned into GFLOPs
