@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tokenmerge.adapters.multihead import check_multihead, multihead_attention_with_plan, multihead_size_mask
+from tokenmerge.adapters.multihead import check_multihead, multihead_attend, multihead_project, multihead_size_mask
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -10,7 +10,8 @@ def test_matches_torch_multihead_attention(batch_first):
     x = torch.randn(2, 9, 48)
     expected = attention(*(3 * [x if batch_first else x.transpose(0, 1)]), need_weights=False)[0]
     expected = expected if batch_first else expected.transpose(0, 1)
-    out, keys = multihead_attention_with_plan(attention, x, None, lambda q, k: k)
+    projected = multihead_project(attention, x)
+    out, keys = multihead_attend(attention, projected, None), projected.k
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert keys.shape == (2, 4, 9, 12)
     torch.testing.assert_close(keys, (x @ attention.in_proj_weight[48:96].T + attention.in_proj_bias[48:96])
@@ -23,7 +24,7 @@ def test_a_token_of_size_two_counts_as_its_twin():
     twins = torch.cat([x, x[:, -1:]], dim=1)
     full = attention(twins, twins, twins, need_weights=False)[0][:, :5]
     size = torch.tensor([1.0, 1, 1, 1, 2]).view(1, 5, 1)
-    merged, _ = multihead_attention_with_plan(attention, x, size, lambda q, k: None)
+    merged = multihead_attend(attention, multihead_project(attention, x), size)
     torch.testing.assert_close(merged, full, atol=1e-5, rtol=1e-5)
     pooled = attention(x[:, :1], x, x, need_weights=False, attn_mask=multihead_size_mask(size, 2, 1, x.dtype))[0]
     twin_pooled = attention(x[:, :1], twins, twins, need_weights=False)[0]

@@ -2,22 +2,21 @@
 
 Several libraries (open_clip, torchvision) build their blocks on PyTorch's own
 attention module, which gives no access to its keys and takes no per-key bias. This
-recomputes the same attention from the module's parameters, with the log-size bias
-and a planning callback on the queries and keys, for the configurations those blocks use.
+recomputes the same attention from the module's parameters in the block template's
+two steps (projections, then attention with the log-size bias), for the
+configurations those blocks use.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Optional, TypeVar
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..attention import log_size_bias, proportional_attention
+from ..block import Projected
 from ..flops import linear_flops_per_token
-
-T = TypeVar("T")
 
 
 def check_multihead(attention: torch.nn.Module, where: str) -> None:
@@ -36,25 +35,26 @@ def check_multihead(attention: torch.nn.Module, where: str) -> None:
         )
 
 
-def multihead_attention_with_plan(
-    attention: torch.nn.MultiheadAttention,
-    x: Tensor,
-    size: Optional[Tensor],
-    plan: Callable[[Tensor, Tensor], T],
-) -> tuple[Tensor, T]:
-    """Self-attention of ``attention`` over ``x`` (B, N, E), batch first whatever the
-    module's ``batch_first``, in which key j counts ``size[j]`` times; also returns
-    what ``plan`` makes of the queries and keys (B, heads, N, head_dim), called as
-    soon as they exist."""
+def multihead_project(attention: torch.nn.MultiheadAttention, x: Tensor) -> Projected:
+    """The queries, keys and values (B, heads, N, head_dim) of ``attention`` as
+    self-attention over ``x`` (B, N, E), batch first whatever the module's ``batch_first``."""
     batch, num_tokens, width = x.shape
     heads = attention.num_heads
     qkv = F.linear(x, attention.in_proj_weight, attention.in_proj_bias)
     q, k, v = qkv.view(batch, num_tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
-    planned = plan(q, k)
+    return Projected(q, k, v)
+
+
+def multihead_attend(
+    attention: torch.nn.MultiheadAttention, projected: Projected, size: Optional[Tensor]
+) -> Tensor:
+    """The rest of ``attention``'s self-attention after :func:`multihead_project`, in
+    which key j counts ``size[j]`` times: (B, N, E), batch first."""
+    q, k, v = projected.q, projected.k, projected.v
+    batch, _, num_tokens, _ = q.shape
     dropout = attention.dropout if attention.training else 0.0
     out = proportional_attention(q, k, v, size, dropout_p=dropout)
-    out = out.transpose(1, 2).reshape(batch, num_tokens, width)
-    return attention.out_proj(out), planned
+    return attention.out_proj(out.transpose(1, 2).reshape(batch, num_tokens, attention.embed_dim))
 
 
 def multihead_linear_flops(attention: torch.nn.MultiheadAttention) -> int:

@@ -30,9 +30,8 @@ number of kept patches. It is refused only when it may drop the class token.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
-from typing import Any, Optional
+from typing import Optional
 
 from open_clip.model import CLIP, CustomTextCLIP
 from open_clip.transformer import (
@@ -44,12 +43,12 @@ from open_clip.transformer import (
 )
 from torch import Tensor, nn
 
-from ..block import MergingBlock
+from ..block import MergingBlock, Projected
 from ..flops import FlopShape, linear_flops_per_token
 from ..merge import weighted_mean
 from ..state import Pass
 from .base import Adapter
-from .multihead import check_multihead, multihead_attention_with_plan, multihead_linear_flops, multihead_size_mask
+from .multihead import check_multihead, multihead_attend, multihead_linear_flops, multihead_project, multihead_size_mask
 
 SUPPORTED = (
     "open_clip CLIP and CustomTextCLIP whose visual tower is open_clip.transformer.VisionTransformer, "
@@ -265,9 +264,11 @@ class MergingResidualAttentionBlock(MergingBlock):
             )
         return self.tokenmerge_forward(q_x, partial(super().forward, q_x, attn_mask=attn_mask))
 
-    def tokenmerge_attention(self, x: Tensor, size: Optional[Tensor], plan: Callable, run: Pass) -> tuple[Tensor, Any]:
-        out, planned = multihead_attention_with_plan(self.attn, self.ln_1(x), size, plan)
-        return self.ls_1(out), planned
+    def tokenmerge_project(self, x: Tensor, run: Pass) -> Projected:
+        return multihead_project(self.attn, self.ln_1(x))
+
+    def tokenmerge_attend(self, projected: Projected, size: Optional[Tensor]) -> Tensor:
+        return self.ls_1(multihead_attend(self.attn, projected, size))
 
     def tokenmerge_mlp(self, x: Tensor) -> Tensor:
         return self.ls_2(self.mlp(self.ln_2(x)))

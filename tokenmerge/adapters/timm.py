@@ -5,9 +5,8 @@ scale norms, drop path, gated attention, class/distillation/register tokens,
 gradient checkpointing)."""
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
-from typing import Any, Optional, TypeVar
+from typing import Optional
 
 import torch
 from timm.layers import Attention, AttentionPoolLatent
@@ -16,13 +15,11 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor
 
 from ..attention import log_size_bias, proportional_attention
-from ..block import MergingBlock
+from ..block import MergingBlock, Projected
 from ..flops import FlopShape, linear_flops_per_token
 from ..merge import weighted_mean
 from ..state import Pass
 from .base import Adapter
-
-T = TypeVar("T")
 
 SUPPORTED = (
     "timm VisionTransformer and VisionTransformerDistilled with timm.models.vision_transformer.Block "
@@ -116,24 +113,27 @@ def _attention_pool_flops(pool: AttentionPoolLatent) -> tuple[int, int]:
     return per_image, linear_flops_per_token(pool.kv) + 4 * latent_len * width
 
 
-def attention_with_plan(
-    attn: Attention, x: Tensor, size: Optional[Tensor], plan: Callable[[Tensor, Tensor], T]
-) -> tuple[Tensor, T]:
-    """timm ``Attention.forward`` with proportional attention; also returns what
-    ``plan`` makes of the queries and keys (B, heads, N, head_dim), called as soon as
-    they exist."""
+def timm_project(attn: Attention, x: Tensor) -> Projected:
+    """timm ``Attention.forward`` up to its (normed) queries, keys and values
+    (B, heads, N, head_dim); the gate, if the attention has one, rides along."""
     B, N, _ = x.shape
     gate = attn.gate(x).sigmoid() if attn.gate is not None else None
     q, k, v = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    planned = plan(q, k)
+    return Projected(attn.q_norm(q), attn.k_norm(k), v, gate)
+
+
+def timm_attend(attn: Attention, projected: Projected, size: Optional[Tensor]) -> Tensor:
+    """The rest of timm ``Attention.forward`` after :func:`timm_project`, with
+    proportional attention: key j counts ``size[j]`` times."""
+    q, k, v, gate = projected
+    B, _, N, _ = q.shape
     out = proportional_attention(
         q, k, v, size, dropout_p=attn.attn_drop.p if attn.training else 0.0, scale=attn.scale
     )
     out = attn.norm(out.transpose(1, 2).reshape(B, N, attn.attn_dim))
     if gate is not None:
         out = out * gate
-    return attn.proj_drop(attn.proj(out)), planned
+    return attn.proj_drop(attn.proj(out))
 
 
 class MergingTimmBlock(MergingBlock):
@@ -144,9 +144,11 @@ class MergingTimmBlock(MergingBlock):
             raise NotImplementedError("tokenmerge does not support attn_mask or is_causal in timm blocks")
         return self.tokenmerge_forward(x, partial(super().forward, x))
 
-    def tokenmerge_attention(self, x: Tensor, size: Optional[Tensor], plan: Callable, run: Pass) -> tuple[Tensor, Any]:
-        out, planned = attention_with_plan(self.attn, self.norm1(x), size, plan)
-        return self.drop_path1(self.ls1(out)), planned
+    def tokenmerge_project(self, x: Tensor, run: Pass) -> Projected:
+        return timm_project(self.attn, self.norm1(x))
+
+    def tokenmerge_attend(self, projected: Projected, size: Optional[Tensor]) -> Tensor:
+        return self.drop_path1(self.ls1(timm_attend(self.attn, projected, size)))
 
     def tokenmerge_mlp(self, x: Tensor) -> Tensor:
         return self.drop_path2(self.ls2(self.mlp(self.norm2(x))))

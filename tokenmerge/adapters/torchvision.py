@@ -10,18 +10,17 @@ keys and to add the log-size bias.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
-from typing import Any, Optional
+from typing import Optional
 
 from torch import Tensor, nn
 from torchvision.models.vision_transformer import Encoder, EncoderBlock, MLPBlock, VisionTransformer
 
-from ..block import MergingBlock
+from ..block import MergingBlock, Projected
 from ..flops import FlopShape, linear_flops_per_token
 from ..state import Pass
 from .base import Adapter
-from .multihead import check_multihead, multihead_attention_with_plan, multihead_linear_flops
+from .multihead import check_multihead, multihead_attend, multihead_linear_flops, multihead_project
 
 SUPPORTED = (
     "torchvision VisionTransformer (vit_b_16, vit_b_32, vit_l_16, vit_l_32, vit_h_14, or built directly) "
@@ -148,9 +147,11 @@ class MergingEncoderBlock(MergingBlock):
             raise ValueError(f"Expected (batch_size, seq_length, hidden_dim) got {tuple(input.shape)}")
         return self.tokenmerge_forward(input, partial(super().forward, input))
 
-    def tokenmerge_attention(self, x: Tensor, size: Optional[Tensor], plan: Callable, run: Pass) -> tuple[Tensor, Any]:
-        out, planned = multihead_attention_with_plan(self.self_attention, self.ln_1(x), size, plan)
-        return self.dropout(out), planned
+    def tokenmerge_project(self, x: Tensor, run: Pass) -> Projected:
+        return multihead_project(self.self_attention, self.ln_1(x))
+
+    def tokenmerge_attend(self, projected: Projected, size: Optional[Tensor]) -> Tensor:
+        return self.dropout(multihead_attend(self.self_attention, projected, size))
 
     def tokenmerge_mlp(self, x: Tensor) -> Tensor:
         return self.mlp(self.ln_2(x))

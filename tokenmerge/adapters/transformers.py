@@ -34,10 +34,10 @@ from transformers.models.vit import modeling_vit as vit
 from transformers.utils.generic import can_return_tuple
 
 from ..attention import log_size_bias
-from ..block import MergingBlock
+from ..block import MergingBlock, Projected
 from ..flops import FlopShape, linear_flops_per_token
 from ..merge import weighted_mean
-from ..state import MergeState
+from ..state import MergeState, Pass
 from .base import Adapter, KeepsSizes, is_swapped
 from .multihead import check_multihead, multihead_size_mask
 
@@ -53,13 +53,6 @@ SUPPORTED = (
 )
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 
-# What a merging layer hands its attention: the sizes for proportional attention (or
-# None), and the function that plans the merge from the queries and keys.
-Merging = tuple[Optional[Tensor], Callable[[Tensor, Tensor], object]]
-# An attention branch's output, and the plan made from its keys.
-Branch = tuple[Tensor, object]
-
-
 class MergingLayer(MergingBlock):
     """A transformer layer that merges tokens between its attention and MLP branches.
     Subclasses build the two residual branches the way their layer class does."""
@@ -72,9 +65,11 @@ class MergingLayer(MergingBlock):
 class MergingViTLayer(MergingLayer):
     """ViT and DeiT layers: pre-norm branches, each followed by dropout."""
 
-    def tokenmerge_attention(self, x, size, plan, run, *, mask, layer_kwargs) -> Branch:
-        out, _, planned = self.attention(self.layernorm_before(x), mask, tokenmerge=(size, plan), **layer_kwargs)
-        return self.dropout(out), planned
+    def tokenmerge_project(self, x: Tensor, run: Pass, *, mask, layer_kwargs) -> Projected:
+        return project(self.attention, self.layernorm_before(x))
+
+    def tokenmerge_attend(self, projected: Projected, size: Optional[Tensor], *, mask, layer_kwargs) -> Tensor:
+        return self.dropout(attend(self.attention, projected, size, mask, layer_kwargs))
 
     def tokenmerge_mlp(self, x: Tensor) -> Tensor:
         return self.dropout(self.mlp(self.layernorm_after(x)))
@@ -83,9 +78,11 @@ class MergingViTLayer(MergingLayer):
 class MergingCLIPLayer(MergingLayer):
     """CLIP and SigLIP encoder layers: plain pre-norm branches."""
 
-    def tokenmerge_attention(self, x, size, plan, run, *, mask, layer_kwargs) -> Branch:
-        out, _, planned = self.self_attn(self.layer_norm1(x), mask, tokenmerge=(size, plan), **layer_kwargs)
-        return out, planned
+    def tokenmerge_project(self, x: Tensor, run: Pass, *, mask, layer_kwargs) -> Projected:
+        return project(self.self_attn, self.layer_norm1(x))
+
+    def tokenmerge_attend(self, projected: Projected, size: Optional[Tensor], *, mask, layer_kwargs) -> Tensor:
+        return attend(self.self_attn, projected, size, mask, layer_kwargs)
 
     def tokenmerge_mlp(self, x: Tensor) -> Tensor:
         return self.mlp(self.layer_norm2(x))
@@ -94,31 +91,58 @@ class MergingCLIPLayer(MergingLayer):
 class MergingDinov2Layer(MergingLayer):
     """DINOv2 layers: pre-norm branches scaled by LayerScale, with drop path."""
 
-    def tokenmerge_attention(self, x, size, plan, run, *, mask, layer_kwargs) -> Branch:
-        out, _, planned = self.attention(self.norm1(x), mask, tokenmerge=(size, plan), **layer_kwargs)
-        return self.drop_path(self.layer_scale1(out)), planned
+    def tokenmerge_project(self, x: Tensor, run: Pass, *, mask, layer_kwargs) -> Projected:
+        return project(self.attention, self.norm1(x))
+
+    def tokenmerge_attend(self, projected: Projected, size: Optional[Tensor], *, mask, layer_kwargs) -> Tensor:
+        return self.drop_path(self.layer_scale1(attend(self.attention, projected, size, mask, layer_kwargs)))
 
     def tokenmerge_mlp(self, x: Tensor) -> Tensor:
         return self.drop_path(self.layer_scale2(self.mlp(self.norm2(x))))
 
 
+def project(attention: torch.nn.Module, hidden_states: Tensor) -> Projected:
+    """The queries, keys and values (B, heads, N, head_dim) of a transformers attention
+    module over (B, N, C) ``hidden_states``, as its forward computes them; the hidden
+    states ride along for :func:`attend`."""
+    shape = (*hidden_states.shape[:-1], -1, attention.head_dim)
+    query, key, value = (
+        projection(hidden_states).view(shape).transpose(1, 2)
+        for projection in (attention.q_proj, attention.k_proj, attention.v_proj)
+    )
+    return Projected(query, key, value, hidden_states)
+
+
+def attend(
+    attention: torch.nn.Module, projected: Projected, size: Optional[Tensor], mask: Optional[Tensor], kwargs: dict
+) -> Tensor:
+    """The attention module's output for :func:`project`'s queries, keys and values,
+    with key j counted ``size[j]`` times. The module itself is called, so that what
+    transformers records of it (``output_attentions``) is recorded."""
+    return attention(projected.extra, mask, tokenmerge_projected=projected, tokenmerge_size=size, **kwargs)[0]
+
+
 class MergingAttention:
-    """Attention that, for a layer that merges, plans the merge from its keys as soon
-    as they exist and weighs every key by the patches it stands for. ``tokenmerge`` is
-    (sizes (B, N, 1) or None, planning function); without it this is the unpatched
-    attention. Returns (output, attention weights or None, plan). A mask of the
-    caller's own would mask the token grid that merging changes, so it is refused;
-    the one transformers builds while torch.export traces hides nothing, so it is
-    left out."""
+    """Attention that, in a layer that merges, attends with the queries, keys and
+    values the layer projected and planned from (``tokenmerge_projected``) and weighs
+    every key by the patches it stands for (``tokenmerge_size``, (B, N, 1) or None);
+    without them this is the unpatched attention. A mask of the caller's own would
+    mask the token grid that merging changes, so it is refused; the one transformers
+    builds while torch.export traces hides nothing, so it is left out.
+
+    The layer hands these to the module's own forward, rather than calling the
+    attention function itself, because transformers records attention weights with
+    hooks on the attention module."""
 
     def forward(
         self,
         hidden_states: Tensor,
         attention_mask: Optional[Tensor] = None,
-        tokenmerge: Optional[Merging] = None,
+        tokenmerge_projected: Optional[Projected] = None,
+        tokenmerge_size: Optional[Tensor] = None,
         **kwargs,
     ):
-        if tokenmerge is None:
+        if tokenmerge_projected is None:
             return super().forward(hidden_states, attention_mask, **kwargs)
         _check_implementation(self.config._attn_implementation)
         if attention_mask is not None and not _mask_is_transformers_own():
@@ -126,20 +150,14 @@ class MergingAttention:
                 "tokenmerge does not support an attention_mask while merging: it masks the token grid that "
                 "merging changes; pass no attention_mask, or set r=0"
             )
-        size, plan = tokenmerge
         scaling, dropout, output_projection = self._tokenmerge_parts()
-        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-        query, key, value = (
-            projection(hidden_states).view(shape).transpose(1, 2)
-            for projection in (self.q_proj, self.k_proj, self.v_proj)
-        )
-        planned = plan(query, key)
-        mask = None if size is None else log_size_bias(size, query.dtype)
+        query, key, value, _ = tokenmerge_projected
+        mask = None if tokenmerge_size is None else log_size_bias(tokenmerge_size, query.dtype)
         out, weights = _attention_function(self)(
             self, query, key, value, mask, dropout=dropout if self.training else 0.0, scaling=scaling, **kwargs
         )
         out = output_projection(out.reshape(*hidden_states.shape[:-1], -1).contiguous())
-        return out, weights, planned
+        return out, weights
 
 
 class MergingViTAttention(MergingAttention):
