@@ -4,22 +4,25 @@ the part adapters use).
 
 Settings (r, method, proportional attention, source tracing) belong to the model and
 change only when a user changes them. Everything a forward pass computes (the sizes
-and source maps of its tokens, block by block) belongs to that pass: a block finds
-the pass of the tokens it is given, so that any number of threads can run one model
-at once, and a pooling head uses the sizes of the tokens it pools, not those of
-whichever pass ran last.
+and source maps of its tokens, block by block) belongs to that pass, so that any
+number of threads can run one model at once, and a pooling head uses the sizes of
+the tokens it pools, not those of whichever pass ran last.
 
-How a block finds its pass (:meth:`Passes.block_pass`): the tokens a block returns
-are remembered, weakly, as entering the next block of their pass; a block given tokens
-it does not know continues the pass its thread just ran if that pass left the
-previous block with tokens of this shape (tokens that a hook or a library replaced
-between blocks), and otherwise starts a new pass, in which every token stands for one
-patch. While torch.compile or torch.export traces, nothing is remembered: blocks chain
-through the thread's current pass alone.
+How a block finds its pass (:meth:`Passes.block_pass`): a call of the model, or of a
+module its blocks run inside, opens a :class:`Call` for the calling thread or task
+(a ``contextvars.ContextVar``) from its forward pre-hook to its forward hook. Block 0
+starts a pass in it, and each later block continues the pass whose last output it is
+given. Where no call is open, or its passes do not know the tokens, the tokens
+themselves say (:meth:`Passes.pass_by_tokens`, the one tensor-keyed lookup): blocks
+run directly by a user, a pooling head given features a call returned earlier, and
+blocks recomputed by non-reentrant gradient checkpointing during the backward pass.
+While torch.compile or torch.export traces, hooks open nothing: blocks chain through
+the thread's current pass alone, so that a compiled model stays one graph.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import threading
 import warnings
 from dataclasses import dataclass
@@ -69,6 +72,8 @@ class Pass:
         self.mode = mode  # "eager", or "compile" / "export" while a graph is traced
         self.last_block = first_block - 1  # the last block whose output is recorded
         self.shape_out: Optional[tuple[int, int]] = None  # (batch, tokens) leaving it
+        self.last_out: Optional[Tensor] = None  # that output, while the pass runs in an open call
+        self.in_call = False
 
     @property
     def size(self) -> Optional[Tensor]:
@@ -331,9 +336,10 @@ class Passes:
     CLOSING_TIMEOUT_S = 60.0
 
     def enter_call(self, module: torch.nn.Module, args: Any) -> None:
-        """Forward pre-hook of the model and of the modules its blocks run inside: the
-        calling thread is inside a call, which :meth:`closing` waits for. A call that
-        starts while the model is being unpatched waits until that is done."""
+        """Forward pre-hook of the model and of the modules its blocks run inside: opens
+        a :class:`Call` for the passes its blocks run, and notes that the calling thread
+        is inside a call, which :meth:`closing` waits for. A call that starts while the
+        model is being unpatched waits until that is done."""
         if tracing():
             return
         depth = getattr(self._local, "calls", 0)
@@ -342,11 +348,16 @@ class Passes:
                 self._gate.wait_for(lambda: not self._closing)
                 self._inside.add(threading.get_ident())
         self._local.calls = depth + 1
+        _OPEN_CALL.set(Call(self, _OPEN_CALL.get()))
 
     def leave_call(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         """Forward hook, called also when the call fails, paired with :meth:`enter_call`."""
         if tracing():
             return
+        call = _OPEN_CALL.get()
+        if call is not None and call.passes is self:
+            call.close()
+            _OPEN_CALL.set(call.outer)
         depth = getattr(self._local, "calls", 0) - 1
         self._local.calls = max(depth, 0)
         if depth <= 0:
@@ -380,21 +391,58 @@ class Passes:
         """The pass that the tokens ``x`` given to block ``block`` belong to (see the
         module docstring); ``tokens`` is the same as (B, N, C)."""
         mode = _trace_mode()
-        if mode == "eager":
-            known = self._tokens.get(x)
-            if known is not None and known[1] == block:
-                return known[0]
-            if block > 0 and torch._C._current_graph_task_id() != -1:
-                raise RuntimeError(
-                    "tokenmerge cannot recompute a merging block from tokens it has not seen: reentrant gradient "
-                    "checkpointing detaches them from their pass; use non-reentrant checkpointing "
-                    "(use_reentrant=False, the default of timm, transformers and open_clip)"
-                )
-        if block > 0:  # (block 0 never reads the thread's pass: a compiled graph need not guard on it)
-            current = self._current(mode)
-            if current is not None and current.last_block == block - 1 and current.shape_out == tuple(tokens.shape[:2]):
+        if mode != "eager":
+            return self._traced_pass(tokens, block, mode)
+        recomputing = torch._C._current_graph_task_id() != -1
+        call = None if recomputing else self._open_call()
+        if call is None:
+            return self.pass_by_tokens(x, tokens, block)
+        if block > 0:
+            for run in reversed(call.runs):
+                if run.last_out is x and run.last_block == block - 1:
+                    return run
+            run = self.pass_by_tokens(x, tokens, block)
+        else:
+            run = Pass(self.state, block, tokens.shape[1])
+        if not run.in_call:
+            run.in_call = True
+            call.runs.append(run)
+        return run
+
+    def pass_by_tokens(self, x: Tensor, tokens: Tensor, block: int) -> Pass:
+        """The pass of tokens that no open call knows, in eager mode: the one that
+        returned ``x`` from the block before; or the thread's current pass if it left
+        that block with tokens of this shape (tokens that a hook or a library replaced
+        between blocks); otherwise a new pass, in which every token stands for one patch."""
+        known = self._tokens.get(x)
+        if known is not None and known[1] == block:
+            return known[0]
+        if block > 0 and torch._C._current_graph_task_id() != -1:
+            raise RuntimeError(
+                "tokenmerge cannot recompute a merging block from tokens it has not seen: reentrant gradient "
+                "checkpointing detaches them from their pass; use non-reentrant checkpointing "
+                "(use_reentrant=False, the default of timm, transformers and open_clip)"
+            )
+        return self._continued(self._current("eager"), tokens, block)
+
+    def _traced_pass(self, tokens: Tensor, block: int, mode: str) -> Pass:
+        """While a graph is traced: the pass the thread is tracing, continued block by
+        block (block 0 never reads it: a compiled graph need not guard on it)."""
+        return self._continued(self._current(mode) if block > 0 else None, tokens, block, mode)
+
+    def _continued(self, current: Optional[Pass], tokens: Tensor, block: int, mode: str = "eager") -> Pass:
+        """``current`` if it left the block before with tokens of this shape, else a new pass."""
+        if block > 0 and current is not None and current.last_block == block - 1:
+            if current.shape_out == tuple(tokens.shape[:2]):
                 return current
         return Pass(self.state, block, tokens.shape[1], mode)
+
+    def _open_call(self) -> Optional[Call]:
+        """The innermost call of this model open in the calling thread or task."""
+        call = _OPEN_CALL.get()
+        while call is not None and call.passes is not self:
+            call = call.outer
+        return call
 
     def _current(self, mode: str) -> Optional[Pass]:
         """The pass the calling thread ran last; while torch.export traces, the one it traces."""
@@ -408,7 +456,13 @@ class Passes:
             self._local.traced = run
             return out
         if run.mode == "eager":
-            self._tokens[out] = (run, block + 1)
+            if run.in_call:
+                run.last_out = out
+            # Tokens later found by themselves (:meth:`pass_by_tokens`, :meth:`pass_of`):
+            # those of blocks run outside a call, those a recomputed block is given
+            # (gradient checkpointing needs gradients), and those leaving the last block.
+            if not run.in_call or torch.is_grad_enabled() or block == self.state.depth - 1:
+                self._tokens[out] = (run, block + 1)
         self._local.current = run
         return out
 
@@ -451,6 +505,28 @@ class Passes:
                 f"{run.shape_out[1]} tokens for {run.shape_out[0]}; pass it the tokens the model returned, unchanged"
             )
         return run
+
+
+class Call:
+    """One call of a patched model, or of a module its blocks run inside, from its
+    forward pre-hook to its forward hook: the passes its blocks ran, in the order they
+    started. Calls nest (a model's call holds its blocks' container's call); each
+    thread and each asyncio task has its own (:data:`_OPEN_CALL`)."""
+
+    __slots__ = ("passes", "outer", "runs")
+
+    def __init__(self, passes: Passes, outer: Optional[Call]):
+        self.passes, self.outer = passes, outer
+        self.runs: list[Pass] = []
+
+    def close(self) -> None:
+        """Let go of the tokens the passes last returned: nothing outlives the call."""
+        for run in self.runs:
+            run.last_out, run.in_call = None, False
+
+
+#: The innermost open call of the calling thread or task, if any.
+_OPEN_CALL: contextvars.ContextVar[Optional[Call]] = contextvars.ContextVar("tokenmerge_call", default=None)
 
 
 def _caller_stacklevel() -> int:
