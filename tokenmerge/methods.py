@@ -58,13 +58,23 @@ from .attention import log_size_bias
 from .kernels import merge_weighted, merged_sizes, rows, shape_cache
 from .merge import Matching, bipartite_soft_matching, descending_order, merge_source
 
+#: What a method's ``reduce`` returns: the reduced tokens (B, N - r, C), their sizes
+#: (B, N - r, 1) or None, and the source map (B, N0) or None.
 Reduction = tuple[Tensor, Optional[Tensor], Optional[Tensor]]
 
 
 class Evidence(NamedTuple):
-    """What a block offers a method to decide with: its input ``tokens`` (B, N, C),
-    attention ``queries`` and ``keys`` (B, heads, N, D), the sizes of its tokens
-    (B, N, 1) or None, and the block's index."""
+    """What a block offers a method to decide with, gathered as soon as its attention
+    keys exist.
+
+    Attributes:
+        tokens: (B, N, C) the tokens entering the block.
+        queries: (B, heads, N, D) the block's attention queries.
+        keys: (B, heads, N, D) the block's attention keys.
+        size: (B, N, 1) the sizes of the tokens, or None while every token stands for
+            one patch.
+        block: the block's index, from 0.
+    """
 
     tokens: Tensor
     queries: Tensor
@@ -78,19 +88,30 @@ Plan = TypeVar("Plan")
 
 @dataclass(frozen=True)
 class Method(Generic[Plan]):
-    """A token reduction method: ``plan(evidence, r, num_protected)`` makes a ``Plan``,
-    ``reduce(x, size, source, plan)`` and ``follow(side, plan)`` apply it, as described
-    in the module docstring. The flags say what it is, for whatever treats methods
-    differently (the FLOP count, the tools' variants and figures, training):
+    """A token reduction method: a plan step and the steps that apply the plan, as the
+    module docstring describes, and flags that say what it is for whatever treats
+    methods differently (the FLOP count, the tools' variants and figures, training).
 
-    * ``merges``: it combines tokens into ones that stand for several patches and adds
-      up their sizes, so proportional attention changes what it computes;
-    * ``matches``: it computes bipartite matching similarities, which count towards
-      its FLOPs;
-    * ``needs_class_token``: it plans with the class token's attention, so a model
-      without a class token cannot run it;
-    * ``speed_reference``: it is a speed limit to measure others against, not a method
-      to use for accuracy: the tools offer it only as such and training refuses it.
+    Give one to :func:`register` to make it available by name.
+
+    Attributes:
+        plan: ``plan(evidence, r, num_protected)`` decides from the :class:`Evidence`
+            which ``r`` tokens go, never touching the first ``num_protected``; called
+            only for blocks that reduce (``r`` >= 1, within :func:`tokenmerge.merge.max_merges`).
+        reduce: ``reduce(x, size, source, plan)`` applies the plan to the tokens
+            (B, N, C) after the attention branch, with their sizes (B, N, 1) or None
+            and the source map (B, N0) or None, and returns the :data:`Reduction`.
+        follow: ``follow(side, plan)`` applies the plan to a per-token side tensor
+            (B, N, ...), such as rotary position angles: every output token takes the
+            values of the input token it was built on.
+        merges: it combines tokens into ones that stand for several patches and adds
+            up their sizes, so proportional attention changes what it computes.
+        matches: it computes bipartite matching similarities, which count towards its
+            FLOPs.
+        needs_class_token: it plans with the class token's attention, so a model
+            without a class token cannot run it.
+        speed_reference: it is a speed limit to measure others against, not a method
+            to use for accuracy: the tools offer it only as such and training refuses it.
     """
 
     plan: Callable[[Evidence, int, int], Plan]
@@ -117,8 +138,18 @@ def sum_over_heads(keys: Tensor) -> Tensor:
 
 
 def match_keys(evidence: Evidence, r: int, num_protected: int) -> Matching:
-    """Bipartite soft matching on the keys averaged over heads (summed: the cosine
-    similarity is the same, one operation fewer)."""
+    """The plan of ``tome`` and ``tome-unweighted``: bipartite soft matching on the keys
+    averaged over heads (summed: the cosine similarity is the same, one operation
+    fewer).
+
+    Args:
+        evidence: what the block offers; its ``keys`` are used.
+        r: the number of tokens to merge.
+        num_protected: leading tokens never merged.
+
+    Returns:
+        The :class:`~tokenmerge.merge.Matching` of every image.
+    """
     return bipartite_soft_matching(sum_over_heads(evidence.keys), r, num_protected)
 
 
@@ -129,8 +160,22 @@ ATTENDED_COST = 0.05
 
 
 def match_keys_sparing_attended(evidence: Evidence, r: int, num_protected: int) -> Matching:
-    """Bipartite soft matching on the keys, every link's score lowered by the class
-    attention of its two tokens."""
+    """The plan of ``tome-attended``: bipartite soft matching on the keys, every link's
+    score lowered by the class attention of its two tokens (weighed by
+    :data:`ATTENDED_COST`), so that the tokens the class token reads from merge only
+    with near copies of themselves.
+
+    Args:
+        evidence: what the block offers; its ``queries``, ``keys`` and ``size`` are used.
+        r: the number of tokens to merge.
+        num_protected: leading tokens never merged; the first is the class token.
+
+    Returns:
+        The :class:`~tokenmerge.merge.Matching` of every image.
+
+    Raises:
+        ValueError: ``num_protected`` is 0: the model has no class token.
+    """
     if num_protected < 1:
         raise ValueError("tome-attended spares the tokens a class token attends to, and the model has no class "
                          "token; use tome")
@@ -140,12 +185,25 @@ def match_keys_sparing_attended(evidence: Evidence, r: int, num_protected: int) 
 
 
 def match_tokens(evidence: Evidence, r: int, num_protected: int) -> Matching:
-    """Bipartite soft matching on the tokens entering the block."""
+    """The plan of ``tome-features``: bipartite soft matching on the tokens entering
+    the block instead of its keys."""
     return bipartite_soft_matching(evidence.tokens, r, num_protected)
 
 
 def merge(x: Tensor, size: Optional[Tensor], source: Optional[Tensor], matching: Matching) -> Reduction:
-    """Size-weighted averages of the matched tokens, and the source map followed."""
+    """The reduction of ``tome``: size-weighted averages of the matched tokens, and the
+    source map followed.
+
+    Args:
+        x: (B, N, C) tokens.
+        size: (B, N, 1) their sizes, or None while every token stands for one patch.
+        source: (B, N0) the source map, or None when sources are not traced.
+        matching: the plan, from :func:`match_keys` or another matching plan.
+
+    Returns:
+        The merged tokens (B, N - r, C), their sizes (B, N - r, 1) and the source map
+        (B, N0) or None.
+    """
     if source is not None:
         source = merge_source(source, matching)
     x, size = merge_weighted(x, size, matching)
@@ -153,8 +211,9 @@ def merge(x: Tensor, size: Optional[Tensor], source: Optional[Tensor], matching:
 
 
 def merge_unweighted(x: Tensor, size: Optional[Tensor], source: Optional[Tensor], matching: Matching) -> Reduction:
-    """Plain averages of the matched tokens, whatever they stand for; sizes are still
-    added up, for proportional attention and pooling."""
+    """The reduction of ``tome-unweighted``: plain averages of the matched tokens,
+    whatever they stand for; sizes are still added up, for proportional attention and
+    pooling. Takes and returns what :func:`merge` does."""
     merged, _ = merge_weighted(x, None, matching)
     _, new_size = merged_sizes(size, matching, x.shape[0])
     if source is not None:
@@ -163,28 +222,45 @@ def merge_unweighted(x: Tensor, size: Optional[Tensor], source: Optional[Tensor]
 
 
 def follow_merge(side: Tensor, matching: Matching) -> Tensor:
-    """Side values of the merged tokens: those of the kept and B tokens they are built on."""
+    """Side values of the merged tokens: those of the kept and B tokens they are built on.
+
+    Args:
+        side: (B, N, ...) one value per token.
+        matching: the plan the tokens were merged with.
+
+    Returns:
+        (B, N - r, ...) one value per merged token.
+    """
     batch, num_tokens = side.shape[:2]
     flat = side.reshape(batch * num_tokens, -1).index_select(0, rows(matching).output)
     return flat.view(batch, num_tokens - matching.r, *side.shape[2:])
 
 
 class RandomSplit(NamedTuple):
-    """A fixed random order of the mergeable tokens, and the matching in that order."""
+    """The plan of ``tome-random-split``: a fixed random order of the mergeable tokens,
+    and the matching made in that order.
 
-    order: Tensor  # (N,) token positions in their new order
+    Attributes:
+        order: (N,) token positions in their new order, protected tokens first and in place.
+        matching: the matching of the tokens reordered by ``order``.
+    """
+
+    order: Tensor
     matching: Matching
 
 
 def match_keys_random_split(evidence: Evidence, r: int, num_protected: int) -> RandomSplit:
-    """Bipartite soft matching on the keys after putting the mergeable tokens in a
-    fixed random order, so that the alternating split into A and B is a random one."""
+    """The plan of ``tome-random-split``: bipartite soft matching on the keys after
+    putting the mergeable tokens in a fixed random order (:func:`fixed_permutation`),
+    so that the alternating split into A and B is a random one."""
     keys = sum_over_heads(evidence.keys)
     order = fixed_permutation(evidence.block, keys.shape[1], num_protected, keys.device)
     return RandomSplit(order, bipartite_soft_matching(keys[:, order], r, num_protected))
 
 
 def merge_random_split(x: Tensor, size: Optional[Tensor], source: Optional[Tensor], plan: RandomSplit) -> Reduction:
+    """The reduction of ``tome-random-split``: the tokens, sizes and source map put in
+    the plan's order, then :func:`merge`. Takes and returns what :func:`merge` does."""
     x = x[:, plan.order]
     size = None if size is None else size[:, plan.order]
     if source is not None:
@@ -193,14 +269,27 @@ def merge_random_split(x: Tensor, size: Optional[Tensor], source: Optional[Tenso
 
 
 def follow_random_split(side: Tensor, plan: RandomSplit) -> Tensor:
+    """Side values of tokens merged by :func:`merge_random_split`, as :func:`follow_merge`
+    gives them."""
     return follow_merge(side[:, plan.order], plan.matching)
 
 
 @shape_cache
 def fixed_permutation(block: int, num_tokens: int, num_protected: int, device: torch.device) -> Tensor:
-    """Protected tokens in place, the others in a random order that depends only on
-    the block and the token count: the same for every image and every pass, and a
-    constant of any graph that torch.compile, torch.export or ONNX make of it."""
+    """A random order of a block's tokens that depends only on the block and the token
+    count: the same for every image and every pass, and a constant of any graph that
+    torch.compile, torch.export or ONNX make of it. Cached per shape and device.
+
+    Args:
+        block: the block's index, one seed of the order.
+        num_tokens: the tokens entering the block, the other seed.
+        num_protected: leading tokens that stay in place.
+        device: where the order is made.
+
+    Returns:
+        (num_tokens,) the token positions: ``0 .. num_protected - 1``, then the others
+        shuffled.
+    """
     order = shuffled(num_tokens - num_protected, block * 1_000_003 + num_tokens)
     with torch.inference_mode(False):
         return torch.tensor(list(range(num_protected)) + [num_protected + i for i in order], device=device)
@@ -208,8 +297,8 @@ def fixed_permutation(block: int, num_tokens: int, num_protected: int, device: t
 
 def shuffled(n: int, seed: int) -> list[int]:
     """A permutation of ``range(n)``: a Fisher-Yates shuffle driven by a 64-bit linear
-    congruential generator, in plain integer arithmetic, so that tracing a graph
-    records its result rather than a random number generator."""
+    congruential generator seeded with ``seed``, in plain integer arithmetic, so that
+    tracing a graph records its result rather than a random number generator."""
     order, state = list(range(n)), seed
     for i in range(n - 1, 0, -1):
         state = (state * 6364136223846793005 + 1442695040888963407) % 2**64
@@ -222,16 +311,22 @@ def shuffled(n: int, seed: int) -> list[int]:
 
 
 class Selection(NamedTuple):
-    """Tokens to keep, in order, per image (B, N - r) or for all images (N - r,);
-    with ``fuse``, also the weights (B, N) with which the dropped tokens are averaged
-    into one extra token (zero for kept ones)."""
+    """The plan of the pruning methods: which tokens each image keeps.
+
+    Attributes:
+        keep: the tokens to keep, in order, per image (B, N - r) or for all images
+            (N - r,); with ``fuse``, one fewer (the fused token takes its place).
+        fuse: None, or (B, N) the weights with which the dropped tokens are averaged
+            into one extra token (zero for kept ones).
+    """
 
     keep: Tensor
     fuse: Optional[Tensor] = None
 
 
 def drop_random(evidence: Evidence, r: int, num_protected: int) -> Selection:
-    """Keep all but r tokens chosen at random, the same ones for every image."""
+    """The plan of ``random``: keep all but r tokens chosen at random, the same ones for
+    every image (:func:`fixed_permutation`), so that results do not depend on the batch."""
     num_tokens = evidence.keys.shape[2]
     order = fixed_permutation(evidence.block, num_tokens, num_protected, evidence.keys.device)
     kept = order[num_protected:num_tokens - r].sort().values
@@ -239,8 +334,17 @@ def drop_random(evidence: Evidence, r: int, num_protected: int) -> Selection:
 
 
 def class_attention(evidence: Evidence) -> Tensor:
-    """(B, N) attention of the class token (position 0) to every token, averaged over
-    heads, with every key counted as often as the patches it stands for."""
+    """How much the class token attends to every token: what the classification reads
+    from, for the plans that spare or keep those tokens.
+
+    Args:
+        evidence: what the block offers; its ``queries``, ``keys`` and ``size`` are
+            used, the class token at position 0.
+
+    Returns:
+        (B, N) float32 attention of the class token to every token, averaged over
+        heads, with every key counted as often as the patches it stands for.
+    """
     queries, keys = evidence.queries[:, :, :1], evidence.keys
     logits = (queries @ keys.transpose(-2, -1)) * keys.shape[-1] ** -0.5
     if evidence.size is not None:
@@ -249,8 +353,22 @@ def class_attention(evidence: Evidence) -> Tensor:
 
 
 def keep_attended(evidence: Evidence, r: int, num_protected: int, fuse: bool = False) -> Selection:
-    """EViT: keep the tokens the class token attends to most, in their order; with
-    ``fuse``, drop one more and weigh the dropped ones by that attention."""
+    """The plan of ``evit`` (EViT): keep the tokens the class token attends to most,
+    in their order.
+
+    Args:
+        evidence: what the block offers; its ``queries``, ``keys`` and ``size`` are used.
+        r: the number of tokens to remove.
+        num_protected: leading tokens always kept; the first is the class token.
+        fuse: drop one token more and weigh the dropped ones by the class attention,
+            for one fused token (``evit-fuse``).
+
+    Returns:
+        The :class:`Selection` of every image.
+
+    Raises:
+        ValueError: ``num_protected`` is 0: the model has no class token.
+    """
     if num_protected < 1:
         raise ValueError("evit and evit-fuse keep the tokens a class token attends to: the model has no class token")
     attention = class_attention(evidence)
@@ -266,13 +384,25 @@ def keep_attended(evidence: Evidence, r: int, num_protected: int, fuse: bool = F
 
 
 def keep_attended_and_fuse(evidence: Evidence, r: int, num_protected: int) -> Selection:
+    """The plan of ``evit-fuse``: :func:`keep_attended` with ``fuse=True``."""
     return keep_attended(evidence, r, num_protected, fuse=True)
 
 
 def prune(x: Tensor, size: Optional[Tensor], source: Optional[Tensor], selection: Selection) -> Reduction:
-    """Keep the selected tokens (and with ``fuse`` append the fused one). Dropped input
-    tokens get source -1, fused ones the fused token. Sizes, if any, are kept for the
-    kept tokens; the fused token counts as one."""
+    """The reduction of the pruning methods: keep the selected tokens and, with
+    ``fuse``, append the fused one.
+
+    Args:
+        x: (B, N, C) tokens.
+        size: (B, N, 1) their sizes, or None.
+        source: (B, N0) the source map, or None when sources are not traced.
+        selection: the plan.
+
+    Returns:
+        The kept tokens, the fused one last (B, N - r, C), their sizes (the fused
+        token counts as one) or None, and the source map or None: dropped input
+        tokens get source -1, fused ones the fused token.
+    """
     batch, num_tokens, channels = x.shape
     keep = _kept_per_image(selection, batch)
     num_kept = keep.shape[1]
@@ -297,8 +427,16 @@ def _kept_per_image(selection: Selection, batch: int) -> Tensor:
 
 
 def follow_prune(side: Tensor, selection: Selection) -> Tensor:
-    """Side values of the kept tokens; a fused token takes those of the dropped token
-    that weighs most in it."""
+    """Side values of the tokens :func:`prune` keeps; a fused token takes those of the
+    dropped token that weighs most in it.
+
+    Args:
+        side: (B, N, ...) one value per token.
+        selection: the plan the tokens were pruned with.
+
+    Returns:
+        (B, N - r, ...) one value per kept token.
+    """
     keep = _kept_per_image(selection, side.shape[0])
     if selection.fuse is not None:
         keep = torch.cat([keep, selection.fuse.argmax(dim=1, keepdim=True)], dim=1)
@@ -310,20 +448,22 @@ def follow_prune(side: Tensor, selection: Selection) -> Tensor:
 
 
 def keep_first(evidence: Evidence, r: int, num_protected: int) -> int:
-    """The number of tokens to keep: all but the last r."""
+    """The plan of ``cut``: the number of tokens to keep, all but the last r."""
     return evidence.keys.shape[2] - r
 
 
 def cut(x: Tensor, size: Optional[Tensor], source: Optional[Tensor], keep: int) -> Reduction:
-    """Drop all tokens after the first ``keep`` without looking at them: the same token
-    counts as merging at no cost, the speed limit that merging is measured against.
-    Not a method to use for accuracy. Dropped input tokens get source -1."""
+    """The reduction of ``cut``: drop all tokens after the first ``keep`` without looking
+    at them, the same token counts as merging at no cost: the speed limit that merging
+    is measured against, not a method to use for accuracy. Dropped input tokens get
+    source -1. Takes ``x``, ``size`` and ``source`` as :func:`merge` does."""
     if source is not None:
         source = torch.where(source < keep, source, -1)
     return x[:, :keep], (None if size is None else size[:, :keep]), source
 
 
 def follow_cut(side: Tensor, keep: int) -> Tensor:
+    """Side values of the tokens :func:`cut` keeps: the first ``keep``."""
     return side[:, :keep]
 
 
@@ -337,9 +477,23 @@ METHODS: Mapping[str, Method[Any]] = MappingProxyType(_REGISTRY)
 
 
 def register(name: str, method: Method[Plan]) -> Method[Plan]:
-    """Make ``method`` available as ``name`` to :func:`tokenmerge.apply` and the tools;
-    a name already taken is refused rather than silently replaced, so that a model
-    never runs another method than the one its name meant."""
+    """Make ``method`` available as ``name`` to :func:`tokenmerge.apply` and the tools.
+
+    A name already taken is refused rather than silently replaced, so that a model
+    never runs another method than the one its name meant.
+
+    Args:
+        name: the name to register it under, as ``tokenmerge.apply(..., method=name)``
+            takes it.
+        method: the :class:`Method`.
+
+    Returns:
+        ``method`` itself.
+
+    Raises:
+        ValueError: ``name`` is empty, not a string, or already registered.
+        TypeError: ``method`` is not a :class:`Method`.
+    """
     if not isinstance(name, str) or not name:
         raise ValueError(f"a token reduction method needs a non-empty name, got {name!r}")
     if not isinstance(method, Method):
@@ -352,8 +506,19 @@ def register(name: str, method: Method[Plan]) -> Method[Plan]:
 
 
 def unregister(name: str) -> Method[Any]:
-    """Remove the method registered as ``name`` (the library's own stay) and return it:
-    for a rule registered for the length of an experiment."""
+    """Remove the method registered as ``name``: for a method registered for the length
+    of an experiment.
+
+    Args:
+        name: its registered name.
+
+    Returns:
+        The method removed.
+
+    Raises:
+        ValueError: ``name`` is one of the library's own methods, which stay, or is not
+            registered.
+    """
     if name in _BUILT_IN:
         raise ValueError(f"{name!r} is one of the library's own methods and stays registered")
     _check_known(name)
@@ -361,7 +526,11 @@ def unregister(name: str) -> Method[Any]:
 
 
 def resolve(name: str) -> Method[Any]:
-    """The method registered as ``name``."""
+    """The method registered as ``name``, for whatever runs or counts it by name.
+
+    Raises:
+        ValueError: no method is registered as ``name`` (the message lists those that are).
+    """
     _check_known(name)
     return _REGISTRY[name]
 

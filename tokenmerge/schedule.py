@@ -32,6 +32,13 @@ class Linear:
     ``slope`` in [-1, 1] sets the tilt: 0 is constant, 1 goes linearly from 2r in the
     first block down to 0 in the last (merging early, the fastest for a given mean),
     -1 from 0 up to 2r. Per-block values are rounded to whole tokens.
+
+    Attributes:
+        r: the mean r over the blocks, finite and >= 0.
+        slope: the tilt, in [-1, 1].
+
+    Raises:
+        ValueError: ``r`` or ``slope`` is out of range or not a number (a bool is not).
     """
 
     r: float
@@ -44,6 +51,15 @@ class Linear:
             raise ValueError(f"Linear schedule needs a slope in [-1, 1], got {self.slope!r}")
 
     def per_block(self, depth: int) -> list[int]:
+        """One r per block for a model of ``depth`` blocks, each rounded to a whole token
+        (a single block takes the rounded mean).
+
+        Args:
+            depth: the number of blocks.
+
+        Returns:
+            ``depth`` ints, before any cap a block applies (:func:`capped`).
+        """
         if depth == 1:
             return [round(self.r)]
         return [
@@ -54,9 +70,18 @@ class Linear:
 
 class Tuned(list):
     """One r per block, as tuned for a model by ``tokenmerge tune`` and read from its
-    file by :func:`load`: a list of ints that also knows its ``path``, the ``method``
-    and ``prop_attn`` it was tuned with and the ``model`` (of ``library``) it was
-    tuned for."""
+    file by :func:`load`: a list of ints that also knows where it came from and what it
+    was tuned with, so that :func:`tokenmerge.apply` uses the same method and attention
+    and a file tuned for another model is caught (:func:`check_model`).
+
+    Args:
+        r: one r per block.
+        path: the file it was read from (kept as a :class:`~pathlib.Path`).
+        method: the reduction method it was tuned with.
+        prop_attn: whether it was tuned with proportional attention.
+        model: the name of the model it was tuned for, if the file names one.
+        library: the library that names ``model`` (such as ``"timm"``), if known.
+    """
 
     def __init__(self, r: Sequence[int], path: str | Path, method: str = "tome", prop_attn: bool = True,
                  model: Optional[str] = None, library: Optional[str] = None):
@@ -97,10 +122,22 @@ def check_model(
 ) -> None:
     """Refuse a schedule file tuned for a model other than ``model``, unless
     ``allow_other_model``: a schedule is fitted to one model's speed and outputs, and
-    applying it checks no more than the depth. ``allow_with`` is how the error tells
-    the user to allow it. Weights of one timm architecture share its schedules (a
-    pretrained tag such as ``.augreg_in21k`` is not compared); schedules that are not
-    files, and files that name no model, pass."""
+    applying it checks no more than the depth.
+
+    Weights of one timm architecture share its schedules (a pretrained tag such as
+    ``.augreg_in21k`` is not compared); schedules that are not files, and files that
+    name no model, pass.
+
+    Args:
+        schedule: any schedule; only a :class:`Tuned` one is checked.
+        model: the name of the model it is to be applied to.
+        allow_other_model: pass a file tuned for another model anyway.
+        allow_with: how the error tells the user to allow it, such as a command-line
+            option.
+
+    Raises:
+        ValueError: ``schedule`` was tuned for another model, naming both.
+    """
     if allow_other_model or not isinstance(schedule, Tuned) or schedule.model is None:
         return
     if _architecture(schedule.model, schedule.library) != _architecture(model, schedule.library):
@@ -141,11 +178,13 @@ def _is_real(value: object) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float))
 
 
+#: Every form of r schedule that :func:`tokenmerge.apply` and :func:`resolve` take.
 Schedule = Union[int, Sequence[int], Linear, Tuned]
 
 
 def describe(schedule: Schedule) -> str:
-    """A short text for a schedule, the inverse of :func:`parse`."""
+    """A short text for a schedule, the inverse of :func:`parse`: how reports and
+    records name it (``"13"``, ``"8/8/4"``, ``"decreasing:13"``, ``"@schedule.json"``)."""
     if isinstance(schedule, Linear):
         named = {1.0: "decreasing", -1.0: "increasing"}.get(schedule.slope)
         return f"{named}:{schedule.r:g}" if named else f"linear:{schedule.r:g}:{schedule.slope:g}"
@@ -197,7 +236,22 @@ def parse(text: str) -> Schedule:
 
 
 def resolve(schedule: Schedule, depth: int) -> list[int]:
-    """Validate a schedule and return one r per block for a model of ``depth`` blocks."""
+    """Validate a schedule and return one r per block for a model of ``depth`` blocks.
+
+    Args:
+        schedule: an int, a sequence of ints, a :class:`Linear` or a :class:`Tuned`
+            schedule.
+        depth: the number of blocks of the model.
+
+    Returns:
+        ``depth`` ints, before any cap a block applies (:func:`capped`).
+
+    Raises:
+        TypeError: a schedule or an r of the wrong type, such as a bool, a float or
+            text (pointing text to :func:`parse`).
+        ValueError: a negative r, or a per-block schedule with another number of
+            entries than blocks.
+    """
     if isinstance(schedule, Linear):
         return schedule.per_block(depth)
     if isinstance(schedule, bool) or isinstance(schedule, (str, bytes)):
@@ -238,7 +292,17 @@ def _type_message(schedule: object) -> str:
 
 
 def capped(r_per_block: Sequence[int], num_tokens: int, num_protected: int) -> list[int]:
-    """The r each block actually merges: never more than half of its mergeable tokens."""
+    """The r each block actually merges: never more than half of its mergeable tokens
+    (:func:`tokenmerge.merge.max_merges`), counted after the blocks before it.
+
+    Args:
+        r_per_block: one r per block, as :func:`resolve` gives it.
+        num_tokens: tokens entering the first block, protected tokens included.
+        num_protected: leading tokens never merged.
+
+    Returns:
+        One r per block.
+    """
     effective = []
     for r in r_per_block:
         r = min(r, max_merges(num_tokens, num_protected))
@@ -248,7 +312,17 @@ def capped(r_per_block: Sequence[int], num_tokens: int, num_protected: int) -> l
 
 
 def token_counts(num_tokens: int, r_per_block: Sequence[int], num_protected: int = 0) -> list[int]:
-    """Tokens left after every block (protected tokens included), caps applied."""
+    """Tokens left after every block (protected tokens included), caps applied
+    (:func:`capped`).
+
+    Args:
+        num_tokens: tokens entering the first block, protected tokens included.
+        r_per_block: one r per block, as :func:`resolve` gives it.
+        num_protected: leading tokens never merged.
+
+    Returns:
+        One count per block.
+    """
     counts = []
     for r in capped(r_per_block, num_tokens, num_protected):
         num_tokens -= r
