@@ -7,7 +7,7 @@
 """
 from __future__ import annotations
 
-from typing import Optional, TypeVar
+from typing import Optional, TypeVar, cast
 
 import torch
 
@@ -83,10 +83,9 @@ def apply(
     if isinstance(r, Tuned):
         method = r.method if method is None else method
         prop_attn = r.prop_attn if prop_attn is None else prop_attn
-    settings = dict(method=method, prop_attn=prop_attn, trace_source=trace_source)
     adapter = find_adapter(inner)
     if is_applied(inner):
-        get_state(inner).update(r, **settings)
+        get_state(inner).update(r, method=method, prop_attn=prop_attn, trace_source=trace_source)
         return model
     patched = already_patched(inner)
     if patched is not None:
@@ -95,7 +94,8 @@ def apply(
         )
     adapter.check(inner)
     state = MergeState(adapter.depth(inner), r, num_protected=adapter.num_protected(inner))
-    state.update(**settings)  # settings not given keep MergeState's defaults; a bad one patches nothing
+    # settings not given keep MergeState's defaults; a bad one patches nothing
+    state.update(method=method, prop_attn=prop_attn, trace_source=trace_source)
     adapter.patch(inner, state)
     return model
 
@@ -142,7 +142,7 @@ def remove(model: ModelT) -> ModelT:
     inner = unwrap(model)
     if not is_applied(inner):
         raise ValueError(f"{type(inner).__name__} has no token merging applied; nothing to remove")
-    with inner._tokenmerge_state.passes.closing():
+    with _state_of(inner).passes.closing():
         find_adapter(inner).unpatch(inner)
     return model
 
@@ -169,7 +169,13 @@ def get_state(model: torch.nn.Module) -> MergeState:
     model = unwrap(model)
     if not is_applied(model):
         raise ValueError(f"{type(model).__name__} has no token merging applied; call tokenmerge.apply first")
-    return model._tokenmerge_state
+    return _state_of(model)
+
+
+def _state_of(model: torch.nn.Module) -> MergeState:
+    """The :class:`MergeState` that :func:`apply` stored on a patched ``model``, typed as
+    such (``nn.Module`` attributes read as tensors or modules)."""
+    return cast(MergeState, model._tokenmerge_state)
 
 
 def token_counts(

@@ -10,8 +10,13 @@ merged A token has been folded into the B token it matched.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .kernels import Rows
 
 
 class Matching:
@@ -28,7 +33,7 @@ class Matching:
     def __init__(self, order: Tensor, partner: Tensor, r: int, num_protected: int, num_tokens: int):
         self.order, self.partner, self.r = order, partner, r
         self.num_protected, self.num_tokens = num_protected, num_tokens
-        self.rows = None
+        self.rows: Rows | None = None
 
     @property
     def kept(self) -> Tensor:
