@@ -132,3 +132,40 @@ def test_a_copy_counts_its_calls_in_its_own_state():
     hooks = list(twin._forward_pre_hooks.values()) + list(twin.blocks._forward_pre_hooks.values())
     assert hooks and all(hook.__self__ is tokenmerge.get_state(twin).passes for hook in hooks)
     assert tokenmerge.get_state(twin).passes is not tokenmerge.get_state(model).passes
+
+
+def test_passes_interleaved_in_one_call_keep_their_own_sizes():
+    """Inside one open call, each block continues the pass whose output it is given,
+    not the pass that ran last: two images run block by block in turn merge as they
+    do alone."""
+    model = tokenmerge.apply(make(CASES_BY_ID["timm_class_token"]), r=R).eval()
+    passes = tokenmerge.get_state(model).passes
+    first, second = images(1), images(1) * -1.5
+    with torch.no_grad():
+        alone = [model.forward_features(x) for x in (first, second)]
+        passes.enter_call(model, ())
+        try:
+            tokens = [model.norm_pre(model._pos_embed(model.patch_embed(x))) for x in (first, second)]
+            for block in model.blocks:
+                tokens = [block(x) for x in tokens]
+        finally:
+            passes.leave_call(model, (), None)
+        interleaved = [model.norm(x) for x in tokens]
+    for got, expected in zip(interleaved, alone):
+        assert torch.equal(got, expected)
+
+
+def test_a_call_keeps_no_tokens_once_it_returns():
+    """The pass of a finished call lets go of the tokens it returned: they are freed
+    when the caller drops them."""
+    import gc
+    import weakref
+
+    model = tokenmerge.apply(make(CASES_BY_ID["timm_class_token"]), r=R).eval()
+    with torch.no_grad():
+        out = model.blocks(model._pos_embed(model.patch_embed(images(2))))
+    assert tokenmerge.get_state(model).size.shape[1] == out.shape[1]
+    freed = weakref.ref(out)
+    del out
+    gc.collect()
+    assert freed() is None
