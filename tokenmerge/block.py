@@ -37,14 +37,16 @@ class MergingBlock:
     _tokenmerge_state: MergeState
     _tokenmerge_index: int
 
-    def tokenmerge_project(self, x: Tensor, run: Pass, **kwargs: Any) -> Projected:
+    # The branches end in ``*args: Any, **kwargs: Any`` so that each subclass declares the
+    # arguments its ``forward`` passes on, if any (a type checker lets overrides narrow it).
+    def tokenmerge_project(self, x: Tensor, run: Pass, *args: Any, **kwargs: Any) -> Projected:
         """The attention branch over (B, N, C) tokens up to its queries, keys and
         values: the norm before it, the projections, query and key norms. ``run`` gives
         side tensors (:meth:`Pass.side`) where a family needs them; ``kwargs`` are
         those the block's ``forward`` passed on."""
         raise NotImplementedError
 
-    def tokenmerge_attend(self, projected: Projected, size: Optional[Tensor], **kwargs: Any) -> Tensor:
+    def tokenmerge_attend(self, projected: Projected, size: Optional[Tensor], *args: Any, **kwargs: Any) -> Tensor:
         """The rest of the attention branch, its residual not yet added: attention in
         which key j counts ``size[j]`` times (no bias for ``None``), the output
         projection and whatever scales or drops the branch."""

@@ -26,6 +26,7 @@ import contextvars
 import threading
 import warnings
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any, Optional
 
 import torch
@@ -71,7 +72,7 @@ class Pass:
         self.num_input_tokens = num_input_tokens
         self.mode = mode  # "eager", or "compile" / "export" while a graph is traced
         self.last_block = first_block - 1  # the last block whose output is recorded
-        self.shape_out: Optional[tuple[int, int]] = None  # (batch, tokens) leaving it
+        self.shape_out: Optional[tuple[int, ...]] = None  # (batch, tokens) leaving it
         self.last_out: Optional[Tensor] = None  # that output, while the pass runs in an open call
         self.in_call = False
 
@@ -208,6 +209,8 @@ class MergeState:
 
     @property
     def r(self) -> schedules.Schedule:
+        """The merge schedule: tokens merged per block (an int, a per-block list, or a
+        :class:`tokenmerge.schedule.Linear` or ``Tuned`` schedule). Settable."""
         return self.settings.r
 
     @r.setter
@@ -216,10 +219,12 @@ class MergeState:
 
     @property
     def r_per_block(self) -> list[int]:
+        """The schedule resolved for this model's depth: r of every block, before capping."""
         return list(self.settings.r_per_block)
 
     @property
     def method(self) -> str:
+        """The registered reduction method (:mod:`tokenmerge.methods`), ``"tome"`` by default. Settable."""
         return self.settings.method
 
     @method.setter
@@ -228,6 +233,7 @@ class MergeState:
 
     @property
     def prop_attn(self) -> bool:
+        """Whether attention counts each token as the patches it stands for. Settable."""
         return self.settings.prop_attn
 
     @prop_attn.setter
@@ -236,6 +242,7 @@ class MergeState:
 
     @property
     def trace_source(self) -> bool:
+        """Whether passes record which input token ended in which output token. Settable."""
         return self.settings.trace_source
 
     @trace_source.setter
@@ -250,26 +257,33 @@ class MergeState:
 
     @property
     def size(self) -> Optional[Tensor]:
+        """Sizes (B, N, 1) of the tokens the calling thread's last pass returned, or
+        ``None`` while every token stands for one patch."""
         run = self.passes.last
         return None if run is None else run.size
 
     @property
     def source(self) -> Optional[Tensor]:
+        """With ``trace_source``: for every input token of the calling thread's last pass,
+        the index of the output token it ended in (B, N0); otherwise ``None``."""
         run = self.passes.last
         return None if run is None else run.source
 
     @property
     def sizes(self) -> dict[int, Optional[Tensor]]:
+        """Sizes of the tokens entering each block i of the calling thread's last pass."""
         run = self.passes.last
         return {} if run is None else run.sizes
 
     @property
     def sources(self) -> dict[int, Optional[Tensor]]:
+        """Source maps of the tokens entering each block i of the calling thread's last pass."""
         run = self.passes.last
         return {} if run is None else run.sources
 
     @property
     def num_input_tokens(self) -> Optional[int]:
+        """Tokens that entered the first block of the calling thread's last pass."""
         run = self.passes.last
         return None if run is None else run.num_input_tokens
 
@@ -499,10 +513,12 @@ class Passes:
                 f"a pooling head got {tokens.shape[1]} tokens that no forward pass of this model left, so the "
                 "number of patches each stands for is unknown; pass it the tokens the model returned, unchanged"
             )
-        if run.shape_out != tuple(tokens.shape[:2]):
+        shape_out = run.shape_out
+        if shape_out != tuple(tokens.shape[:2]):
+            left = "no tokens" if shape_out is None else f"{shape_out[1]} tokens for {shape_out[0]}"
             raise ValueError(
                 f"a pooling head got {tokens.shape[1]} tokens for {tokens.shape[0]} images, but their pass left "
-                f"{run.shape_out[1]} tokens for {run.shape_out[0]}; pass it the tokens the model returned, unchanged"
+                f"{left}; pass it the tokens the model returned, unchanged"
             )
         return run
 
@@ -538,8 +554,10 @@ def _caller_stacklevel() -> int:
     from .libraries import LIBRARIES
 
     packages = ["tokenmerge", "torch", *(name for name in LIBRARIES if name in sys.modules)]
-    inside = tuple(os.path.dirname(sys.modules[name].__file__) + os.sep for name in packages)
-    frame, level = sys._getframe(1), 1
+    files = (sys.modules[name].__file__ for name in packages)
+    inside = tuple(os.path.dirname(file) + os.sep for file in files if file is not None)
+    frame: Optional[FrameType] = sys._getframe(1)
+    level = 1
     while frame is not None and frame.f_code.co_filename.startswith(inside):
         frame, level = frame.f_back, level + 1
     return level

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copyreg
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import ClassVar, Optional
+from typing import ClassVar, Optional, cast
 
 import torch
 from torch import nn
@@ -85,8 +85,10 @@ class Adapter(ABC):
         patched last and from the last one back, so that a call another thread is
         running meanwhile meets every other part already patched (they behave as
         unpatched until a block merges) and starts merging at one block, if at all."""
+        # Plain attributes go straight into the modules' __dict__, as unpatch takes them out
+        # (nn.Module.__setattr__ is typed for tensors and modules).
         for module, module_mixin in self.mixins(model):
-            module._tokenmerge_state = state
+            module.__dict__["_tokenmerge_state"] = state
             swap_class(module, module_mixin)
         for module, hook in self.pre_hooks(model):
             handle = module.register_forward_pre_hook(hook, with_kwargs=True)
@@ -97,9 +99,9 @@ class Adapter(ABC):
             module.__dict__.setdefault("_tokenmerge_hooks", []).extend(handles)
         mixin = self.block_mixin(model)
         for index, block in reversed(list(enumerate(self.blocks(model)))):
-            block._tokenmerge_state, block._tokenmerge_index = state, index
+            block.__dict__["_tokenmerge_state"], block.__dict__["_tokenmerge_index"] = state, index
             swap_class(block, mixin)
-        model._tokenmerge_state = state
+        model.__dict__["_tokenmerge_state"] = state
 
     def unpatch(self, model: nn.Module) -> None:
         """Undo :meth:`patch`: the same classes, attributes and hooks as before."""
@@ -116,8 +118,11 @@ class KeepsSizes:
     """Mixin for a module that changes the tokens of the last block one by one (a final
     norm before a pooling head): its output keeps their sizes."""
 
+    _tokenmerge_state: MergeState
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._tokenmerge_state.passes.adopt(super().forward(input))
+        # the host module class (a norm) defines forward
+        return self._tokenmerge_state.passes.adopt(super().forward(input))  # type: ignore[misc]
 
 
 def enclosing_modules(model: nn.Module, blocks: Sequence[nn.Module]) -> list[nn.Module]:
@@ -142,6 +147,8 @@ class PatchedClass(type):
     """Metaclass of the classes :func:`swap_class` makes: they pickle as the recipe
     ``patched_class(mixin, original)`` instead of by a name that exists only in the
     process that patched."""
+
+    _tokenmerge_original: type  # the class swapped out, set by :func:`patched_class`
 
 
 _PATCHED: dict[tuple[type, type], type] = {}
@@ -194,7 +201,12 @@ def swap_class(module: torch.nn.Module, mixin: type) -> None:
 
 def restore_class(module: torch.nn.Module) -> None:
     """Undo :func:`swap_class`."""
-    module.__class__ = type(module)._tokenmerge_original
+    module.__class__ = original_class(module)
+
+
+def original_class(module: object) -> type:
+    """The class of a swapped module before :func:`swap_class` (see :func:`is_swapped`)."""
+    return cast(PatchedClass, type(module))._tokenmerge_original
 
 
 def is_swapped(module: torch.nn.Module) -> bool:

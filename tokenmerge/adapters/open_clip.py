@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from ..block import MergingBlock, Projected
 from ..flops import FlopShape, linear_flops_per_token
 from ..merge import weighted_mean
-from ..state import Pass
+from ..state import MergeState, Pass
 from .base import Adapter
 from .multihead import check_multihead, multihead_attend, multihead_linear_flops, multihead_project, multihead_size_mask
 
@@ -125,7 +125,7 @@ class OpenClipAdapter(Adapter):
         return [(visual.transformer, MergingTransformer), (visual, MergingVisionTransformer)]
 
 
-def _check_block(block: nn.Module, batch_first: bool, where: str) -> None:
+def _check_block(block: ResidualAttentionBlock, batch_first: bool, where: str) -> None:
     if type(block) is not ResidualAttentionBlock:
         raise TypeError(
             f"tokenmerge does not support block class {type(block).__name__} ({where}). Supported: {SUPPORTED}"
@@ -248,6 +248,14 @@ class MergingResidualAttentionBlock(MergingBlock):
     """open_clip ``ResidualAttentionBlock`` that merges tokens between its attention
     and MLP branches."""
 
+    # What the mixin reads of the open_clip ``ResidualAttentionBlock`` it is mixed into.
+    ln_1: nn.Module
+    attn: nn.MultiheadAttention
+    ls_1: nn.Module
+    ln_2: nn.Module
+    mlp: nn.Module
+    ls_2: nn.Module
+
     def forward(
         self,
         q_x: Tensor,
@@ -262,7 +270,8 @@ class MergingResidualAttentionBlock(MergingBlock):
                 "tokenmerge does not support attn_mask in open_clip's visual blocks while merging: "
                 "the mask no longer fits the merged tokens; set r=0 or pass no mask"
             )
-        return self.tokenmerge_forward(q_x, partial(super().forward, q_x, attn_mask=attn_mask))
+        # the host class, open_clip's ResidualAttentionBlock, defines forward
+        return self.tokenmerge_forward(q_x, partial(super().forward, q_x, attn_mask=attn_mask))  # type: ignore[misc]
 
     def tokenmerge_project(self, x: Tensor, run: Pass) -> Projected:
         return multihead_project(self.attn, self.ln_1(x))
@@ -284,12 +293,22 @@ class MergingTransformer:
     """open_clip ``Transformer`` of the visual tower, whose output (batch first again
     where its blocks ran sequence first) keeps the sizes of its last block's tokens."""
 
+    _tokenmerge_state: MergeState
+
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
-        return self._tokenmerge_state.passes.adopt(super().forward(x, attn_mask=attn_mask))
+        # the host class, open_clip's Transformer, defines forward
+        return self._tokenmerge_state.passes.adopt(super().forward(x, attn_mask=attn_mask))  # type: ignore[misc]
 
 
 class MergingVisionTransformer:
     """open_clip ``VisionTransformer`` that pools merged tokens by the patches they stand for."""
+
+    # What the mixin reads of the open_clip ``VisionTransformer`` it is mixed into.
+    _tokenmerge_state: MergeState
+    grid_size: tuple[int, int]
+    attn_pool: Optional[AttentionalPooler]
+    final_ln_after_pool: bool
+    ln_post: nn.Module
 
     def forward_intermediates(self, x: Tensor, *args, **kwargs):
         if self._tokenmerge_state.merges_anything():
@@ -297,13 +316,14 @@ class MergingVisionTransformer:
                 "forward_intermediates returns patch grids, which merged tokens no longer form; "
                 "use forward or encode_image, or set r=0"
             )
-        return super().forward_intermediates(x, *args, **kwargs)
+        # the host class, open_clip's VisionTransformer, defines forward_intermediates (and _pool, below)
+        return super().forward_intermediates(x, *args, **kwargs)  # type: ignore[misc]
 
     def _pool(self, x: Tensor) -> tuple[Tensor, Tensor]:
         run = self._tokenmerge_state.passes.pass_of(x, self.grid_size[0] * self.grid_size[1] + NUM_PROTECTED)
         size = None if run is None else run.size
-        if size is None:
-            return super()._pool(x)
+        if run is None or size is None:
+            return super()._pool(x)  # type: ignore[misc]
         if self.attn_pool is not None:
             return _attention_pool_by_size(self, x, size if run.settings.prop_attn else None)
         if self.final_ln_after_pool:

@@ -6,10 +6,10 @@ gradient checkpointing)."""
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional
+from typing import Optional, cast
 
 import torch
-from timm.layers import Attention, AttentionPoolLatent
+from timm.layers import Attention, AttentionPoolLatent, PatchEmbed
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor
@@ -18,7 +18,7 @@ from ..attention import log_size_bias, proportional_attention
 from ..block import MergingBlock, Projected
 from ..flops import FlopShape, linear_flops_per_token
 from ..merge import weighted_mean
-from ..state import Pass
+from ..state import MergeState, Pass
 from .base import Adapter
 
 SUPPORTED = (
@@ -35,7 +35,8 @@ class TimmAdapter(Adapter):
     def check(self, model: torch.nn.Module) -> None:
         if type(model) not in SUPPORTED_MODELS:
             raise TypeError(f"tokenmerge does not support timm's {type(model).__name__}. Supported: {SUPPORTED}")
-        for index, block in enumerate(model.blocks):
+        vit = _vit(model)
+        for index, block in enumerate(vit.blocks):
             if type(block) is not Block:
                 raise TypeError(
                     f"tokenmerge does not support block class {type(block).__name__} (blocks.{index}). "
@@ -46,68 +47,89 @@ class TimmAdapter(Adapter):
                     f"tokenmerge does not support attention class {type(block.attn).__name__} "
                     f"(blocks.{index}.attn). Supported: {SUPPORTED}"
                 )
-        if model.attn_pool is not None:
-            if type(model.attn_pool) is not AttentionPoolLatent:
+        if vit.attn_pool is not None:
+            if type(vit.attn_pool) is not AttentionPoolLatent:
                 raise TypeError(
-                    f"tokenmerge does not support pooling module {type(model.attn_pool).__name__}. "
+                    f"tokenmerge does not support pooling module {type(vit.attn_pool).__name__}. "
                     f"Supported: {SUPPORTED}"
                 )
-            if model.attn_pool.pos_embed is not None:
+            if vit.attn_pool.pos_embed is not None:
                 raise TypeError(
                     "tokenmerge does not support AttentionPoolLatent with its own position embedding "
                     "(pos_embed='abs'): it needs an unmerged token grid"
                 )
-        elif model.global_pool not in SUPPORTED_POOLS:
-            raise TypeError(f"tokenmerge does not support global_pool={model.global_pool!r}. Supported: {SUPPORTED}")
+        elif vit.global_pool not in SUPPORTED_POOLS:
+            raise TypeError(f"tokenmerge does not support global_pool={vit.global_pool!r}. Supported: {SUPPORTED}")
 
     def input_size(self, model: torch.nn.Module) -> tuple[int, int]:
-        return tuple(model.patch_embed.img_size)
+        return tuple(_vit(model).patch_embed.img_size)
 
     def token_layout(self, model: torch.nn.Module, img_size: Optional[tuple[int, int]] = None) -> tuple[int, int]:
-        embed = model.patch_embed
+        vit = _vit(model)
+        embed: PatchEmbed = vit.patch_embed
         if img_size is None:
             num_patches = embed.num_patches
         else:
             height, width = embed.dynamic_feat_size(img_size)
             num_patches = height * width
-        return num_patches + model.num_prefix_tokens, model.num_prefix_tokens
+        return num_patches + vit.num_prefix_tokens, vit.num_prefix_tokens
 
     def flop_shape(self, model: torch.nn.Module, img_size: Optional[tuple[int, int]] = None) -> FlopShape:
-        num_patches = self.token_layout(model, img_size)[0] - model.num_prefix_tokens
-        heads = [model.head] + ([model.head_dist] if hasattr(model, "head_dist") else [])
+        vit = _vit(model)
+        num_patches = self.token_layout(model, img_size)[0] - vit.num_prefix_tokens
+        heads: list[torch.nn.Module] = [vit.head]
+        if hasattr(vit, "head_dist"):
+            heads.append(cast(VisionTransformerDistilled, vit).head_dist)
         head = sum(linear_flops_per_token(head) for head in heads)
         head_per_token = 0
-        if model.attn_pool is not None:
-            per_image, head_per_token = _attention_pool_flops(model.attn_pool)
-            unseen = 0 if model.pool_include_prefix else model.num_prefix_tokens
+        if vit.attn_pool is not None:
+            per_image, head_per_token = _attention_pool_flops(vit.attn_pool)
+            unseen = 0 if vit.pool_include_prefix else vit.num_prefix_tokens
             head += per_image - unseen * head_per_token
+        blocks = _blocks(vit)
+        attentions = [_attention(block) for block in blocks]
         return FlopShape(
-            stem=num_patches * 2 * model.patch_embed.proj.weight[0].numel() * model.embed_dim,
+            stem=num_patches * 2 * vit.patch_embed.proj.weight[0].numel() * vit.embed_dim,
             head=head,
-            attention_linear=tuple(linear_flops_per_token(block.attn) for block in model.blocks),
-            mlp_linear=tuple(linear_flops_per_token(block.mlp) for block in model.blocks),
-            attention_width=tuple(block.attn.attn_dim for block in model.blocks),
-            key_size=tuple(block.attn.head_dim for block in model.blocks),
+            attention_linear=tuple(linear_flops_per_token(attention) for attention in attentions),
+            mlp_linear=tuple(linear_flops_per_token(block.mlp) for block in blocks),
+            attention_width=tuple(attention.attn_dim for attention in attentions),
+            key_size=tuple(attention.head_dim for attention in attentions),
             head_per_token=head_per_token,
         )
 
     def blocks(self, model: torch.nn.Module) -> list[torch.nn.Module]:
-        return list(model.blocks)
+        return list(_vit(model).blocks)
 
     def block_mixin(self, model: torch.nn.Module) -> type[MergingBlock]:
         return MergingTimmBlock
 
     def num_protected(self, model: torch.nn.Module) -> int:
-        return model.num_prefix_tokens
+        return _vit(model).num_prefix_tokens
 
     def mixins(self, model: torch.nn.Module) -> list[tuple[torch.nn.Module, type]]:
         return [(model, MergingVisionTransformer)]
 
 
+def _vit(model: torch.nn.Module) -> VisionTransformer:
+    """The model, a VisionTransformer (or VisionTransformerDistilled) once :meth:`TimmAdapter.check` passed."""
+    return cast(VisionTransformer, model)
+
+
+def _blocks(vit: VisionTransformer) -> list[Block]:
+    """The model's blocks, each a ``Block`` once :meth:`TimmAdapter.check` passed."""
+    return cast(list[Block], list(vit.blocks))
+
+
+def _attention(block: Block) -> Attention:
+    """The block's attention, an ``Attention`` once :meth:`TimmAdapter.check` passed."""
+    return cast(Attention, block.attn)
+
+
 def _attention_pool_flops(pool: AttentionPoolLatent) -> tuple[int, int]:
     """FLOPs of attention pooling: per image (its latent queries, output projection and
     MLP) and per token pooled (its keys and values, and the latents' attention over it)."""
-    latent_len, width = pool.latent_len, pool.q.out_features
+    latent_len, width = pool.latent_len, cast(torch.nn.Linear, pool.q).out_features
     per_image = latent_len * (linear_flops_per_token(pool.q) + linear_flops_per_token(pool.proj)
                               + (linear_flops_per_token(pool.mlp) if pool.mlp is not None else 0))
     return per_image, linear_flops_per_token(pool.kv) + 4 * latent_len * width
@@ -139,10 +161,21 @@ def timm_attend(attn: Attention, projected: Projected, size: Optional[Tensor]) -
 class MergingTimmBlock(MergingBlock):
     """timm ``Block`` that merges tokens between its attention and MLP branches."""
 
+    # What the mixin reads of the timm ``Block`` it is mixed into.
+    attn: Attention
+    norm1: torch.nn.Module
+    ls1: torch.nn.Module
+    drop_path1: torch.nn.Module
+    norm2: torch.nn.Module
+    mlp: torch.nn.Module
+    ls2: torch.nn.Module
+    drop_path2: torch.nn.Module
+
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal:
             raise NotImplementedError("tokenmerge does not support attn_mask or is_causal in timm blocks")
-        return self.tokenmerge_forward(x, partial(super().forward, x))
+        # the host class, timm's Block, defines forward
+        return self.tokenmerge_forward(x, partial(super().forward, x))  # type: ignore[misc]
 
     def tokenmerge_project(self, x: Tensor, run: Pass) -> Projected:
         return timm_project(self.attn, self.norm1(x))
@@ -157,8 +190,17 @@ class MergingTimmBlock(MergingBlock):
 class MergingVisionTransformer:
     """timm ``VisionTransformer`` whose pooling weighs tokens by the patches they stand for."""
 
+    # What the mixin reads of the timm ``VisionTransformer`` it is mixed into.
+    _tokenmerge_state: MergeState
+    patch_embed: PatchEmbed
+    num_prefix_tokens: int
+    global_pool: str
+    pool_include_prefix: bool
+    attn_pool: Optional[AttentionPoolLatent]
+
     def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
-        out = super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
+        # the host class, timm's VisionTransformer, defines forward_features (and pool, below)
+        out = super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)  # type: ignore[misc]
         return self._tokenmerge_state.passes.adopt(out)
 
     def forward_intermediates(self, *args, **kwargs):
@@ -173,8 +215,8 @@ class MergingVisionTransformer:
         run = self._tokenmerge_state.passes.pass_of(x, self.patch_embed.num_patches + self.num_prefix_tokens)
         size = None if run is None else run.size
         pool_type = self.global_pool if pool_type is None else pool_type
-        if size is None or (self.attn_pool is None and pool_type in ("", "token", "max")):
-            return super().pool(x, pool_type)
+        if run is None or size is None or (self.attn_pool is None and pool_type in ("", "token", "max")):
+            return super().pool(x, pool_type)  # type: ignore[misc]
         if not self.pool_include_prefix:
             x, size = x[:, self.num_prefix_tokens:], size[:, self.num_prefix_tokens:]
         if self.attn_pool is not None:

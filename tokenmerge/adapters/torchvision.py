@@ -11,7 +11,7 @@ keys and to add the log-size bias.
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional
+from typing import Optional, cast
 
 from torch import Tensor, nn
 from torchvision.models.vision_transformer import Encoder, EncoderBlock, MLPBlock, VisionTransformer
@@ -37,13 +37,14 @@ class TorchvisionAdapter(Adapter):
     def check(self, model: nn.Module) -> None:
         if type(model) is not VisionTransformer:
             raise TypeError(f"tokenmerge does not support torchvision's {type(model).__name__}. Supported: {SUPPORTED}")
-        encoder = model.encoder
+        encoder = _vit(model).encoder
         if type(encoder) is not Encoder or type(encoder.layers) is not nn.Sequential:
             raise TypeError(
                 f"tokenmerge does not support encoder class {type(encoder).__name__} with layers in a "
                 f"{type(encoder.layers).__name__}. Supported: {SUPPORTED}"
             )
         _check_norm(encoder.ln, "encoder.ln")
+        block: EncoderBlock  # once its class is checked
         for name, block in encoder.layers.named_children():
             where = f"encoder.layers.{name}"
             if type(block) is not EncoderBlock:
@@ -61,18 +62,20 @@ class TorchvisionAdapter(Adapter):
             _check_norm(block.ln_2, f"{where}.ln_2")
 
     def input_size(self, model: nn.Module) -> tuple[int, int]:
-        return model.image_size, model.image_size
+        vit = _vit(model)
+        return vit.image_size, vit.image_size
 
     def token_layout(self, model: nn.Module, img_size: Optional[tuple[int, int]] = None) -> tuple[int, int]:
         _check_img_size(model, img_size)
-        return model.seq_length, NUM_PROTECTED
+        return _vit(model).seq_length, NUM_PROTECTED
 
     def flop_shape(self, model: nn.Module, img_size: Optional[tuple[int, int]] = None) -> FlopShape:
         _check_img_size(model, img_size)
-        blocks = list(model.encoder.layers)
+        vit = _vit(model)
+        blocks = list(vit.encoder.layers)
         return FlopShape(
-            stem=_stem_flops(model.conv_proj, model.image_size),
-            head=linear_flops_per_token(model.heads),
+            stem=_stem_flops(vit.conv_proj, vit.image_size),
+            head=linear_flops_per_token(vit.heads),
             attention_linear=tuple(multihead_linear_flops(block.self_attention) for block in blocks),
             mlp_linear=tuple(linear_flops_per_token(block.mlp) for block in blocks),
             attention_width=tuple(block.self_attention.embed_dim for block in blocks),
@@ -80,13 +83,18 @@ class TorchvisionAdapter(Adapter):
         )
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
-        return list(model.encoder.layers)
+        return list(_vit(model).encoder.layers)
 
     def block_mixin(self, model: nn.Module) -> type[MergingBlock]:
         return MergingEncoderBlock
 
     def num_protected(self, model: nn.Module) -> int:
         return NUM_PROTECTED
+
+
+def _vit(model: nn.Module) -> VisionTransformer:
+    """The model, a VisionTransformer once :meth:`TorchvisionAdapter.check` passed."""
+    return cast(VisionTransformer, model)
 
 
 def _check_attention(attention: nn.Module, where: str) -> None:
@@ -113,9 +121,10 @@ def _check_norm(norm: nn.Module, where: str) -> None:
 
 
 def _check_img_size(model: nn.Module, img_size: Optional[tuple[int, int]]) -> None:
-    if img_size is not None and tuple(img_size) != (model.image_size, model.image_size):
+    image_size = _vit(model).image_size
+    if img_size is not None and tuple(img_size) != (image_size, image_size):
         raise ValueError(
-            f"torchvision's VisionTransformer takes only {model.image_size}x{model.image_size} inputs, "
+            f"torchvision's VisionTransformer takes only {image_size}x{image_size} inputs, "
             f"got {img_size[0]}x{img_size[1]}; resize the images to its image_size"
         )
 
@@ -134,7 +143,7 @@ def _stem_flops(stem: nn.Module, image_size: int) -> int:
 def _conv_output_length(conv: nn.Conv2d, length: int, dim: int) -> int:
     if conv.padding == "same":
         return length
-    padding = 0 if conv.padding == "valid" else conv.padding[dim]
+    padding = 0 if isinstance(conv.padding, str) else conv.padding[dim]  # the other string: "valid"
     reach = conv.dilation[dim] * (conv.kernel_size[dim] - 1) + 1
     return (length + 2 * padding - reach) // conv.stride[dim] + 1
 
@@ -142,10 +151,18 @@ def _conv_output_length(conv: nn.Conv2d, length: int, dim: int) -> int:
 class MergingEncoderBlock(MergingBlock):
     """torchvision ``EncoderBlock`` that merges tokens between its attention and MLP branches."""
 
+    # What the mixin reads of the torchvision ``EncoderBlock`` it is mixed into.
+    ln_1: nn.Module
+    self_attention: nn.MultiheadAttention
+    dropout: nn.Module
+    ln_2: nn.Module
+    mlp: nn.Module
+
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() != 3:
             raise ValueError(f"Expected (batch_size, seq_length, hidden_dim) got {tuple(input.shape)}")
-        return self.tokenmerge_forward(input, partial(super().forward, input))
+        # the host class, torchvision's EncoderBlock, defines forward
+        return self.tokenmerge_forward(input, partial(super().forward, input))  # type: ignore[misc]
 
     def tokenmerge_project(self, x: Tensor, run: Pass) -> Projected:
         return multihead_project(self.self_attention, self.ln_1(x))

@@ -18,13 +18,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Optional
+from typing import Optional, Protocol, TypedDict, cast
 
 import torch
 import transformers
 from torch import Tensor
+from transformers.configuration_utils import PretrainedConfig
 from transformers.modeling_outputs import ImageClassifierOutput
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.clip import modeling_clip as clip
 from transformers.models.deit import modeling_deit as deit
 from transformers.models.dinov2 import modeling_dinov2 as dinov2
@@ -38,7 +39,7 @@ from ..block import MergingBlock, Projected
 from ..flops import FlopShape, linear_flops_per_token
 from ..merge import weighted_mean
 from ..state import MergeState, Pass
-from .base import Adapter, KeepsSizes, is_swapped
+from .base import Adapter, KeepsSizes, is_swapped, original_class
 from .multihead import check_multihead, multihead_size_mask
 
 if int(transformers.__version__.split(".")[0]) < 5:
@@ -58,12 +59,20 @@ class MergingLayer(MergingBlock):
     Subclasses build the two residual branches the way their layer class does."""
 
     def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, **kwargs) -> Tensor:
-        unpatched = partial(super().forward, hidden_states, attention_mask, **kwargs)
+        # the host class, the library's layer class, defines forward
+        unpatched = partial(super().forward, hidden_states, attention_mask, **kwargs)  # type: ignore[misc]
         return self.tokenmerge_forward(hidden_states, unpatched, mask=attention_mask, layer_kwargs=kwargs)
 
 
 class MergingViTLayer(MergingLayer):
     """ViT and DeiT layers: pre-norm branches, each followed by dropout."""
+
+    # What the mixin reads of the ViT or DeiT layer it is mixed into.
+    layernorm_before: torch.nn.Module
+    attention: vit.ViTAttention | deit.DeiTAttention
+    dropout: torch.nn.Module
+    layernorm_after: torch.nn.Module
+    mlp: torch.nn.Module
 
     def tokenmerge_project(self, x: Tensor, run: Pass, *, mask, layer_kwargs) -> Projected:
         return project(self.attention, self.layernorm_before(x))
@@ -78,6 +87,12 @@ class MergingViTLayer(MergingLayer):
 class MergingCLIPLayer(MergingLayer):
     """CLIP and SigLIP encoder layers: plain pre-norm branches."""
 
+    # What the mixin reads of the CLIP or SigLIP layer it is mixed into.
+    layer_norm1: torch.nn.Module
+    self_attn: clip.CLIPAttention | siglip.SiglipAttention
+    layer_norm2: torch.nn.Module
+    mlp: torch.nn.Module
+
     def tokenmerge_project(self, x: Tensor, run: Pass, *, mask, layer_kwargs) -> Projected:
         return project(self.self_attn, self.layer_norm1(x))
 
@@ -91,6 +106,15 @@ class MergingCLIPLayer(MergingLayer):
 class MergingDinov2Layer(MergingLayer):
     """DINOv2 layers: pre-norm branches scaled by LayerScale, with drop path."""
 
+    # What the mixin reads of the DINOv2 layer (with or without registers) it is mixed into.
+    norm1: torch.nn.Module
+    attention: dinov2.Dinov2Attention | dinov2_registers.Dinov2WithRegistersAttention
+    layer_scale1: torch.nn.Module
+    drop_path: torch.nn.Module
+    norm2: torch.nn.Module
+    mlp: torch.nn.Module
+    layer_scale2: torch.nn.Module
+
     def tokenmerge_project(self, x: Tensor, run: Pass, *, mask, layer_kwargs) -> Projected:
         return project(self.attention, self.norm1(x))
 
@@ -101,7 +125,16 @@ class MergingDinov2Layer(MergingLayer):
         return self.drop_path(self.layer_scale2(self.mlp(self.norm2(x))))
 
 
-def project(attention: torch.nn.Module, hidden_states: Tensor) -> Projected:
+class AttentionProjections(Protocol):
+    """What :func:`project` reads of a transformers attention module."""
+
+    head_dim: int
+    q_proj: torch.nn.Linear
+    k_proj: torch.nn.Linear
+    v_proj: torch.nn.Linear
+
+
+def project(attention: AttentionProjections, hidden_states: Tensor) -> Projected:
     """The queries, keys and values (B, heads, N, head_dim) of a transformers attention
     module over (B, N, C) ``hidden_states``, as its forward computes them; the hidden
     states ride along for :func:`attend`."""
@@ -134,6 +167,10 @@ class MergingAttention:
     attention function itself, because transformers records attention weights with
     hooks on the attention module."""
 
+    # What the mixin reads of the attention class it is mixed into.
+    config: PretrainedConfig
+    training: bool
+
     def forward(
         self,
         hidden_states: Tensor,
@@ -143,7 +180,8 @@ class MergingAttention:
         **kwargs,
     ):
         if tokenmerge_projected is None:
-            return super().forward(hidden_states, attention_mask, **kwargs)
+            # the host class, the library's attention class, defines forward
+            return super().forward(hidden_states, attention_mask, **kwargs)  # type: ignore[misc]
         _check_implementation(self.config._attn_implementation)
         if attention_mask is not None and not _mask_is_transformers_own():
             raise NotImplementedError(
@@ -159,9 +197,17 @@ class MergingAttention:
         out = output_projection(out.reshape(*hidden_states.shape[:-1], -1).contiguous())
         return out, weights
 
+    def _tokenmerge_parts(self) -> tuple[float, float, torch.nn.Module]:
+        """The attention's scaling of the logits, its dropout probability and its output projection."""
+        raise NotImplementedError
+
 
 class MergingViTAttention(MergingAttention):
     """ViT, DeiT and DINOv2 attention."""
+
+    scaling: float
+    attention_dropout: float
+    o_proj: torch.nn.Module
 
     def _tokenmerge_parts(self) -> tuple[float, float, torch.nn.Module]:
         return self.scaling, self.attention_dropout, self.o_proj
@@ -169,6 +215,10 @@ class MergingViTAttention(MergingAttention):
 
 class MergingCLIPAttention(MergingAttention):
     """CLIP and SigLIP attention."""
+
+    scale: float
+    dropout: float
+    out_proj: torch.nn.Module
 
     def _tokenmerge_parts(self) -> tuple[float, float, torch.nn.Module]:
         return self.scale, self.dropout, self.out_proj
@@ -203,11 +253,11 @@ def _check_implementation(implementation: Optional[str]) -> None:
         )
 
 
-def _attention_function(attention: torch.nn.Module) -> Callable:
+def _attention_function(attention: MergingAttention) -> Callable:
     """The library's attention function for the implementation the module's config
     names (its own module's eager function for ``eager``); both add the mask to the
     attention logits, which is how the log-size bias reaches the keys."""
-    eager = sys.modules[type(attention)._tokenmerge_original.__module__].eager_attention_forward
+    eager = sys.modules[original_class(attention).__module__].eager_attention_forward
     return ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager)
 
 
@@ -215,11 +265,19 @@ class MergingAttentionPoolingHead:
     """SigLIP's attention-pooling head, whose probe attends to every token as to the
     patches it holds when proportional attention is on."""
 
+    # What the mixin reads of the SigLIP pooling head it is mixed into.
+    _tokenmerge_state: MergeState
+    probe: torch.nn.Parameter
+    attention: torch.nn.MultiheadAttention
+    layernorm: torch.nn.Module
+    mlp: torch.nn.Module
+
     def forward(self, hidden_state: Tensor) -> Tensor:
         run = self._tokenmerge_state.passes.pass_of(hidden_state)
         size = None if run is None else run.size
-        if size is None or not run.settings.prop_attn:
-            return super().forward(hidden_state)
+        if run is None or size is None or not run.settings.prop_attn:
+            # the host class, SiglipMultiheadAttentionPoolingHead, defines forward
+            return super().forward(hidden_state)  # type: ignore[misc]
         probe = self.probe.repeat(size.shape[0], 1, 1)
         mask = multihead_size_mask(size, self.attention.num_heads, probe.shape[1], hidden_state.dtype)
         pooled = self.attention(probe, hidden_state, hidden_state, attn_mask=mask)[0]
@@ -230,6 +288,13 @@ class MergingAttentionPoolingHead:
 class MergingDinov2Classifier:
     """DINOv2 classifier whose mean over patch tokens counts every token as many
     times as the patches it holds."""
+
+    # What the mixin reads of the DINOv2 classifier class it is mixed into.
+    _tokenmerge_state: MergeState
+    base_model_prefix: str
+    config: PretrainedConfig
+    classifier: torch.nn.Module
+    loss_function: Callable[..., Tensor]
 
     @can_return_tuple
     def forward(
@@ -265,7 +330,7 @@ class Tower:
 
     layers: str  # attribute path of the layer list
     layer: type
-    layer_mixin: type
+    layer_mixin: type[MergingLayer]
     attention: str  # the layer's attribute holding its attention module
     attention_class: type
     attention_mixin: type
@@ -284,9 +349,18 @@ class Model:
     patch_mean_classifier: bool = False  # a classifier on the class token and the mean of the patch tokens
 
 
-VIT_ATTENTION = dict(attention="attention", attention_mixin=MergingViTAttention,
-                     patch_projection="patch_embeddings.projection")
-CLIP_ATTENTION = dict(attention="self_attn", attention_mixin=MergingCLIPAttention, patch_projection="patch_embedding")
+class AttentionFields(TypedDict):
+    """The fields of :class:`Tower` that follow from its attention class."""
+
+    attention: str
+    attention_mixin: type
+    patch_projection: str
+
+
+VIT_ATTENTION = AttentionFields(attention="attention", attention_mixin=MergingViTAttention,
+                                patch_projection="patch_embeddings.projection")
+CLIP_ATTENTION = AttentionFields(attention="self_attn", attention_mixin=MergingCLIPAttention,
+                                 patch_projection="patch_embedding")
 
 TOWERS = {
     vit.ViTModel: Tower(layers="layers", layer=vit.ViTLayer, layer_mixin=MergingViTLayer,
@@ -321,16 +395,23 @@ MODELS: dict[type, Model] = {
 
 def _model_class(model: torch.nn.Module) -> type:
     """The model's own class, also while a pooling mixin is swapped in."""
-    return type(model)._tokenmerge_original if is_swapped(model) else type(model)
+    return original_class(model) if is_swapped(model) else type(model)
 
 
-def _tower(model: torch.nn.Module) -> torch.nn.Module:
+def _tower(model: torch.nn.Module) -> PreTrainedModel:
+    """The model's vision tower, one of the classes in :data:`TOWERS` once :meth:`TransformersAdapter.check` passed."""
     name = MODELS[_model_class(model)].tower
-    return model.get_submodule(name) if name else model
+    return cast(PreTrainedModel, model.get_submodule(name) if name else model)
 
 
 def _layers(tower: torch.nn.Module) -> torch.nn.ModuleList:
-    return tower.get_submodule(TOWERS[type(tower)].layers)
+    return cast(torch.nn.ModuleList, tower.get_submodule(TOWERS[type(tower)].layers))
+
+
+def _patch_projection(tower: torch.nn.Module) -> torch.nn.Conv2d:
+    """The convolution of the tower's embeddings that makes the patch tokens."""
+    embeddings = tower.get_submodule("embeddings")
+    return cast(torch.nn.Conv2d, embeddings.get_submodule(TOWERS[type(tower)].patch_projection))
 
 
 def _num_prefix_tokens(tower: torch.nn.Module) -> int:
@@ -342,11 +423,12 @@ def _num_prefix_tokens(tower: torch.nn.Module) -> int:
 def _pooling(model: torch.nn.Module) -> list[tuple[torch.nn.Module, type]]:
     """The modules that pool tokens and must weigh them by size, with their mixins."""
     tower = _tower(model)
-    found = []
+    found: list[tuple[torch.nn.Module, type]] = []
     if MODELS[_model_class(model)].patch_mean_classifier:
-        found += [(tower.layernorm, KeepsSizes), (model, MergingDinov2Classifier)]
+        found += [(tower.get_submodule("layernorm"), KeepsSizes), (model, MergingDinov2Classifier)]
     if TOWERS[type(tower)].attention_pooling_head and tower.use_head:
-        found += [(tower.post_layernorm, KeepsSizes), (tower.head, MergingAttentionPoolingHead)]
+        siglip_tower = cast(siglip.SiglipVisionModel, tower)
+        found += [(siglip_tower.post_layernorm, KeepsSizes), (siglip_tower.head, MergingAttentionPoolingHead)]
     return found
 
 
@@ -409,7 +491,7 @@ class TransformersAdapter(Adapter):
 
     def token_layout(self, model: torch.nn.Module, img_size: Optional[tuple[int, int]] = None) -> tuple[int, int]:
         tower = _tower(model)
-        projection = tower.embeddings.get_submodule(TOWERS[type(tower)].patch_projection)
+        projection = _patch_projection(tower)
         height, width = self.input_size(model) if img_size is None else img_size
         rows = (height - projection.kernel_size[0]) // projection.stride[0] + 1
         columns = (width - projection.kernel_size[1]) // projection.stride[1] + 1
@@ -421,15 +503,15 @@ class TransformersAdapter(Adapter):
         spec = TOWERS[type(tower)]
         layers = _layers(tower)
         attentions = [getattr(layer, spec.attention) for layer in layers]
-        projection = tower.embeddings.get_submodule(spec.patch_projection)
+        projection = _patch_projection(tower)
         num_tokens, prefix = self.token_layout(model, img_size)
         heads = [getattr(tower, name) for name in spec.heads]
         heads += [getattr(model, name) for name in MODELS[_model_class(model)].heads]
         head = sum(linear_flops_per_token(module) for module in heads if module is not None)
-        mlp_linear = [linear_flops_per_token(layer.mlp) for layer in layers]
+        mlp_linear = [linear_flops_per_token(layer.get_submodule("mlp")) for layer in layers]
         head_per_token = 0
         if TOWERS[type(tower)].attention_pooling_head and tower.use_head:
-            per_image, head_per_token = _pooling_head_flops(tower.head)
+            per_image, head_per_token = _pooling_head_flops(cast(siglip.SiglipVisionModel, tower).head)
             head += per_image
         return FlopShape(
             stem=(num_tokens - prefix) * 2 * projection.weight[0].numel() * projection.out_channels,
@@ -442,7 +524,7 @@ class TransformersAdapter(Adapter):
         )
 
 
-def _pooling_head_flops(head: torch.nn.Module) -> tuple[int, int]:
+def _pooling_head_flops(head: siglip.SiglipMultiheadAttentionPoolingHead) -> tuple[int, int]:
     """FLOPs of SigLIP's attention-pooling head: per image (the probe's query, the
     output projection and the MLP, all on one token) and per pooled token (its key and
     value projections, and the probe's attention score and weighted sum over it)."""
