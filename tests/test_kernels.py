@@ -68,13 +68,16 @@ def test_half_precision_merge_keeps_range_on_the_tuned_path():
     torch.testing.assert_close(merged.float(), torch.full(merged.shape, 60000.0), rtol=2e-3, atol=0)
 
 
-def test_add_rows_adds_repeated_rows_up_one_after_another_in_their_order():
+@pytest.mark.parametrize("num_out, num_added, channels", [(5, 8, 16), (300, 2000, 384)])
+def test_add_rows_adds_repeated_rows_up_one_after_another_in_their_order(num_out, num_added, channels):
     """Repeated destinations add up exactly as a loop over the rows does, to the bit
-    (values of very different magnitudes make any other order round differently)."""
+    (values of very different magnitudes make any other order round differently), also
+    where the kernels split the work over threads."""
     generator = torch.Generator().manual_seed(0)
-    out = torch.randn(5, 16, generator=generator)
-    rows = torch.tensor([4, 0, 4, 2, 4, 0, 4, 4])
-    added = torch.randn(8, 16, generator=generator) * torch.logspace(-4, 4, 8).unsqueeze(1)
+    out = torch.randn(num_out, channels, generator=generator)
+    rows = torch.randint(0, num_out, (num_added,), generator=generator)
+    rows[:8] = torch.tensor([4, 0, 4, 2, 4, 0, 4, 4])
+    added = torch.randn(num_added, channels, generator=generator) * torch.logspace(-4, 4, num_added).unsqueeze(1)
     expected = out.clone()
     for row, value in zip(rows.tolist(), added):
         expected[row] += value

@@ -133,13 +133,14 @@ def _flat(x: Tensor) -> Tensor:
 def add_rows(out: Tensor, rows: Tensor, values: Tensor) -> Tensor:
     """``out[rows[i]] += values[i]`` in place for (M, C) ``values``, repeated rows adding
     up in the order of ``rows``. Deterministic on every device, so that an image's sums
-    are the same bits alone and in a batch: ``index_add_`` adds rows one after another
-    on the CPU (its ``index_put_`` with accumulation runs in parallel and is not
-    deterministic), and on a GPU ``index_put_`` with accumulation sorts the rows
-    stably and adds repeated ones in order (its ``index_add_`` uses atomic additions,
-    whose order varies from run to run)."""
+    are the same bits alone and in a batch: on the CPU ``scatter_add_`` with the rows
+    expanded over the columns adds them one after another (what ``index_add_`` runs
+    there, without its own index bookkeeping; ``index_put_`` with accumulation runs in
+    parallel and is not deterministic), and on a GPU ``index_put_`` with accumulation
+    sorts the rows stably and adds repeated ones in order (its ``index_add_`` and
+    ``scatter_add_`` use atomic additions, whose order varies from run to run)."""
     if out.device.type == "cpu":
-        return out.index_add_(0, rows, values)
+        return out.scatter_add_(0, rows.unsqueeze(1).expand(-1, values.shape[1]), values)
     return out.index_put_((rows,), values, accumulate=True)
 
 
