@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 import tokenmerge
+import tokenmerge.attention as proportional
 from tests.adapters.invariants import assert_sizes_and_sources_agree
 from tokenmerge.adapters import find_adapter
 
@@ -502,3 +503,18 @@ def test_the_state_repr_names_the_settings_and_copies_have_their_own_state():
     copied = copy.deepcopy(model)
     tokenmerge.get_state(copied).r = 2
     assert tokenmerge.get_state(model).r == tokenmerge.Linear(4)
+
+
+def test_proportional_attention_without_a_mask_gives_what_the_mask_gives(case, monkeypatch):
+    """The mask-free formulation that a GPU runs (a size channel on the queries and
+    keys, tokenmerge.attention) reproduces the float mask in every adapter."""
+    model = tokenmerge.apply(make(case), r=R)
+    x = images(2)
+    expected = run(case, model, x)
+    monkeypatch.setattr(proportional, "default_formulation", lambda device: "channel")
+    calls = []
+    channel = proportional.with_size_channel
+    monkeypatch.setattr(proportional, "with_size_channel", lambda *a, **k: calls.append(1) or channel(*a, **k))
+    got = run(case, model, x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert calls, "the channel formulation never ran"

@@ -34,7 +34,7 @@ from transformers.models.siglip import modeling_siglip as siglip
 from transformers.models.vit import modeling_vit as vit
 from transformers.utils.generic import can_return_tuple
 
-from ..attention import log_size_bias
+from .. import attention as proportional
 from ..block import MergingBlock, Projected
 from ..flops import FlopShape, linear_flops_per_token
 from ..merge import weighted_mean
@@ -190,11 +190,16 @@ class MergingAttention:
             )
         scaling, dropout, output_projection = self._tokenmerge_parts()
         query, key, value, _ = tokenmerge_projected
-        mask = None if tokenmerge_size is None else log_size_bias(tokenmerge_size, query.dtype)
+        mask, head_dim = None, value.shape[-1]
+        if tokenmerge_size is not None:
+            if proportional.default_formulation(query.device) == "channel":
+                query, key, value = proportional.with_size_channel(query, key, value, tokenmerge_size, scale=scaling)
+            else:
+                mask = proportional.log_size_bias(tokenmerge_size, query.dtype)
         out, weights = _attention_function(self)(
             self, query, key, value, mask, dropout=dropout if self.training else 0.0, scaling=scaling, **kwargs
         )
-        out = output_projection(out.reshape(*hidden_states.shape[:-1], -1).contiguous())
+        out = output_projection(out[..., :head_dim].reshape(*hidden_states.shape[:-1], -1).contiguous())
         return out, weights
 
     def _tokenmerge_parts(self) -> tuple[float, float, torch.nn.Module]:
