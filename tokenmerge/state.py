@@ -288,7 +288,9 @@ class MergeState:
         return None if run is None else run.num_input_tokens
 
     def _warn_capped(self, r: int, block: int, num_tokens: int, limit: int) -> None:
-        if self._warned_cap:
+        """Warn once that r was capped; not while a graph is traced (torch.compile cannot
+        trace the warning, and an eager call warns)."""
+        if self._warned_cap or tracing():
             return
         self._warned_cap = True
         warnings.warn(
