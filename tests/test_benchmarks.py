@@ -22,3 +22,37 @@ def test_the_script_imports_and_prints_its_options(script):
     done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage:") and "--" in done.stdout
+
+
+#: The table header every section of benchmarks/gpu.py prints, in order.
+GPU_SECTIONS = {
+    "eager-throughput": "| dtype | setting | tokens left | img/s | IQR % | speed-up | limit img/s | of limit |",
+    "eager-latency": "| model | setting | tokens left | ms | IQR % | speed-up |",
+    "training": "| setting | img/s | ms/step | IQR % | speed-up | of limit |",
+    "attention": "| dtype | tokens | formulation | default µs | IQR % | flash µs |",
+    "compiled-latency": "| model | setting | tokens left | ms | IQR % | speed-up | compile s |",
+    "compiled-throughput": "| dtype | setting | tokens left | img/s | IQR % | speed-up | limit img/s | of limit | "
+                           "compile s |",
+}
+
+
+def test_the_gpu_script_runs_every_section_small_on_the_cpu():
+    """``gpu.py --smoke``: tiny models, float32, the CPU; every section prints its table
+    (the attention one says it is skipped where no formulation= exists), none fails."""
+    import inspect
+
+    from tokenmerge.attention import proportional_attention
+
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "gpu.py"), "--smoke"], capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "FAILED" not in done.stdout
+    chunks = done.stdout.split("\n## ")[1:]
+    assert [chunk.split("(", 1)[1].split(")", 1)[0] for chunk in chunks] == list(GPU_SECTIONS)
+    has_formulations = "formulation" in inspect.signature(proportional_attention).parameters
+    for chunk, (section, header) in zip(chunks, GPU_SECTIONS.items()):
+        if section == "attention" and not has_formulations:
+            assert "_skipped: " in chunk
+            continue
+        assert header in chunk, f"{section}:\n{chunk}"
+        assert "| r=13 |" in chunk or section == "attention"

@@ -7,7 +7,7 @@
 """
 from __future__ import annotations
 
-from typing import Optional, TypeVar, cast
+from typing import Any, Optional, TypeVar, cast
 
 import torch
 
@@ -20,7 +20,7 @@ from .state import CappedRWarning, MergeState
 
 __all__ = [
     "apply", "remove", "is_applied", "get_state", "token_counts", "flops_per_image", "Linear", "MergeState",
-    "CappedRWarning", "schedule", "load_schedule",
+    "CappedRWarning", "schedule", "load_schedule", "compile",
 ]
 __version__ = "0.1.0"
 
@@ -112,6 +112,61 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             model = model.module
         else:
             return model
+
+
+def compile(
+    model: torch.nn.Module, *, mode: Optional[str] = None, dynamic: Optional[bool] = None, **kwargs: Any
+) -> torch.nn.Module:
+    """``torch.compile(model, fullgraph=True)``, with CUDA graphs on a GPU: the fastest
+    way to run a patched model (or an unpatched one, for comparison).
+
+    Patch first, then compile; compile after moving the model to its device, which
+    chooses the mode. On CUDA the default mode is ``"reduce-overhead"``: CUDA graphs
+    replay a pass's kernels without launching them one by one, which is what the many
+    small kernels of a merge step cost at small batches; each new input shape is
+    recorded once (keep shapes fixed, or pad batches to a few sizes). CUDA graphs
+    reuse their memory: an output, or what :func:`get_state` holds of a pass, may be
+    overwritten by the next pass, so clone what must outlive it. On the CPU the
+    default mode is torch's own. ``fullgraph=True`` makes a graph break an error
+    instead of a silent slowdown.
+
+    :func:`apply`, :func:`get_state` and :func:`remove` see through the compiled
+    wrapper. A new r recompiles once. Every r, dtype and input shape is one more graph
+    of the model's forward, counted together for all compiled copies of its class:
+    past ``torch._dynamo.config.recompile_limit`` (8) graphs, ``fullgraph=True``
+    raises; raise the limit to compile more.
+
+    Args:
+        model: the model to compile, patched or not.
+        mode: ``torch.compile``'s mode (default: ``"reduce-overhead"`` when the model's
+            parameters are on a CUDA device and the backend is inductor, else torch's
+            default).
+        dynamic: ``torch.compile``'s ``dynamic`` (default: torch's, which compiles
+            for the first shape and makes the batch dynamic after a second one).
+        **kwargs: more ``torch.compile`` arguments, such as ``backend``, ``options``
+            or ``fullgraph=False``.
+
+    Returns:
+        What ``torch.compile`` returns: a wrapper module that compiles on its first call.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"tokenmerge.compile takes a torch.nn.Module, not {type(model).__name__}")
+    if mode is None and kwargs.get("options") is None and kwargs.get("backend") in (None, "inductor"):
+        mode = _default_compile_mode(model)
+    kwargs.setdefault("fullgraph", True)
+    return cast(torch.nn.Module, torch.compile(model, mode=mode, dynamic=dynamic, **kwargs))
+
+
+def _default_compile_mode(model: torch.nn.Module) -> Optional[str]:
+    """The mode :func:`compile` gives inductor: ``"reduce-overhead"`` (CUDA graphs) for a
+    model whose first parameter (or buffer) is on a CUDA device, else ``None``."""
+    first: Optional[torch.Tensor] = next(iter(model.parameters()), None)
+    if first is None:
+        first = next(iter(model.buffers()), None)
+    return "reduce-overhead" if first is not None and first.device.type == "cuda" else None
 
 
 def checked_adapter(model: torch.nn.Module) -> Adapter:
