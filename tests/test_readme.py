@@ -76,3 +76,15 @@ def test_public_functions_are_typed(function):
                    if parameter.annotation is inspect.Parameter.empty and parameter.kind not in (
                        inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
         assert not untyped and signature.return_annotation is not inspect.Signature.empty, (item.__name__, untyped)
+
+
+def test_the_compile_recipe_compiles_the_patched_model(tmp_path):
+    import textwrap
+
+    from tests.adapters.test_contract import CASES_BY_ID, make
+
+    block = next(block for block in python_blocks() if "tokenmerge.compile(model)" in block)
+    names = run_block(textwrap.dedent(block), tmp_path, {"model": make(CASES_BY_ID["timm_class_token"]),
+                                                         "tokenmerge": tokenmerge})
+    assert isinstance(names["fast"], torch._dynamo.eval_frame.OptimizedModule)
+    assert tokenmerge.get_state(names["fast"]).r == 13
