@@ -6,7 +6,10 @@ arranged for speed, and tested for equality against it.
   expanded indices. The rows that depend only on shapes are cached (:func:`shape_cache`).
 * One formulation of the average for every input (:func:`merge_weighted`): it reads
   and writes the features once and works on the merged rows only, with its gradient
-  written by hand (:class:`_CorrectedRows`).
+  written by hand (:class:`_CorrectedRows`). The sizes as an extra feature channel
+  (one gather and one row addition for features and sizes together, fewer operations)
+  measured slower on the CPU: 148 against 110 us at 1 x 158 x 384 and 11.5 against
+  0.5 ms at 32 x 158 x 384, float32, 2 threads.
 * Row additions in a fixed order (:func:`add_rows`): several merged tokens joining one
   token are added one after the other in input order, on every device.
 
