@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from .cache import shape_cache
+
 if TYPE_CHECKING:
     from .kernels import Rows
 
@@ -102,8 +104,22 @@ def in_index_order(order: Tensor, r: int) -> Tensor:
     """``order`` with its first ``r`` entries (the merged A tokens) and the rest (the
     kept ones) each sorted by index. Which tokens merge is decided by the scores; where
     they go is not: kept in score order, scores a rounding apart (another batch size,
-    another runtime) would reorder the tokens, and so the next block's A/B split."""
-    return torch.cat([order[:, :r].sort(dim=-1).values, order[:, r:].sort(dim=-1).values], dim=-1)
+    another runtime) would reorder the tokens, and so the next block's A/B split.
+
+    One sort does both groups: the kept entries are offset past every index first
+    (:func:`kept_offset`), so they sort after the merged ones, and the offset is taken
+    off again."""
+    offset = kept_offset(order.shape[-1], r, order.device)
+    return order.add(offset).sort(dim=-1).values.sub_(offset)
+
+
+@shape_cache
+def kept_offset(length: int, r: int, device: torch.device) -> Tensor:
+    """(length,) 0 for the first ``r`` positions of an order and ``length`` for the rest.
+    Made outside inference mode, so that an offset first made under
+    ``torch.inference_mode`` also serves training."""
+    with torch.inference_mode(False):
+        return (torch.arange(length, device=device) >= r).long() * length
 
 
 def descending_order(scores: Tensor) -> Tensor:

@@ -55,7 +55,8 @@ import torch
 from torch import Tensor
 
 from .attention import log_size_bias
-from .kernels import merge_weighted, merged_sizes, rows, shape_cache
+from .cache import shape_cache
+from .kernels import merge_weighted, merged_sizes, rows
 from .merge import Matching, bipartite_soft_matching, descending_order, merge_source
 
 #: What a method's ``reduce`` returns: the reduced tokens (B, N - r, C), their sizes

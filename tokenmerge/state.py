@@ -35,7 +35,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import methods
 from . import schedule as schedules
-from .kernels import tracing
+from .cache import tracing
 from .merge import initial_source, max_merges
 
 
