@@ -113,8 +113,9 @@ def markdown(rows: list[dict]) -> str:
     for row in rows:
         limit = "" if row["limit img/s"] is None else f"{row['limit img/s']:.1f}"
         share = "" if row["of limit"] is None else f"{100 * row['of limit']:.1f}%"
+        compile_seconds = f" {row['compile s']:.1f} |" if compiled else ""
         lines.append(f"| {row['batch']} | {row['setting']} | {row['img/s']:.1f} | {row['IQR %']:.1f} | "
-                     f"{row['speed-up']:.2f}x | {limit} | {share} |" + (f" {row['compile s']:.1f} |" * compiled))
+                     f"{row['speed-up']:.2f}x | {limit} | {share} |" + compile_seconds)
     return "\n".join(lines)
 
 

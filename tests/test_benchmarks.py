@@ -56,3 +56,14 @@ def test_the_gpu_script_runs_every_section_small_on_the_cpu():
             continue
         assert header in chunk, f"{section}:\n{chunk}"
         assert "| r=13 |" in chunk or section == "attention"
+
+
+def test_the_speed_script_prints_its_table_on_a_tiny_run():
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "speed.py"), "--model", "vit_tiny_patch16_224", "--batch-sizes", "1",
+         "--r", "16", "--runs", "2", "--warmup", "1", "--threads", "1"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "| batch | setting | img/s | IQR % | speed-up | limit img/s | of limit |\n" in done.stdout
+    assert "| 1 | r=16 |" in done.stdout
