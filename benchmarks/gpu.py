@@ -52,7 +52,7 @@ from typing import Optional
 import timm
 import timm.optim
 import torch
-from speed import allow_recompiles, compiled_runners
+from speed import compiled_runners
 
 import tokenmerge
 from tokenmerge.state import CappedRWarning
@@ -497,7 +497,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(plan.threads)
     if plan.device.type == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device here; --smoke runs the small CPU version")
-    allow_recompiles(256)  # every compiled copy is one more graph of the model class's forward
 
     clock, failures = Clock(plan), Failures()
     say(f"# tokenmerge GPU figures{' (--smoke: tiny models on the CPU)' if plan.smoke else ''}\n")

@@ -15,7 +15,6 @@ which compiles, is timed apart ("compile s") and the warm-up rounds follow it.
 """
 from __future__ import annotations
 
-import copy
 import statistics
 import warnings
 from collections.abc import Callable, Sequence
@@ -24,11 +23,10 @@ import timm
 import torch
 from speed_options import parse, runs_of, speed_parser
 
-import tokenmerge
 from tokenmerge.state import CappedRWarning
 from tokenmerge.tools.bench import prepare_runners
 from tokenmerge.tools.reports import describe_environment, environment
-from tokenmerge.tools.settings import Setting, configure
+from tokenmerge.tools.settings import Setting
 from tokenmerge.tools.timing import interquartile_range, time_interleaved, timed
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
@@ -41,38 +39,16 @@ def settings_for(rs: list[int]) -> list[Setting]:
     return settings
 
 
-#: Graphs torch may compile of one forward: every compiled copy of a model class, each
-#: setting, dtype and shape, is one more graph of the same code, and past torch's limit
-#: (8) ``fullgraph=True`` fails.
-RECOMPILE_LIMIT = 256
-
-
-def allow_recompiles(limit: int) -> None:
-    """Let torch compile at least ``limit`` graphs of one function."""
-    config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    setattr(config, name, max(getattr(config, name), limit))
-
-
 def compiled_runners(
     model: torch.nn.Module, settings: Sequence[Setting], inputs: torch.Tensor, **compile_kwargs
 ) -> tuple[dict[str, Runner], dict[str, float]]:
-    """Every setting as its own copy of ``model`` through :func:`tokenmerge.compile` for
+    """Every setting as its own compiled copy of ``model`` (:func:`prepare_runners`) for
     the shape of ``inputs`` (``dynamic=False`` unless given), and the seconds of each
-    copy's first call under ``torch.inference_mode``, which compiles it (after one
-    eager pass of one image, untimed)."""
+    copy's first call, which compiles it."""
     compile_kwargs.setdefault("dynamic", False)
-    allow_recompiles(RECOMPILE_LIMIT)
-    runners, seconds = {}, {}
-    for setting in settings:
-        variant = copy.deepcopy(model)
-        configure(variant, setting)
-        with torch.inference_mode():  # spends the one-time CappedRWarning eagerly: warnings.warn breaks a graph
-            variant(inputs[:1])
-        runners[setting.name] = tokenmerge.compile(variant, **compile_kwargs)
-        with torch.inference_mode():
-            seconds[setting.name] = timed(runners[setting.name], inputs)[1]
-    return runners, seconds
+    runners = prepare_runners(model, settings, True, **compile_kwargs)
+    with torch.inference_mode():
+        return runners, {name: timed(run, inputs)[1] for name, run in runners.items()}
 
 
 def measure(

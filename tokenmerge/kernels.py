@@ -8,8 +8,7 @@ arranged for speed, and tested for equality against it.
   and writes the features once and works on the merged rows only, with its gradient
   written by hand (:class:`_CorrectedRows`). The sizes as an extra feature channel
   (one gather and one row addition for features and sizes together, fewer operations)
-  measured slower on the CPU: 148 against 110 us at 1 x 158 x 384 and 11.5 against
-  0.5 ms at 32 x 158 x 384, float32, 2 threads.
+  measured slower on the CPU, at batch 1 and much slower at batch 32.
 * Row additions in a fixed order (:func:`add_rows`): several merged tokens joining one
   token are added one after the other in input order, on every device.
 

@@ -358,12 +358,10 @@ class Passes:
         model is being unpatched waits until that is done."""
         if tracing():
             return
-        depth = getattr(self._local, "calls", 0)
-        if depth == 0:
+        if self._open_call() is None:
             with self._gate:
                 self._gate.wait_for(lambda: not self._closing)
                 self._inside.add(threading.get_ident())
-        self._local.calls = depth + 1
         _OPEN_CALL.set(Call(self, _OPEN_CALL.get()))
 
     def leave_call(self, module: torch.nn.Module, args: Any, output: Any) -> None:
@@ -374,9 +372,7 @@ class Passes:
         if call is not None and call.passes is self:
             call.close()
             _OPEN_CALL.set(call.outer)
-        depth = getattr(self._local, "calls", 0) - 1
-        self._local.calls = max(depth, 0)
-        if depth <= 0:
+        if self._open_call() is None:
             with self._gate:
                 self._inside.discard(threading.get_ident())
                 self._gate.notify_all()

@@ -82,12 +82,27 @@ def check_bench_runtime(runtime: str, compile_model: bool, device: torch.device,
     require_onnx()
 
 
+#: Graphs torch may compile of one forward. Every compiled copy of a model class, and
+#: every setting, dtype and shape, is one more graph of the same code; past torch's own
+#: limit (8) a compiled copy would fail (``fullgraph=True``) or silently run eagerly.
+RECOMPILE_LIMIT = 256
+
+
+def allow_recompiles(limit: int = RECOMPILE_LIMIT) -> None:
+    """Let torch compile at least ``limit`` graphs of one function."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), limit))
+
+
 def prepare_runners(
-    model: torch.nn.Module, settings: Sequence[Setting], compile_model: bool, amp: str = "none"
+    model: torch.nn.Module, settings: Sequence[Setting], compile_model: bool, amp: str = "none",
+    **compile_kwargs,
 ) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """A callable per setting, under autocast to ``amp``. Without compilation one model
     switches settings before each pass (patching is cheap); with it, every setting
-    gets its own compiled copy."""
+    gets its own copy compiled by :func:`tokenmerge.compile` (``compile_kwargs`` go to
+    it), with room for as many graphs as the copies need."""
     def under_amp(run: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
         def run_with_amp(x: torch.Tensor) -> torch.Tensor:
             with options.autocast(x.device, amp):
@@ -96,11 +111,12 @@ def prepare_runners(
 
     if not compile_model:
         return {s.name: under_amp(setting_runner(model, s)) for s in settings}
+    allow_recompiles()
     runners = {}
     for setting in settings:
         variant = copy.deepcopy(model)
         configure(variant, setting)
-        runners[setting.name] = under_amp(torch.compile(variant))
+        runners[setting.name] = under_amp(tokenmerge.compile(variant, **compile_kwargs))
     return runners
 
 
