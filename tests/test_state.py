@@ -48,6 +48,26 @@ def test_side_tensors_follow_every_reduction(method):
             assert source[b, held] == token or method == "evit-fuse" and token == out.shape[1] - 1
 
 
+def test_averaged_side_tensors_are_the_size_weighted_means_of_the_tokens_they_hold():
+    """Coordinates attached as an averaged side come out as the size-weighted mean of the
+    input coordinates each output token holds (read from the source map), after two
+    merges, so sizes above 1 weigh in."""
+    state = MergeState(depth=2, r=5, trace_source=True, num_protected=1)
+    run = Pass(state, first_block=0, num_input_tokens=21)
+    x = torch.randn(2, 21, 8)
+    coordinates = torch.randn(2, 21, 2, dtype=torch.float64)
+    run.set_side(0, "coordinates", coordinates, averaged=True)
+    for block in range(2):
+        tokens = x.view(2, 1, -1, 8)
+        x = run.reduce(block, x, run.plan(block, x, tokens, tokens))
+    averaged, source = run.side(2, "coordinates"), run.sources[2]
+    assert averaged.shape == (2, x.shape[1], 2)
+    for b in range(2):
+        for token in range(x.shape[1]):
+            held = source[b] == token
+            torch.testing.assert_close(averaged[b, token], coordinates[b, held].mean(dim=0))
+
+
 def test_a_pass_that_reduces_nothing_keeps_its_side_tensors():
     state = MergeState(depth=2, r=0, num_protected=1)
     run = Pass(state, first_block=0, num_input_tokens=5)

@@ -34,7 +34,7 @@ class MainOutput(torch.nn.Module):
         return self.case.output(self.model, images)
 
 
-@pytest.mark.parametrize("case_id", ["timm_class_token", "torchvision_vit", "open_clip_avg"])
+@pytest.mark.parametrize("case_id", ["timm_class_token", "timm_eva02_rope_swiglu", "torchvision_vit", "open_clip_avg"])
 def test_export_with_a_dynamic_batch_gives_the_eager_outputs(case_id):
     case = CASES_BY_ID[case_id]
     model = tokenmerge.apply(make(case), r=R)
@@ -46,8 +46,8 @@ def test_export_with_a_dynamic_batch_gives_the_eager_outputs(case_id):
             torch.testing.assert_close(exported(x), run(case, model, x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("case_id", ["timm_class_token", "torchvision_vit", "open_clip_avg", "transformers_vit",
-                                     "transformers_siglip"])
+@pytest.mark.parametrize("case_id", ["timm_class_token", "timm_dinov3_rope_registers", "timm_rope_mixed",
+                                     "torchvision_vit", "open_clip_avg", "transformers_vit", "transformers_siglip"])
 def test_a_compiled_model_has_no_graph_break_and_eager_passes_after_it_are_exact(case_id):
     case = CASES_BY_ID[case_id]
     model = tokenmerge.apply(make(case), r=R, trace_source=True)

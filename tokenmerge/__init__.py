@@ -44,6 +44,7 @@ def apply(
     prop_attn: Optional[bool] = None,
     trace_source: Optional[bool] = None,
     method: Optional[str] = None,
+    dense: Optional[bool] = None,
 ) -> ModelT:
     """Patch ``model`` in place to merge tokens, and return it.
 
@@ -70,6 +71,11 @@ def apply(
             ``"evit-fuse"`` remove the same number of tokens for comparisons (see
             :mod:`tokenmerge.methods`); ``"cut"`` drops the last r tokens unseen, as a
             zero-overhead speed reference.
+        dense: return one token per input token from the model's features (timm's
+            ``forward_features``, transformers' ``last_hidden_state``): every patch
+            takes the features of the token it ended in, for dense tasks
+            (segmentation, depth, patch retrieval); default: off. Pooled outputs are
+            the same either way, up to rounding.
 
     Returns:
         ``model`` itself, patched.
@@ -85,7 +91,7 @@ def apply(
         prop_attn = r.prop_attn if prop_attn is None else prop_attn
     adapter = find_adapter(inner)
     if is_applied(inner):
-        get_state(inner).update(r, method=method, prop_attn=prop_attn, trace_source=trace_source)
+        get_state(inner).update(r, method=method, prop_attn=prop_attn, trace_source=trace_source, dense=dense)
         return model
     patched = already_patched(inner)
     if patched is not None:
@@ -95,7 +101,7 @@ def apply(
     adapter.check(inner)
     state = MergeState(adapter.depth(inner), r, num_protected=adapter.num_protected(inner))
     # settings not given keep MergeState's defaults; a bad one patches nothing
-    state.update(method=method, prop_attn=prop_attn, trace_source=trace_source)
+    state.update(method=method, prop_attn=prop_attn, trace_source=trace_source, dense=dense)
     adapter.patch(inner, state)
     return model
 

@@ -46,6 +46,7 @@ Every method lives in one registry: :func:`register` adds one under a name that
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -233,7 +234,7 @@ def follow_merge(side: Tensor, matching: Matching) -> Tensor:
         (B, N - r, ...) one value per merged token.
     """
     batch, num_tokens = side.shape[:2]
-    flat = side.reshape(batch * num_tokens, -1).index_select(0, rows(matching).output)
+    flat = side.reshape(batch * num_tokens, math.prod(side.shape[2:])).index_select(0, rows(matching).output)
     return flat.view(batch, num_tokens - matching.r, *side.shape[2:])
 
 

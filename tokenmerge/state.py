@@ -36,7 +36,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import methods
 from . import schedule as schedules
 from .cache import tracing
-from .merge import initial_source, max_merges
+from .merge import initial_source, max_merges, unmerge
 
 
 class CappedRWarning(UserWarning):
@@ -54,6 +54,7 @@ class Settings:
     steps: methods.Method
     prop_attn: bool
     trace_source: bool
+    dense: bool = False
 
 
 class Pass:
@@ -69,6 +70,7 @@ class Pass:
         self.sizes: dict[int, Optional[Tensor]] = {}
         self.sources: dict[int, Optional[Tensor]] = {}
         self.sides: dict[int, dict[str, Tensor]] = {}
+        self.averaged_sides: set[str] = set()
         self.num_input_tokens = num_input_tokens
         self.mode = mode  # "eager", or "compile" / "export" while a graph is traced
         self.last_block = first_block - 1  # the last block whose output is recorded
@@ -102,9 +104,11 @@ class Pass:
 
     def passes_through(self, block: int) -> bool:
         """Whether block ``block`` computes exactly what it computes unpatched: it merges
-        nothing and its attention needs no sizes. Such a block runs its own forward."""
+        nothing, its attention needs no sizes and its tokens carry no side tensors
+        (rotary positions of merged tokens, say, which its own forward cannot take).
+        Such a block runs its own forward."""
         r_per_block = self.settings.r_per_block
-        if block < len(r_per_block) and r_per_block[block]:
+        if block < len(r_per_block) and r_per_block[block] or self.sides.get(block):
             return False
         return self.attention_size(block) is None
 
@@ -131,20 +135,29 @@ class Pass:
         sides = self.sides.get(block)
         if plan is not None:
             steps = self.settings.steps
-            if self.settings.trace_source and source is None:
+            if (self.settings.trace_source or self.settings.dense) and source is None:
                 source = initial_source(x.shape[0], x.shape[1], x.device)
-            x, size, source = steps.reduce(x, size, source, plan)
             if sides:
-                sides = {name: steps.follow(side, plan) for name, side in sides.items()}
+                sides = {name: steps.reduce(side, size, None, plan)[0] if name in self.averaged_sides
+                         else steps.follow(side, plan) for name, side in sides.items()}
+            x, size, source = steps.reduce(x, size, source, plan)
         self.sizes[block + 1], self.sources[block + 1] = size, source
         if sides:
             self.sides[block + 1] = sides
         return x
 
-    def set_side(self, block: int, name: str, tensor: Tensor) -> None:
+    def set_side(self, block: int, name: str, tensor: Tensor, *, averaged: bool = False) -> None:
         """Attach a per-token (B, N, ...) side tensor to the tokens entering block
-        ``block``; later blocks read it reduced as their tokens were (:meth:`side`)."""
+        ``block``; later blocks read it reduced as their tokens were (:meth:`side`).
+
+        A side tensor is followed (the method's ``follow``: a merged token takes the
+        values of the token it was built on, right for indices) or, with ``averaged``,
+        reduced as the tokens themselves are (``reduce``: a merged token takes the
+        size-weighted mean of its tokens' values, right for coordinates). Averaged sides
+        are float tensors (B, N, C)."""
         self.sides.setdefault(block, {})[name] = tensor
+        if averaged:
+            self.averaged_sides.add(name)
 
     def side(self, block: int, name: str) -> Optional[Tensor]:
         """The side tensor ``name`` of the tokens entering block ``block``, or None."""
@@ -173,21 +186,29 @@ class MergeState:
         trace_source: bool = False,
         method: str = "tome",
         num_protected: int = 0,
+        dense: bool = False,
     ):
         self.depth, self.num_protected = depth, num_protected
-        self.settings = self._settings(r, method, prop_attn, trace_source)
+        self.settings = self._settings(r, method, prop_attn, trace_source, dense)
         self._reset_runtime()
 
     def _reset_runtime(self) -> None:
         self.passes = Passes(self)
         self._warned_cap = False
 
-    def _settings(self, r: schedules.Schedule, method: str, prop_attn: bool, trace_source: bool) -> Settings:
+    def _settings(
+        self, r: schedules.Schedule, method: str, prop_attn: bool, trace_source: bool, dense: bool
+    ) -> Settings:
         """Validated settings: a bad one raises before anything changes."""
         r_per_block = tuple(schedules.resolve(r, self.depth))
         steps = methods.resolve(method)
+        if dense and not steps.merges:
+            raise ValueError(
+                f"dense=True needs a method that merges tokens, such as 'tome'; {method!r} drops tokens, which leaves "
+                "their patches without features"
+            )
         return Settings(r, r_per_block, method, steps, _check_flag("prop_attn", prop_attn),
-                        _check_flag("trace_source", trace_source))
+                        _check_flag("trace_source", trace_source), _check_flag("dense", dense))
 
     def update(
         self,
@@ -196,6 +217,7 @@ class MergeState:
         method: Optional[str] = None,
         prop_attn: Optional[bool] = None,
         trace_source: Optional[bool] = None,
+        dense: Optional[bool] = None,
     ) -> None:
         """Change several settings at once, all validated before any changes."""
         old = self.settings
@@ -204,6 +226,7 @@ class MergeState:
             old.method if method is None else method,
             old.prop_attn if prop_attn is None else prop_attn,
             old.trace_source if trace_source is None else trace_source,
+            old.dense if dense is None else dense,
         )
         self._warned_cap = False
 
@@ -248,6 +271,16 @@ class MergeState:
     @trace_source.setter
     def trace_source(self, value: bool) -> None:
         self.update(trace_source=value)
+
+    @property
+    def dense(self) -> bool:
+        """Whether the model returns one token per input token (dense features): every
+        patch takes the features of the token it ended in. Settable."""
+        return self.settings.dense
+
+    @dense.setter
+    def dense(self, value: bool) -> None:
+        self.update(dense=value)
 
     def merges_anything(self) -> bool:
         """Whether the current settings merge tokens in any block."""
@@ -312,7 +345,8 @@ class MergeState:
     def __repr__(self) -> str:
         return (
             f"MergeState(r={schedules.describe(self.r)}, method={self.method!r}, prop_attn={self.prop_attn}, "
-            f"trace_source={self.trace_source}, depth={self.depth}, num_protected={self.num_protected})"
+            f"trace_source={self.trace_source}, dense={self.dense}, depth={self.depth}, "
+            f"num_protected={self.num_protected})"
         )
 
 
@@ -491,6 +525,16 @@ class Passes:
             self._tokens[out] = (run, self.state.depth)
         return out
 
+    def unmerged(self, out: Tensor) -> Tensor:
+        """With the ``dense`` setting, the (B, N, C) tokens ``out`` that the calling
+        thread's pass has just left after its last block, spread back over the tokens
+        that entered its first block (:func:`tokenmerge.merge.unmerge`); otherwise, or
+        when nothing was merged, ``out`` itself."""
+        run = self.last
+        if run is None or not run.settings.dense or run.source is None or run.last_block != self.state.depth - 1:
+            return out
+        return unmerge(out, run.source)
+
     def pass_of(self, tokens: Tensor, grid_tokens: Optional[int] = None) -> Optional[Pass]:
         """The pass that left the (B, N, C) ``tokens`` after its last block, for a pooling
         head: the one remembered for them (while a graph is traced, the thread's current
@@ -512,6 +556,9 @@ class Passes:
                 "number of patches each stands for is unknown; pass it the tokens the model returned, unchanged"
             )
         shape_out = run.shape_out
+        if run.settings.dense and shape_out is not None and tuple(tokens.shape[:2]) == (
+                shape_out[0], run.num_input_tokens):
+            return None  # unmerged (:meth:`unmerged`): one token per input token
         if shape_out != tuple(tokens.shape[:2]):
             left = "no tokens" if shape_out is None else f"{shape_out[1]} tokens for {shape_out[0]}"
             raise ValueError(

@@ -48,6 +48,12 @@ def timm_vit(**kwargs) -> nn.Module:
                              num_classes=7, **kwargs)
 
 
+def timm_eva(**kwargs) -> nn.Module:
+    from timm.models.eva import Eva
+
+    return Eva(img_size=IMAGE, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH, num_heads=3, num_classes=7, **kwargs)
+
+
 def timm_distilled() -> nn.Module:
     from timm.models.deit import VisionTransformerDistilled
 
@@ -102,6 +108,19 @@ CASES = [
     Case("timm_registers_avg", lambda: timm_vit(class_token=False, reg_tokens=2, global_pool="avg")),
     Case("timm_map_pool", lambda: timm_vit(class_token=False, global_pool="map")),
     Case("timm_distilled", timm_distilled),
+    # Eva, configured as timm's registered families are (EVA-02, DINOv3, RoPE-ViT, PE)
+    Case("timm_eva02_rope_swiglu", lambda: timm_eva(mlp_ratio=4 * 2 / 3, swiglu_mlp=True, scale_mlp=True,
+                                                    use_rot_pos_emb=True, ref_feat_shape=(4, 4))),
+    Case("timm_dinov3_rope_registers", lambda: timm_eva(
+        qkv_bias=False, init_values=1e-5, num_reg_tokens=2, use_abs_pos_emb=False, use_rot_pos_emb=True,
+        rope_type="dinov3", rope_temperature=100, dynamic_img_size=True)),
+    Case("timm_rope_mixed", lambda: timm_eva(
+        attn_type="rope", use_rot_pos_emb=True, rope_type="mixed", use_abs_pos_emb=False, global_pool="token")),
+    Case("timm_pe_map_grouped_kv", lambda: timm_eva(
+        attn_type="rope", qkv_fused=False, num_kv_heads=1, use_rot_pos_emb=True, use_pre_transformer_norm=True,
+        global_pool="map", rope_grid_indexing="xy", use_fc_norm=False)),
+    Case("timm_eva_post_norm_mrope", lambda: timm_eva(
+        use_post_norm=True, use_rot_pos_emb=True, rope_type="mrope", global_pool="token")),
     Case("transformers_vit", hf("ViTConfig", "ViTForImageClassification", intermediate_size=96, num_labels=7),
          hf_output),
     Case("transformers_deit_teacher", hf("DeiTConfig", "DeiTForImageClassificationWithTeacher",
@@ -120,6 +139,7 @@ CASES = [
 ]
 CASES_BY_ID = {case.id: case for case in CASES}
 
+LAYER_SCALES = ("gamma", "gamma_1", "gamma_2", "lambda1")
 RANDOMISED_TOKENS = ("cls_token", "reg_token", "dist_token", "class_embedding", "class_token", "register_tokens",
                      "distillation_token", "mask_token")
 
@@ -132,7 +152,7 @@ def make(case: Case) -> nn.Module:
     with torch.no_grad():
         for name, param in model.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
-            if leaf in ("gamma", "lambda1") or ("norm" in name or ".ln" in name) and leaf == "weight":
+            if leaf in LAYER_SCALES or ("norm" in name or ".ln" in name) and leaf == "weight":
                 param.uniform_(0.5, 1.5)
             elif leaf in RANDOMISED_TOKENS:
                 param.normal_(0, 0.5)

@@ -252,7 +252,7 @@ def test_bad_r_is_a_clear_error_and_leaves_the_model_alone(r, error, message):
     "build, name",
     [
         (lambda: timm.create_model("resnet10t"), "ResNet"),
-        (lambda: timm.create_model("eva02_tiny_patch14_224"), "Eva"),
+        (lambda: timm.create_model("beit_base_patch16_224", depth=1, embed_dim=64, num_heads=2), "Beit"),
         (lambda: VisionTransformer(depth=2, embed_dim=64, num_heads=2, block_fn=ResPostBlock), "ResPostBlock"),
         (lambda: timm.create_model("vit_tiny_patch16_224", global_pool="prr"), "AttentionPoolPrr"),
         (lambda: torch.nn.Linear(3, 3), "Linear"),
