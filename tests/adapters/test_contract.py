@@ -103,6 +103,22 @@ def open_clip_model(**vision) -> Callable[[], nn.Module]:
     return build
 
 
+def open_clip_timm_tower() -> nn.Module:
+    """A CLIP whose visual tower is a TimmModel, its trunk a Perception Encoder-like Eva
+    (rotary embeddings, attention pooling), as open_clip's PE-Core configs build it."""
+    timm_model = pytest.importorskip("open_clip.timm_model")
+    model = open_clip_model()()
+    tower = timm_model.TimmModel.__new__(timm_model.TimmModel)
+    nn.Module.__init__(tower)
+    tower.image_size = (IMAGE, IMAGE)
+    tower.trunk = timm_eva(attn_type="rope", use_rot_pos_emb=True, use_pre_transformer_norm=True, global_pool="map",
+                           rope_grid_indexing="xy", use_fc_norm=False)
+    tower.trunk.reset_classifier(16)
+    tower.head = nn.Sequential()
+    model.visual = tower
+    return model
+
+
 CASES = [
     Case("timm_class_token", timm_vit),
     Case("timm_registers_avg", lambda: timm_vit(class_token=False, reg_tokens=2, global_pool="avg")),
@@ -136,6 +152,7 @@ CASES = [
     Case("open_clip_attentional_pool", open_clip_model(ls_init_value=0.5, attentional_pool=True, attn_pooler_queries=4,
                                                        attn_pooler_heads=2),
          lambda model, images: model.encode_image(images)),
+    Case("open_clip_timm_tower", open_clip_timm_tower, lambda model, images: model.encode_image(images)),
 ]
 CASES_BY_ID = {case.id: case for case in CASES}
 

@@ -222,10 +222,19 @@ def test_sequence_first_transformer_merges_like_batch_first():
     assert torch.equal(outputs[1][1], outputs[0][1])
 
 
-def test_text_tower_is_untouched_and_zero_shot_logits_use_merged_images():
-    model = make_clip({"pool_type": "avg"})
-    text = torch.randint(0, TEXT_CFG["vocab_size"], (5, TEXT_CFG["context_length"]))
-    images = torch.randn(2, 3, IMAGE, IMAGE)
+def _timm_tower_clip():
+    from tests.adapters.test_contract import CASES_BY_ID, make
+
+    return make(CASES_BY_ID["open_clip_timm_tower"])
+
+
+@pytest.mark.parametrize("build", [lambda: make_clip({"pool_type": "avg"}), _timm_tower_clip],
+                         ids=["open_clip_tower", "timm_tower"])
+def test_text_tower_is_untouched_and_zero_shot_logits_use_merged_images(build):
+    model = build()
+    text = torch.randint(0, model.vocab_size, (5, model.context_length))
+    size = model.visual.image_size
+    images = torch.randn(2, 3, *((size, size) if isinstance(size, int) else size))
     text_classes = {name: type(m) for name, m in model.named_modules() if not name.startswith("visual")}
     with torch.no_grad():
         expected_text = model.encode_text(text)
@@ -443,7 +452,9 @@ def _build_coca():
     "build, message",
     [
         (lambda: make_clip({"layers": (1, 1, 1, 1), "width": 16, "image_size": 64}), "ModifiedResNet"),
-        (lambda: make_clip({"timm_model_name": "vit_tiny_patch16_224", "image_size": 32}), "TimmModel"),
+        (lambda: make_clip({"timm_model_name": "resnet18", "timm_pool": "abs_attn", "image_size": 64}),
+         "AttentionPool2d"),
+        (lambda: make_clip({"timm_model_name": "resnet18", "timm_pool": "avg", "image_size": 64}), "ResNet"),
         (lambda: make_clip({"qk_norm": True}), "CustomResidualAttentionBlock"),
         (lambda: make_clip({"scale_attn": True}), "CustomResidualAttentionBlock"),
         (lambda: make_clip({"scale_fc": True}).visual, "CustomResidualAttentionBlock"),
@@ -453,7 +464,8 @@ def _build_coca():
         (lambda: _replace_pooler(make_clip({"attentional_pool": True, **ATTENTION_POOL})), "Identity"),
         (lambda: _replace_block(make_clip(), torch.nn.Identity()), "Identity"),
     ],
-    ids=["resnet", "timm", "qk_norm", "scale_attn", "scale_fc", "coca", "text_transformer", "cross_attention",
+    ids=["resnet", "timm_attention_pool", "timm_resnet", "qk_norm", "scale_attn", "scale_fc", "coca",
+         "text_transformer", "cross_attention",
          "pooler", "block"],
 )
 def test_unsupported_models_are_refused_by_name(build, message):

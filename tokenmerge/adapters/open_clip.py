@@ -1,6 +1,8 @@
 """open_clip: ``CLIP`` and ``CustomTextCLIP`` whose visual tower is open_clip's own
 ``VisionTransformer``, or that ``VisionTransformer`` alone, built of
-``ResidualAttentionBlock`` with ``nn.MultiheadAttention``.
+``ResidualAttentionBlock`` with ``nn.MultiheadAttention``; and those whose visual tower
+is a timm model (``TimmModel``: EVA-CLIP, the Perception Encoder, timm ViTs), whose
+trunk merges as :mod:`tokenmerge.adapters.timm` has it.
 
 Only the visual tower merges; the text tower keeps its classes and computes exactly
 what it computed before. Image embeddings (``encode_image``) and the image half of
@@ -30,10 +32,12 @@ number of kept patches. It is refused only when it may drop the class token.
 """
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import Optional
 
 from open_clip.model import CLIP, CustomTextCLIP
+from open_clip.timm_model import TimmModel
 from open_clip.transformer import (
     AttentionalPooler,
     PatchDropout,
@@ -53,9 +57,11 @@ from .multihead import check_multihead, multihead_attend, multihead_linear_flops
 SUPPORTED = (
     "open_clip CLIP and CustomTextCLIP whose visual tower is open_clip.transformer.VisionTransformer, "
     "or that VisionTransformer alone, with a Transformer of ResidualAttentionBlock blocks "
-    "(nn.MultiheadAttention, LayerNorm, optional LayerScale), pooling tok, avg, none or AttentionalPooler"
+    "(nn.MultiheadAttention, LayerNorm, optional LayerScale), pooling tok, avg, none or AttentionalPooler; "
+    "or whose visual tower is a TimmModel with a trunk tokenmerge supports in timm (VisionTransformer, Eva) "
+    "and no abs_attn or rot_attn pooling"
 )
-SUPPORTED_MODELS = (CLIP, CustomTextCLIP, VisionTransformer)
+SUPPORTED_MODELS = (CLIP, CustomTextCLIP, VisionTransformer, TimmModel)
 SUPPORTED_POOLS = ("tok", "avg", "none")
 SUPPORTED_ATTENTION_POOLS = ("", "parallel", "cascade")
 BLOCK_CHILDREN = {"ln_1", "attn", "ls_1", "ln_2", "mlp", "ls_2"}
@@ -68,6 +74,16 @@ class OpenClipAdapter(Adapter):
     def check(self, model: nn.Module) -> None:
         if type(model) not in SUPPORTED_MODELS:
             raise TypeError(f"tokenmerge does not support open_clip's {type(model).__name__}. Supported: {SUPPORTED}")
+        tower = _timm_tower(model)
+        if tower is not None:
+            pool = getattr(tower.head, "pool", None)
+            if pool is not None:
+                raise TypeError(
+                    f"tokenmerge does not support TimmModel pooling {type(pool).__name__}: it pools a "
+                    f"2D grid of patch tokens, which merged tokens no longer form. Supported: {SUPPORTED}"
+                )
+            _timm_adapter().check(tower.trunk)
+            return
         visual = _vision_tower(model)
         prefix = "" if visual is model else "visual."
         if type(visual) is not VisionTransformer:
@@ -90,11 +106,18 @@ class OpenClipAdapter(Adapter):
         return tuple(_vision_tower(model).image_size)
 
     def token_layout(self, model: nn.Module, img_size: Optional[tuple[int, int]] = None) -> tuple[int, int]:
+        tower = _timm_tower(model)
+        if tower is not None:
+            return _timm_adapter().token_layout(tower.trunk, img_size)
         _check_img_size(model, img_size)
         grid_height, grid_width = _vision_tower(model).grid_size
         return grid_height * grid_width + NUM_PROTECTED, NUM_PROTECTED
 
     def flop_shape(self, model: nn.Module, img_size: Optional[tuple[int, int]] = None) -> FlopShape:
+        tower = _timm_tower(model)
+        if tower is not None:
+            shape = _timm_adapter().flop_shape(tower.trunk, img_size)
+            return dataclasses.replace(shape, head=shape.head + linear_flops_per_token(tower.head))
         num_tokens = self.token_layout(model, img_size)[0]
         visual = _vision_tower(model)
         blocks = list(visual.transformer.resblocks)
@@ -112,17 +135,39 @@ class OpenClipAdapter(Adapter):
         )
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
+        tower = _timm_tower(model)
+        if tower is not None:
+            return list(_timm_adapter().blocks(tower.trunk))
         return list(_vision_tower(model).transformer.resblocks)
 
     def block_mixin(self, model: nn.Module) -> type[MergingBlock]:
-        return MergingResidualAttentionBlock
+        tower = _timm_tower(model)
+        return MergingResidualAttentionBlock if tower is None else _timm_adapter().block_mixin(tower.trunk)
 
     def num_protected(self, model: nn.Module) -> int:
-        return NUM_PROTECTED
+        tower = _timm_tower(model)
+        return NUM_PROTECTED if tower is None else _timm_adapter().num_protected(tower.trunk)
 
     def mixins(self, model: nn.Module) -> list[tuple[nn.Module, type]]:
+        tower = _timm_tower(model)
+        if tower is not None:
+            return _timm_adapter().mixins(tower.trunk)
         visual = _vision_tower(model)
         return [(visual.transformer, MergingTransformer), (visual, MergingVisionTransformer)]
+
+
+def _timm_tower(model: nn.Module) -> Optional[TimmModel]:
+    """The model's visual tower if it is a timm model (or the model itself, one)."""
+    tower = model if isinstance(model, TimmModel) else getattr(model, "visual", None)
+    return tower if isinstance(tower, TimmModel) else None
+
+
+def _timm_adapter() -> Adapter:
+    """The timm adapter, for timm-backed towers (imported when one is met: a TimmModel
+    exists only where timm is installed)."""
+    from .timm import ADAPTER
+
+    return ADAPTER
 
 
 def _check_block(block: ResidualAttentionBlock, batch_first: bool, where: str) -> None:
@@ -197,7 +242,9 @@ def _check_patch_dropout(dropout: nn.Module, where: str) -> None:
 
 
 def _vision_tower(model: nn.Module) -> VisionTransformer:
-    return model if isinstance(model, VisionTransformer) else model.visual
+    """The model's visual tower (or the model itself); for a TimmModel, whose
+    ``image_size`` is all the adapter reads of it this way, the tower."""
+    return model if isinstance(model, (VisionTransformer, TimmModel)) else model.visual
 
 
 def _check_img_size(model: nn.Module, img_size: Optional[tuple[int, int]]) -> None:
