@@ -14,7 +14,7 @@ SCRIPTS = sorted(path for path in BENCHMARKS.glob("*.py") if "__main__" in path.
 
 def test_every_measuring_script_is_found():
     assert {path.name for path in SCRIPTS} >= {"speed.py", "onnx_speed.py", "train_speed.py", "tune_fidelity.py",
-                                              "merge_rules.py"}
+                                              "merge_rules.py", "rope_rules.py", "dense_fidelity.py"}
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=[path.stem for path in SCRIPTS])
