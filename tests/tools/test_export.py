@@ -21,8 +21,8 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 
-@pytest.mark.parametrize("case_id, method", [("timm_class_token", "tome"), ("transformers_vit", "tome"),
-                                             ("torchvision_vit", "tome"),
+@pytest.mark.parametrize("case_id, method", [("timm_class_token", "tome"), ("timm_dinov3_rope_registers", "tome"),
+                                             ("transformers_vit", "tome"), ("torchvision_vit", "tome"),
                                              pytest.param("timm_class_token", "random", marks=pytest.mark.slow),
                                              pytest.param("timm_class_token", "evit", marks=pytest.mark.slow)])
 def test_a_merging_model_exports_to_onnx_with_the_eager_outputs_at_every_batch_size(case_id, method, tmp_path):
