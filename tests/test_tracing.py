@@ -47,7 +47,8 @@ def test_export_with_a_dynamic_batch_gives_the_eager_outputs(case_id):
 
 
 @pytest.mark.parametrize("case_id", ["timm_class_token", "timm_dinov3_rope_registers", "timm_rope_mixed",
-                                     "torchvision_vit", "open_clip_avg", "transformers_vit", "transformers_siglip"])
+                                     "torchvision_vit", "open_clip_avg", "transformers_vit", "transformers_siglip",
+                                     "transformers_dinov3_registers_swiglu"])
 def test_a_compiled_model_has_no_graph_break_and_eager_passes_after_it_are_exact(case_id):
     case = CASES_BY_ID[case_id]
     model = tokenmerge.apply(make(case), r=R, trace_source=True)
@@ -69,7 +70,8 @@ def test_a_compiled_model_has_no_graph_break_and_eager_passes_after_it_are_exact
     assert type(after) is torch.Tensor and torch.equal(after, before)
 
 
-@pytest.mark.parametrize("case_id", ["transformers_vit", "transformers_dinov2_registers", "transformers_siglip"])
+@pytest.mark.parametrize("case_id", ["transformers_vit", "transformers_dinov2_registers", "transformers_siglip",
+                                     "transformers_dinov3_registers_swiglu"])
 def test_a_merging_transformers_model_exports_with_a_dynamic_batch_and_the_eager_outputs(case_id):
     """transformers builds an attention mask over the unmerged tokens while exporting,
     even when the caller passed none: it hides nothing, and is left out."""
@@ -178,3 +180,27 @@ def test_a_compiled_merging_model_under_autocast_gives_an_image_the_same_bits_al
     tokenmerge.apply(model, r=R)
     alone, together = alone_and_together()
     assert torch.equal(alone, together)
+
+
+@pytest.mark.parametrize("case_id, features", [
+    ("timm_dinov3_rope_registers", lambda model, x: model.forward_features(x)),
+    ("transformers_dinov3_registers_swiglu", lambda model, x: model(pixel_values=x).last_hidden_state),
+])
+def test_dense_features_export_with_the_source_map_of_the_traced_pass(case_id, features):
+    """``dense=True`` under torch.export spreads the tokens with the source map of the
+    pass it traces: exported before or after an eager call, every input token's row
+    is what eager gives."""
+    model = tokenmerge.apply(make(CASES_BY_ID[case_id]), r=R, dense=True)
+
+    class Features(torch.nn.Module):
+        def forward(self, x):
+            return features(model, x)
+
+    exported = torch.export.export(Features(), (images(2),)).module()
+    with torch.no_grad():
+        features(model, images(2, seed=7))  # an eager pass in between, with other merges
+        for seed in (1, 2):
+            x = images(2, seed=seed)
+            expected = features(model, x)
+            assert expected.shape[1] == tokenmerge.get_state(model).num_input_tokens
+            torch.testing.assert_close(exported(x), expected, atol=1e-5, rtol=1e-5)

@@ -530,7 +530,7 @@ class Passes:
         thread's pass has just left after its last block, spread back over the tokens
         that entered its first block (:func:`tokenmerge.merge.unmerge`); otherwise, or
         when nothing was merged, ``out`` itself."""
-        run = self.last
+        run = self._current(_trace_mode())  # while torch.export traces, the pass it traces
         if run is None or not run.settings.dense or run.source is None or run.last_block != self.state.depth - 1:
             return out
         return unmerge(out, run.source)

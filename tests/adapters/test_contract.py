@@ -34,11 +34,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @dataclass(frozen=True)
 class Case:
-    """A tiny random model of one supported class, and how to get its main output."""
+    """A tiny random model of one supported class, how to get its main output, and its
+    inputs (``inputs(batch, seed=0)``: images, unless it takes videos or spectrograms)."""
 
     id: str
     build: Callable[[], nn.Module]
     output: Callable[[nn.Module, Tensor], Tensor] = lambda model, images: model(images)
+    inputs: Callable[..., Tensor] = lambda batch, seed=0: images(batch, seed)
 
 
 def timm_vit(**kwargs) -> nn.Module:
@@ -79,6 +81,25 @@ def hf_clip() -> nn.Module:
     vision = dict(hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=3, image_size=IMAGE,
                   patch_size=PATCH, intermediate_size=96)
     return transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+
+
+FRAMES, TIME = 2, 36  # a video's frames (one tubelet deep), a spectrogram's time steps (by IMAGE frequencies)
+
+
+def videos(batch: int, seed: int = 0) -> Tensor:
+    return torch.randn(batch, FRAMES, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(seed))
+
+
+def spectrograms(batch: int, seed: int = 0) -> Tensor:
+    return torch.randn(batch, TIME, IMAGE, generator=torch.Generator().manual_seed(seed))
+
+
+def hf_audio() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ASTConfig(hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=3,
+                                    intermediate_size=96, patch_size=PATCH, frequency_stride=PATCH, time_stride=PATCH,
+                                    max_length=TIME, num_mel_bins=IMAGE, num_labels=7)
+    return transformers.ASTForAudioClassification(config)
 
 
 def hf_output(model: nn.Module, images: Tensor) -> Tensor:
@@ -146,6 +167,14 @@ CASES = [
     Case("transformers_siglip", hf("SiglipVisionConfig", "SiglipVisionModel", intermediate_size=96), hf_output),
     Case("transformers_clip", hf_clip,
          lambda model, images: model.get_image_features(pixel_values=images).pooler_output),
+    # without the random rescaling of rotary positions in training, so that two passes compute the same
+    Case("transformers_dinov3_registers_swiglu", hf("DINOv3ViTConfig", "DINOv3ViTModel", intermediate_size=96,
+                                                    num_register_tokens=2, use_gated_mlp=True,
+                                                    pos_embed_rescale=None), hf_output),
+    Case("transformers_videomae", hf("VideoMAEConfig", "VideoMAEForVideoClassification", num_frames=FRAMES,
+                                     tubelet_size=FRAMES, intermediate_size=96, num_labels=7), hf_output, videos),
+    Case("transformers_ast", hf_audio, lambda model, spectrograms: model(input_values=spectrograms).logits,
+         spectrograms),
     Case("torchvision_vit", torchvision_vit),
     Case("open_clip_tok", open_clip_model(), lambda model, images: model.encode_image(images)),
     Case("open_clip_avg", open_clip_model(pool_type="avg"), lambda model, images: model.encode_image(images)),
@@ -193,7 +222,7 @@ def run(case: Case, model: nn.Module, x: Tensor) -> Tensor:
 def test_r0_equals_the_unpatched_model_and_remove_restores_it(case):
     model = make(case)
     classes = {name: type(module) for name, module in model.named_modules()}
-    x = images(3)
+    x = case.inputs(3)
     expected = run(case, model, x)
     tokenmerge.apply(model, r=0)
     assert torch.equal(run(case, model, x), expected)
@@ -242,7 +271,7 @@ def test_applying_twice_updates_the_settings_and_new_r_takes_effect(case):
     num_tokens, _ = find_adapter(model).token_layout(model)
     for r, merged in [(4, 4 * DEPTH), (1, DEPTH), ([8] + [0] * (DEPTH - 1), 8)]:
         state.r = r
-        run(case, model, images(1))
+        run(case, model, case.inputs(1))
         assert state.size.shape[1] == num_tokens - merged
     for bad in (-1, [1] * (DEPTH + 1)):
         with pytest.raises(ValueError):
@@ -266,7 +295,7 @@ def test_token_counts_are_fixed_protected_tokens_kept_and_sizes_sum(case):
     assert state.num_protected == num_protected
     for seed in (0, 1):
         counts.clear()
-        run(case, model, images(2, seed))
+        run(case, model, case.inputs(2, seed))
         token_dims = [shape[1] if shape[0] == 2 else shape[0] for shape in counts]
         assert token_dims == tokenmerge.token_counts(model) == [num_tokens - R * (i + 1) for i in range(DEPTH)]
         assert state.num_input_tokens == num_tokens
@@ -275,7 +304,7 @@ def test_token_counts_are_fixed_protected_tokens_kept_and_sizes_sum(case):
 
 def test_an_image_gives_the_same_output_alone_and_in_a_batch(case):
     model = tokenmerge.apply(make(case), r=R)
-    x = images(4)
+    x = case.inputs(4)
     together = run(case, model, x)
     alone = torch.cat([run(case, model, image[None]) for image in x])
     torch.testing.assert_close(alone, together, atol=1e-5, rtol=1e-5)
@@ -303,7 +332,7 @@ def test_an_image_gives_the_same_bits_alone_and_in_a_batch_in_every_precision(ca
     the batch: then to rounding), converted to half precision and under autocast. The
     batch is large enough that any path chosen by the size of the input would differ."""
     model = make(case).to(device, dtype)
-    x = images(96).to(device, dtype)
+    x = case.inputs(96).to(device, dtype)
     autocast = torch.autocast(device, dtype=amp) if amp else contextlib.nullcontext()
 
     def alone_and_together() -> tuple[Tensor, Tensor]:
@@ -325,7 +354,7 @@ def test_batch_sizes_0_and_1_give_what_the_unpatched_model_gives(case, batch):
     """Also an empty batch: an output of the right shape, or, where the library's own
     model cannot take an empty batch, the library's own error."""
     model = make(case)
-    x = images(batch)
+    x = case.inputs(batch)
     try:
         expected = run(case, model, x)
     except RuntimeError as error:
@@ -342,7 +371,7 @@ def test_batch_sizes_0_and_1_give_what_the_unpatched_model_gives(case, batch):
 def test_gradients_reach_every_parameter_they_reach_unpatched(case):
     def gradients(model):
         model.zero_grad()
-        case.output(model, images(2)).square().sum().backward()
+        case.output(model, case.inputs(2)).square().sum().backward()
         return {name: param.grad for name, param in model.named_parameters() if param.grad is not None}
 
     model = make(case).train()
@@ -357,7 +386,7 @@ def test_gradients_reach_every_parameter_they_reach_unpatched(case):
 
 def test_a_pickled_copy_is_patched_and_computes_the_same(case):
     model = tokenmerge.apply(make(case), r=R, prop_attn=True, method="tome")
-    x = images(2)
+    x = case.inputs(2)
     copy_ = pickle.loads(pickle.dumps(model))
     assert tokenmerge.is_applied(copy_) and tokenmerge.get_state(copy_).r == R
     assert torch.equal(run(case, copy_, x), run(case, model, x))
@@ -369,7 +398,7 @@ def test_concurrent_threads_give_the_outputs_of_sequential_calls(case):
     """Three threads call one model with different batch sizes at once: each gets
     exactly what it gets alone (sizes belong to the pass, not to the model)."""
     model = tokenmerge.apply(make(case), r=R)
-    inputs = [images(batch, seed=batch) for batch in (1, 2, 3)]
+    inputs = [case.inputs(batch, seed=batch) for batch in (1, 2, 3)]
     expected = [run(case, model, x) for x in inputs]
     results, errors = [[] for _ in inputs], []
 
@@ -393,25 +422,24 @@ def test_concurrent_threads_give_the_outputs_of_sequential_calls(case):
 def test_saved_models_load_and_compute_the_same_in_a_fresh_process(tmp_path):
     """``torch.save`` of a patched model of every case, loaded by ``torch.load`` in a new
     interpreter: same classes, same outputs."""
-    x = images(2)
     for case in CASES:
         try:
             model = tokenmerge.apply(make(case), r=R)
         except pytest.skip.Exception:
             continue
-        torch.save({"model": model, "expected": run(case, model, x)}, tmp_path / f"{case.id}.pt")
+        torch.save({"model": model, "expected": run(case, model, case.inputs(2))}, tmp_path / f"{case.id}.pt")
     script = (
         "import sys, torch\n"
         "saved = [torch.load(path, weights_only=False) for path in sys.argv[1:]]\n"  # before tokenmerge is imported
         "import tokenmerge\n"
         "from tokenmerge.adapters import find_adapter\n"
-        "from tests.adapters.test_contract import CASES_BY_ID, images, run\n"
+        "from tests.adapters.test_contract import CASES_BY_ID, run\n"
         "for path, entry in zip(sys.argv[1:], saved):\n"
         "    case, model = CASES_BY_ID[path.rsplit('/', 1)[-1][:-3]], entry['model']\n"
         "    assert tokenmerge.is_applied(model), case.id\n"
         "    blocks = find_adapter(model).blocks(model)\n"
         "    assert all(type(block).__name__.startswith('TokenMerge') for block in blocks), case.id\n"
-        "    assert torch.equal(run(case, model, images(2)), entry['expected']), case.id\n"
+        "    assert torch.equal(run(case, model, case.inputs(2)), entry['expected']), case.id\n"
         "print('loaded', len(sys.argv) - 1)\n"
     )
     paths = sorted(str(path) for path in tmp_path.glob("*.pt"))
@@ -441,7 +469,7 @@ def test_stress_four_threads_mixed_batches_match_sequential_outputs(case_id):
     sequential output for the same images."""
     case = CASES_BY_ID[case_id]
     model = tokenmerge.apply(make(case), r=R)
-    batches = {batch: images(batch, seed=10 + batch) for batch in range(1, 6)}
+    batches = {batch: case.inputs(batch, seed=10 + batch) for batch in range(1, 6)}
     expected = {batch: run(case, model, x) for batch, x in batches.items()}
     mismatches, errors = [], []
 
@@ -498,7 +526,7 @@ def test_remove_and_apply_while_other_threads_run_the_model(case_id):
     merging is applied to the unpatched model, calls never fail, and once it is, they
     merge."""
     case = CASES_BY_ID[case_id]
-    model, x = make(case), images(2)
+    model, x = make(case), case.inputs(2)
     with torch.no_grad():  # heads that start at zero would hide what merging changes
         for param in model.parameters():
             if not param.any():
@@ -525,7 +553,7 @@ def test_forward_hooks_that_replace_block_outputs_keep_the_pass(case):
     """A forward hook that returns a new tensor (a copy) between blocks: the next block
     still knows the sizes of its tokens, so outputs do not change."""
     model = tokenmerge.apply(make(case), r=R)
-    x = images(2)
+    x = case.inputs(2)
     expected = run(case, model, x)
     for block in find_adapter(model).blocks(model):
         block.register_forward_hook(lambda module, args, out: out.clone())
@@ -546,7 +574,7 @@ def test_proportional_attention_without_a_mask_gives_what_the_mask_gives(case, m
     """The mask-free formulation that a GPU runs (a size channel on the queries and
     keys, tokenmerge.attention) reproduces the float mask in every adapter."""
     model = tokenmerge.apply(make(case), r=R)
-    x = images(2)
+    x = case.inputs(2)
     expected = run(case, model, x)
     monkeypatch.setattr(proportional, "default_formulation", lambda device: "channel")
     calls = []

@@ -1,6 +1,7 @@
-"""transformers 5: ViT, DeiT, CLIP (vision tower), DINOv2 (with or without registers)
-and SigLIP (vision) models built from their own layer and attention classes, under
-the ``eager`` and ``sdpa`` attention implementations.
+"""transformers 5: ViT, DeiT, CLIP (vision tower), DINOv2 (with or without registers),
+DINOv3, SigLIP (vision), VideoMAE and the Audio Spectrogram Transformer (AST) built
+from their own layer and attention classes, under the ``eager`` and ``sdpa``
+attention implementations.
 
 The layers, their attention modules and the modules that pool tokens are patched; the
 ``PreTrainedModel`` classes whose forward records hidden states and attentions are
@@ -9,16 +10,22 @@ goes through the library's own attention function for the configured implementat
 with the log-size bias as its additive attention mask. With ``output_hidden_states`` or
 ``output_attentions`` (eager), every layer reports the tokens it received and left, so
 later layers report fewer tokens.
+
+DINOv3's rotary embeddings follow the merges as :mod:`tokenmerge.rope` describes. A
+VideoMAE token is a tubelet (frames by patch), an AST token a patch of the
+spectrogram; their sizes count those. With the ``dense`` setting, ``last_hidden_state``
+holds one token per input token.
 """
 from __future__ import annotations
 
 import inspect
+import math
 import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Optional, Protocol, TypedDict, cast
+from typing import ClassVar, Optional, Protocol, TypedDict, cast
 
 import torch
 import transformers
@@ -26,20 +33,24 @@ from torch import Tensor
 from transformers.configuration_utils import PretrainedConfig
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.models.audio_spectrogram_transformer import modeling_audio_spectrogram_transformer as ast
 from transformers.models.clip import modeling_clip as clip
 from transformers.models.deit import modeling_deit as deit
 from transformers.models.dinov2 import modeling_dinov2 as dinov2
 from transformers.models.dinov2_with_registers import modeling_dinov2_with_registers as dinov2_registers
+from transformers.models.dinov3_vit import modeling_dinov3_vit as dinov3
 from transformers.models.siglip import modeling_siglip as siglip
+from transformers.models.videomae import modeling_videomae as videomae
 from transformers.models.vit import modeling_vit as vit
 from transformers.utils.generic import can_return_tuple
 
 from .. import attention as proportional
+from .. import rope
 from ..block import MergingBlock, Projected
 from ..flops import FlopShape, linear_flops_per_token
 from ..merge import weighted_mean
 from ..state import MergeState, Pass
-from .base import Adapter, KeepsSizes, is_swapped, original_class
+from .base import Adapter, is_swapped, original_class
 from .multihead import check_multihead, multihead_size_mask
 
 if int(transformers.__version__.split(".")[0]) < 5:
@@ -49,27 +60,38 @@ SUPPORTED = (
     "transformers ViTModel, ViTForImageClassification, DeiTModel, DeiTForImageClassification, "
     "DeiTForImageClassificationWithTeacher, CLIPVisionModel, CLIPVisionModelWithProjection, CLIPModel "
     "(its vision tower), Dinov2Model, Dinov2ForImageClassification, Dinov2WithRegistersModel, "
-    "Dinov2WithRegistersForImageClassification and SiglipVisionModel, built from their own layer and "
+    "Dinov2WithRegistersForImageClassification, DINOv3ViTModel, SiglipVisionModel, VideoMAEModel, "
+    "VideoMAEForVideoClassification, ASTModel and ASTForAudioClassification, built from their own layer and "
     "attention classes, with attn_implementation eager or sdpa"
 )
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
+
+
+def _split_mask(args: tuple, kwargs: dict) -> tuple[Optional[Tensor], dict]:
+    """The attention mask a forward was given after its hidden states (positionally, by
+    name, or not at all: VideoMAE's forwards take none), and its other keyword arguments."""
+    rest = dict(kwargs)
+    mask = args[0] if args else rest.pop("attention_mask", None)
+    return mask, rest
+
 
 class MergingLayer(MergingBlock):
     """A transformer layer that merges tokens between its attention and MLP branches.
     Subclasses build the two residual branches the way their layer class does."""
 
-    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, **kwargs) -> Tensor:
-        # the host class, the library's layer class, defines forward
-        unpatched = partial(super().forward, hidden_states, attention_mask, **kwargs)  # type: ignore[misc]
-        return self.tokenmerge_forward(hidden_states, unpatched, mask=attention_mask, layer_kwargs=kwargs)
+    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
+        # the host class, the library's layer class, defines forward; it gets its arguments as given
+        unpatched = partial(super().forward, hidden_states, *args, **kwargs)  # type: ignore[misc]
+        mask, layer_kwargs = _split_mask(args, kwargs)
+        return self.tokenmerge_forward(hidden_states, unpatched, mask=mask, layer_kwargs=layer_kwargs)
 
 
 class MergingViTLayer(MergingLayer):
-    """ViT and DeiT layers: pre-norm branches, each followed by dropout."""
+    """ViT, DeiT and AST layers: pre-norm branches, each followed by dropout."""
 
-    # What the mixin reads of the ViT or DeiT layer it is mixed into.
+    # What the mixin reads of the ViT, DeiT or AST layer it is mixed into.
     layernorm_before: torch.nn.Module
-    attention: vit.ViTAttention | deit.DeiTAttention
+    attention: vit.ViTAttention | deit.DeiTAttention | ast.ASTAttention
     dropout: torch.nn.Module
     layernorm_after: torch.nn.Module
     mlp: torch.nn.Module
@@ -104,11 +126,11 @@ class MergingCLIPLayer(MergingLayer):
 
 
 class MergingDinov2Layer(MergingLayer):
-    """DINOv2 layers: pre-norm branches scaled by LayerScale, with drop path."""
+    """DINOv2 and DINOv3 layers: pre-norm branches scaled by LayerScale, with drop path."""
 
-    # What the mixin reads of the DINOv2 layer (with or without registers) it is mixed into.
+    # What the mixin reads of the DINOv2 (with or without registers) or DINOv3 layer it is mixed into.
     norm1: torch.nn.Module
-    attention: dinov2.Dinov2Attention | dinov2_registers.Dinov2WithRegistersAttention
+    attention: dinov2.Dinov2Attention | dinov2_registers.Dinov2WithRegistersAttention | dinov3.DINOv3ViTAttention
     layer_scale1: torch.nn.Module
     drop_path: torch.nn.Module
     norm2: torch.nn.Module
@@ -125,6 +147,58 @@ class MergingDinov2Layer(MergingLayer):
         return self.drop_path(self.layer_scale2(self.mlp(self.norm2(x))))
 
 
+class MergingDINOv3Layer(MergingDinov2Layer):
+    """DINOv3 layers: DINOv2's, with rotary embeddings on the patch tokens (the layer's
+    ``position_embeddings``, cosines and sines) that follow the merges by ``rope_rule``
+    (:mod:`tokenmerge.rope`)."""
+
+    #: How a merged token's rotary position is chosen: "destination" or "mean".
+    rope_rule: ClassVar[str] = rope.DEFAULT_RULE
+
+    def tokenmerge_rope(self, x: Tensor, run: Pass, position_embeddings: tuple[Tensor, Tensor]) -> list[Tensor]:
+        """The rotary cosines and sines for the (B, N, C) tokens ``x`` entering this layer,
+        picked as one table so that both follow the same positions."""
+        table = torch.cat(position_embeddings, dim=-1)
+        rows = rope.rope_for_tokens(run, self._tokenmerge_index, table, x, run.num_protected, self.rope_rule)
+        return list(rows.chunk(2, dim=-1))
+
+    def tokenmerge_project(self, x: Tensor, run: Pass, *, mask, layer_kwargs) -> Projected:
+        cos, sin = self.tokenmerge_rope(x, run, layer_kwargs["position_embeddings"])
+        query, key, value, normed = project(self.attention, self.norm1(x))
+        query, key = dinov3.apply_rotary_pos_emb(query, key, cos, sin)
+        return Projected(query, key, value, normed)
+
+    def tokenmerge_attend(self, projected: Projected, size: Optional[Tensor], *, mask, layer_kwargs) -> Tensor:
+        # the queries and keys are rotated already: the attention takes no rotary table
+        kwargs = {name: value for name, value in layer_kwargs.items() if name != "position_embeddings"}
+        return super().tokenmerge_attend(projected, size, mask=mask, layer_kwargs=kwargs)
+
+
+class MergingVideoMAELayer(MergingLayer):
+    """VideoMAE layers: pre-norm branches; the attention's output projection sits in
+    the attention wrapper, the MLP is split over two modules."""
+
+    # What the mixin reads of the VideoMAE layer it is mixed into.
+    layernorm_before: torch.nn.Module
+    attention: videomae.VideoMAEAttention
+    layernorm_after: torch.nn.Module
+    intermediate: torch.nn.Module
+    output: videomae.VideoMAEOutput
+
+    def tokenmerge_project(self, x: Tensor, run: Pass, *, mask, layer_kwargs) -> Projected:
+        attention = self.attention.attention
+        return project_heads(self.layernorm_before(x), attention.attention_head_size,
+                             attention.query, attention.key, attention.value)
+
+    def tokenmerge_attend(self, projected: Projected, size: Optional[Tensor], *, mask, layer_kwargs) -> Tensor:
+        attended = attend(self.attention.attention, projected, size, mask, layer_kwargs)
+        return self.attention.output(attended, projected.extra)
+
+    def tokenmerge_mlp(self, x: Tensor) -> Tensor:
+        # VideoMAEOutput adds the residual itself; the block template adds it
+        return self.output.dropout(self.output.dense(self.intermediate(self.layernorm_after(x))))
+
+
 class AttentionProjections(Protocol):
     """What :func:`project` reads of a transformers attention module."""
 
@@ -135,14 +209,17 @@ class AttentionProjections(Protocol):
 
 
 def project(attention: AttentionProjections, hidden_states: Tensor) -> Projected:
-    """The queries, keys and values (B, heads, N, head_dim) of a transformers attention
-    module over (B, N, C) ``hidden_states``, as its forward computes them; the hidden
-    states ride along for :func:`attend`."""
-    shape = (*hidden_states.shape[:-1], -1, attention.head_dim)
-    query, key, value = (
-        projection(hidden_states).view(shape).transpose(1, 2)
-        for projection in (attention.q_proj, attention.k_proj, attention.v_proj)
-    )
+    """The queries, keys and values of a transformers attention module with ``q_proj``,
+    ``k_proj`` and ``v_proj`` (:func:`project_heads`)."""
+    return project_heads(hidden_states, attention.head_dim, attention.q_proj, attention.k_proj, attention.v_proj)
+
+
+def project_heads(hidden_states: Tensor, head_dim: int, *projections: torch.nn.Module) -> Projected:
+    """The queries, keys and values (B, heads, N, head_dim) that the query, key and value
+    ``projections`` of an attention module make of (B, N, C) ``hidden_states``, as its
+    forward computes them; the hidden states ride along for :func:`attend`."""
+    shape = (*hidden_states.shape[:-1], -1, head_dim)
+    query, key, value = (projection(hidden_states).view(shape).transpose(1, 2) for projection in projections)
     return Projected(query, key, value, hidden_states)
 
 
@@ -174,14 +251,15 @@ class MergingAttention:
     def forward(
         self,
         hidden_states: Tensor,
-        attention_mask: Optional[Tensor] = None,
+        *args,
         tokenmerge_projected: Optional[Projected] = None,
         tokenmerge_size: Optional[Tensor] = None,
         **kwargs,
     ):
         if tokenmerge_projected is None:
             # the host class, the library's attention class, defines forward
-            return super().forward(hidden_states, attention_mask, **kwargs)  # type: ignore[misc]
+            return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
+        attention_mask, kwargs = _split_mask(args, kwargs)
         _check_implementation(self.config._attn_implementation)
         if attention_mask is not None and not _mask_is_transformers_own():
             raise NotImplementedError(
@@ -202,19 +280,19 @@ class MergingAttention:
         out = output_projection(out[..., :head_dim].reshape(*hidden_states.shape[:-1], -1).contiguous())
         return out, weights
 
-    def _tokenmerge_parts(self) -> tuple[float, float, torch.nn.Module]:
+    def _tokenmerge_parts(self) -> tuple[float, float, Callable[[Tensor], Tensor]]:
         """The attention's scaling of the logits, its dropout probability and its output projection."""
         raise NotImplementedError
 
 
 class MergingViTAttention(MergingAttention):
-    """ViT, DeiT and DINOv2 attention."""
+    """ViT, DeiT, DINOv2 and AST attention."""
 
     scaling: float
     attention_dropout: float
     o_proj: torch.nn.Module
 
-    def _tokenmerge_parts(self) -> tuple[float, float, torch.nn.Module]:
+    def _tokenmerge_parts(self) -> tuple[float, float, Callable[[Tensor], Tensor]]:
         return self.scaling, self.attention_dropout, self.o_proj
 
 
@@ -225,8 +303,34 @@ class MergingCLIPAttention(MergingAttention):
     dropout: float
     out_proj: torch.nn.Module
 
-    def _tokenmerge_parts(self) -> tuple[float, float, torch.nn.Module]:
+    def _tokenmerge_parts(self) -> tuple[float, float, Callable[[Tensor], Tensor]]:
         return self.scale, self.dropout, self.out_proj
+
+
+class MergingDINOv3Attention(MergingAttention):
+    """DINOv3 attention."""
+
+    scaling: float
+    dropout: float
+    o_proj: torch.nn.Module
+
+    def _tokenmerge_parts(self) -> tuple[float, float, Callable[[Tensor], Tensor]]:
+        return self.scaling, self.dropout, self.o_proj
+
+
+class MergingVideoMAEAttention(MergingAttention):
+    """VideoMAE self-attention, whose output projection its layer applies."""
+
+    scaling: float
+    dropout_prob: float
+
+    def _tokenmerge_parts(self) -> tuple[float, float, Callable[[Tensor], Tensor]]:
+        return self.scaling, self.dropout_prob, _unprojected
+
+
+def _unprojected(x: Tensor) -> Tensor:
+    """No output projection: the attention's output as it is."""
+    return x
 
 
 # Whether the caller of the tower being exported passed an attention mask, noted by
@@ -264,6 +368,27 @@ def _attention_function(attention: MergingAttention) -> Callable:
     attention logits, which is how the log-size bias reaches the keys."""
     eager = sys.modules[original_class(attention).__module__].eager_attention_forward
     return ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager)
+
+
+class FinalTokens:
+    """The module whose output is a tower's ``last_hidden_state``: its final norm, or its
+    encoder where no norm follows it (CLIP; VideoMAE with mean pooling). The tokens keep
+    their sizes for the heads given them and, with the ``dense`` setting, are spread
+    back over the tokens that entered the first layer."""
+
+    _tokenmerge_state: MergeState
+
+    def forward(self, *args, **kwargs):
+        # the host class, a norm or an encoder, defines forward
+        out = super().forward(*args, **kwargs)
+        if isinstance(out, Tensor):
+            return self._tokenmerge_final(out)
+        out.last_hidden_state = self._tokenmerge_final(out.last_hidden_state)
+        return out
+
+    def _tokenmerge_final(self, tokens: Tensor) -> Tensor:
+        passes = self._tokenmerge_state.passes
+        return passes.unmerged(passes.adopt(tokens))
 
 
 class MergingAttentionPoolingHead:
@@ -312,8 +437,7 @@ class MergingDinov2Classifier:
         outputs = getattr(self, self.base_model_prefix)(pixel_values, attention_mask=attention_mask, **kwargs)
         tokens = outputs.last_hidden_state
         state: MergeState = self._tokenmerge_state
-        run = state.passes.pass_of(tokens)
-        size = None if run is None else run.size
+        size = _sizes_of(state, tokens)
         prefix = state.num_protected
         patch_mean = _mean_over_patches(tokens[:, prefix:], None if size is None else size[:, prefix:])
         logits = self.classifier(torch.cat([tokens[:, 0], patch_mean], dim=1))
@@ -321,6 +445,61 @@ class MergingDinov2Classifier:
         return ImageClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
+
+
+class MergingVideoMAEClassifier:
+    """VideoMAE video classifier whose mean over tokens (``use_mean_pooling``) counts
+    every token as many times as the tubelets it holds; without mean pooling it reads
+    the first token, which is then protected."""
+
+    # What the mixin reads of the VideoMAE classifier it is mixed into.
+    _tokenmerge_state: MergeState
+    videomae: torch.nn.Module
+    fc_norm: Optional[torch.nn.Module]
+    config: PretrainedConfig
+    classifier: torch.nn.Module
+    loss_function: Callable[..., Tensor]
+
+    @can_return_tuple
+    def forward(
+        self, pixel_values: Optional[Tensor] = None, labels: Optional[Tensor] = None, **kwargs
+    ) -> ImageClassifierOutput:
+        outputs = self.videomae(pixel_values, **kwargs)
+        tokens = outputs.last_hidden_state
+        if self.fc_norm is None:
+            pooled = tokens[:, 0]
+        else:
+            pooled = self.fc_norm(_mean_over_patches(tokens, _sizes_of(self._tokenmerge_state, tokens)))
+        logits = self.classifier(pooled)
+        loss = None if labels is None else self.loss_function(labels, logits, self.config, **kwargs)
+        return ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+class MergingVideoMAEEmbeddings:
+    """VideoMAE embeddings, which refuse ``bool_masked_pos`` (masked pretraining) while
+    the model merges: the tokens entering the first layer are then the visible tubelets
+    alone, which the model's token counts do not describe, and whose decoder needs one
+    token per visible tubelet."""
+
+    _tokenmerge_state: MergeState
+
+    def forward(self, pixel_values: Tensor, bool_masked_pos: Optional[Tensor] = None) -> Tensor:
+        if bool_masked_pos is not None and self._tokenmerge_state.merges_anything():
+            raise NotImplementedError(
+                "tokenmerge does not merge the visible tubelets of masked pretraining (bool_masked_pos): pass no "
+                "bool_masked_pos, or set r=0"
+            )
+        # the host class, VideoMAEEmbeddings, defines forward
+        return super().forward(pixel_values, bool_masked_pos)  # type: ignore[misc]
+
+
+def _sizes_of(state: MergeState, tokens: Tensor) -> Optional[Tensor]:
+    """Sizes (B, N, 1) of (B, N, C) ``tokens`` that a pass of the model left, or None
+    while every token stands for one patch."""
+    run = state.passes.pass_of(tokens)
+    return None if run is None else run.size
 
 
 def _mean_over_patches(x: Tensor, size: Optional[Tensor]) -> Tensor:
@@ -331,30 +510,37 @@ def _mean_over_patches(x: Tensor, size: Optional[Tensor]) -> Tensor:
 
 @dataclass(frozen=True)
 class Tower:
-    """Where one vision transformer class keeps its parts, and how they are patched."""
+    """Where one tower class (an image, video or audio transformer) keeps its parts, and how they are patched."""
 
     layers: str  # attribute path of the layer list
     layer: type
     layer_mixin: type[MergingLayer]
-    attention: str  # the layer's attribute holding its attention module
+    attention: str  # attribute path, from the layer, of its attention module
     attention_class: type
     attention_mixin: type
     patch_projection: str  # attribute path, from the embeddings, of the patch convolution
     class_tokens: int  # class and distillation tokens; register tokens are counted from the embeddings
     heads: tuple[str, ...] = ()  # linear heads of the tower itself (may be None)
     attention_pooling_head: bool = False  # a probe that attends to the tokens (SigLIP's ``head``, if used)
+    final: tuple[str, ...] = ("layernorm",)  # attributes of which the first not None makes last_hidden_state
+    mlp: tuple[str, ...] = ("mlp",)  # the layer's modules of the MLP branch; the rest is the attention branch
+    query: str = "q_proj"  # the attention's query projection
+    head_dim: str = "head_dim"  # the attention's attribute holding the head size
+    embeddings_mixin: Optional[type] = None  # for the embeddings, which refuse what they cannot merge
+    mean_pooling: str = ""  # config flag for pooling by mean; without it the first token is pooled, and protected
+    spectrogram: bool = False  # inputs are (time, frequency) spectrograms, which the patch convolution transposes
 
 
 @dataclass(frozen=True)
 class Model:
-    """A supported model class: where its vision tower is and what reads the tokens."""
+    """A supported model class: where its tower is and what reads the tokens."""
 
-    tower: str = ""  # attribute holding its vision tower, "" for the tower itself
+    tower: str = ""  # attribute holding its tower, "" for the tower itself
     heads: tuple[str, ...] = ()  # its linear heads on top of the tower
-    patch_mean_classifier: bool = False  # a classifier on the class token and the mean of the patch tokens
+    pooling: Optional[type] = None  # mixin for the model class itself, whose forward averages tokens
 
 
-class AttentionFields(TypedDict):
+class AttentionFields(TypedDict, total=False):
     """The fields of :class:`Tower` that follow from its attention class."""
 
     attention: str
@@ -373,15 +559,29 @@ TOWERS = {
     deit.DeiTModel: Tower(layers="layers", layer=deit.DeiTLayer, layer_mixin=MergingViTLayer,
                           attention_class=deit.DeiTAttention, class_tokens=2, heads=("pooler",), **VIT_ATTENTION),
     clip.CLIPVisionModel: Tower(layers="encoder.layers", layer=clip.CLIPEncoderLayer, layer_mixin=MergingCLIPLayer,
-                                attention_class=clip.CLIPAttention, class_tokens=1, **CLIP_ATTENTION),
+                                attention_class=clip.CLIPAttention, class_tokens=1, final=("encoder",),
+                                **CLIP_ATTENTION),
     siglip.SiglipVisionModel: Tower(layers="encoder.layers", layer=siglip.SiglipEncoderLayer,
                                     layer_mixin=MergingCLIPLayer, attention_class=siglip.SiglipAttention,
-                                    class_tokens=0, attention_pooling_head=True, **CLIP_ATTENTION),
+                                    class_tokens=0, attention_pooling_head=True, final=("post_layernorm",),
+                                    **CLIP_ATTENTION),
     dinov2.Dinov2Model: Tower(layers="encoder.layer", layer=dinov2.Dinov2Layer, layer_mixin=MergingDinov2Layer,
                               attention_class=dinov2.Dinov2Attention, class_tokens=1, **VIT_ATTENTION),
     dinov2_registers.Dinov2WithRegistersModel: Tower(
         layers="encoder.layer", layer=dinov2_registers.Dinov2WithRegistersLayer, layer_mixin=MergingDinov2Layer,
         attention_class=dinov2_registers.Dinov2WithRegistersAttention, class_tokens=1, **VIT_ATTENTION),
+    dinov3.DINOv3ViTModel: Tower(
+        layers="model.layer", layer=dinov3.DINOv3ViTLayer, layer_mixin=MergingDINOv3Layer, attention="attention",
+        attention_class=dinov3.DINOv3ViTAttention, attention_mixin=MergingDINOv3Attention,
+        patch_projection="patch_embeddings", class_tokens=1, final=("norm",)),
+    videomae.VideoMAEModel: Tower(
+        layers="encoder.layer", layer=videomae.VideoMAELayer, layer_mixin=MergingVideoMAELayer,
+        attention="attention.attention", attention_class=videomae.VideoMAESelfAttention,
+        attention_mixin=MergingVideoMAEAttention, patch_projection="patch_embeddings.projection", class_tokens=0,
+        final=("layernorm", "encoder"), mlp=("intermediate", "output"), query="query",
+        head_dim="attention_head_size", embeddings_mixin=MergingVideoMAEEmbeddings, mean_pooling="use_mean_pooling"),
+    ast.ASTModel: Tower(layers="layers", layer=ast.ASTLayer, layer_mixin=MergingViTLayer,
+                        attention_class=ast.ASTAttention, class_tokens=2, spectrogram=True, **VIT_ATTENTION),
 }
 
 MODELS: dict[type, Model] = {
@@ -392,9 +592,13 @@ MODELS: dict[type, Model] = {
                                                       heads=("cls_classifier", "distillation_classifier")),
     clip.CLIPVisionModelWithProjection: Model(tower="vision_model", heads=("visual_projection",)),
     clip.CLIPModel: Model(tower="vision_model", heads=("visual_projection",)),
-    dinov2.Dinov2ForImageClassification: Model(tower="dinov2", heads=("classifier",), patch_mean_classifier=True),
+    dinov2.Dinov2ForImageClassification: Model(tower="dinov2", heads=("classifier",),
+                                               pooling=MergingDinov2Classifier),
     dinov2_registers.Dinov2WithRegistersForImageClassification: Model(
-        tower="dinov2_with_registers", heads=("classifier",), patch_mean_classifier=True),
+        tower="dinov2_with_registers", heads=("classifier",), pooling=MergingDinov2Classifier),
+    videomae.VideoMAEForVideoClassification: Model(tower="videomae", heads=("classifier",),
+                                                   pooling=MergingVideoMAEClassifier),
+    ast.ASTForAudioClassification: Model(tower="audio_spectrogram_transformer", heads=("classifier",)),
 }
 
 
@@ -404,7 +608,7 @@ def _model_class(model: torch.nn.Module) -> type:
 
 
 def _tower(model: torch.nn.Module) -> PreTrainedModel:
-    """The model's vision tower, one of the classes in :data:`TOWERS` once :meth:`TransformersAdapter.check` passed."""
+    """The model's tower, one of the classes in :data:`TOWERS` once :meth:`TransformersAdapter.check` passed."""
     name = MODELS[_model_class(model)].tower
     return cast(PreTrainedModel, model.get_submodule(name) if name else model)
 
@@ -413,31 +617,76 @@ def _layers(tower: torch.nn.Module) -> torch.nn.ModuleList:
     return cast(torch.nn.ModuleList, tower.get_submodule(TOWERS[type(tower)].layers))
 
 
-def _patch_projection(tower: torch.nn.Module) -> torch.nn.Conv2d:
-    """The convolution of the tower's embeddings that makes the patch tokens."""
+def _attentions(tower: torch.nn.Module) -> list[torch.nn.Module]:
+    """The attention module of every layer, the one the attention mixin patches."""
+    return [layer.get_submodule(TOWERS[type(tower)].attention) for layer in _layers(tower)]
+
+
+def _patch_projection(tower: torch.nn.Module) -> torch.nn.Conv2d | torch.nn.Conv3d:
+    """The convolution of the tower's embeddings that makes the patch (or tubelet) tokens."""
     embeddings = tower.get_submodule("embeddings")
-    return cast(torch.nn.Conv2d, embeddings.get_submodule(TOWERS[type(tower)].patch_projection))
+    return cast(torch.nn.Conv2d | torch.nn.Conv3d, embeddings.get_submodule(TOWERS[type(tower)].patch_projection))
+
+
+def _final(tower: torch.nn.Module) -> torch.nn.Module:
+    """The module whose output is the tower's ``last_hidden_state``."""
+    return next(getattr(tower, name) for name in TOWERS[type(tower)].final if getattr(tower, name) is not None)
 
 
 def _num_prefix_tokens(tower: torch.nn.Module) -> int:
-    """Class, distillation and register tokens: they come first and are never merged."""
+    """Class, distillation and register tokens: the embeddings put them before the patch tokens."""
     registers = getattr(tower.embeddings, "register_tokens", None)
     return TOWERS[type(tower)].class_tokens + (0 if registers is None else registers.shape[1])
 
 
+def _num_protected(tower: torch.nn.Module) -> int:
+    """The prefix tokens, and a first patch token that is pooled: they are never merged."""
+    spec = TOWERS[type(tower)]
+    pooled_first = bool(spec.mean_pooling) and not getattr(tower.config, spec.mean_pooling)
+    return _num_prefix_tokens(tower) + pooled_first
+
+
+def _input_size(tower: PreTrainedModel) -> tuple[int, int]:
+    """The sizes of the last two dimensions of one input the tower is configured for:
+    an image's or a video frame's (height, width), a spectrogram's (time, frequency)."""
+    config = tower.config
+    if TOWERS[type(tower)].spectrogram:
+        return config.max_length, config.num_mel_bins
+    size = config.image_size
+    return (size, size) if isinstance(size, int) else (size[0], size[1])
+
+
+def _num_patches(tower: PreTrainedModel, size: Optional[tuple[int, int]]) -> int:
+    """The patch tokens the tower's patch convolution makes of an input whose last two
+    dimensions are ``size`` (:func:`_input_size`, the configured one for None); of a
+    video, over its configured frames."""
+    projection = _patch_projection(tower)
+    size = _input_size(tower) if size is None else size
+    extents: tuple[int, ...] = size[::-1] if TOWERS[type(tower)].spectrogram else size
+    if isinstance(projection, torch.nn.Conv3d):
+        extents = (tower.config.num_frames, *extents)
+    return math.prod((extent - kernel) // stride + 1
+                     for extent, kernel, stride in zip(extents, projection.kernel_size, projection.stride))
+
+
 def _pooling(model: torch.nn.Module) -> list[tuple[torch.nn.Module, type]]:
-    """The modules that pool tokens and must weigh them by size, with their mixins."""
+    """The modules that hand on or pool the final tokens, with their mixins."""
     tower = _tower(model)
-    found: list[tuple[torch.nn.Module, type]] = []
-    if MODELS[_model_class(model)].patch_mean_classifier:
-        found += [(tower.get_submodule("layernorm"), KeepsSizes), (model, MergingDinov2Classifier)]
+    found: list[tuple[torch.nn.Module, type]] = [(_final(tower), FinalTokens)]
+    pooling = MODELS[_model_class(model)].pooling
+    if pooling is not None:
+        found.append((model, pooling))
     if TOWERS[type(tower)].attention_pooling_head and tower.use_head:
-        siglip_tower = cast(siglip.SiglipVisionModel, tower)
-        found += [(siglip_tower.post_layernorm, KeepsSizes), (siglip_tower.head, MergingAttentionPoolingHead)]
+        found.append((cast(siglip.SiglipVisionModel, tower).head, MergingAttentionPoolingHead))
     return found
 
 
 class TransformersAdapter(Adapter):
+    """The adapter of transformers' towers. For a VideoMAE model, :meth:`input_size` is
+    the (height, width) of its frames, and the token counts are for its configured
+    number of frames; for an AST model, it is the (time, frequency) size of its
+    spectrograms, the last two dimensions of its ``input_values``."""
+
     supported = SUPPORTED
 
     def check(self, model: torch.nn.Module) -> None:
@@ -445,9 +694,7 @@ class TransformersAdapter(Adapter):
             raise TypeError(f"tokenmerge does not support transformers' {type(model).__name__}. Supported: {SUPPORTED}")
         tower = _tower(model)
         if type(tower) not in TOWERS:
-            raise TypeError(
-                f"tokenmerge does not support vision tower class {type(tower).__name__}. Supported: {SUPPORTED}"
-            )
+            raise TypeError(f"tokenmerge does not support tower class {type(tower).__name__}. Supported: {SUPPORTED}")
         spec = TOWERS[type(tower)]
         for index, layer in enumerate(_layers(tower)):
             if type(layer) is not spec.layer:
@@ -455,7 +702,7 @@ class TransformersAdapter(Adapter):
                     f"tokenmerge does not support layer class {type(layer).__name__} ({spec.layers}.{index}). "
                     f"Supported: {SUPPORTED}"
                 )
-            attention = getattr(layer, spec.attention)
+            attention = layer.get_submodule(spec.attention)
             if type(attention) is not spec.attention_class:
                 raise TypeError(
                     f"tokenmerge does not support attention class {type(attention).__name__} "
@@ -476,12 +723,15 @@ class TransformersAdapter(Adapter):
         return TOWERS[type(_tower(model))].layer_mixin
 
     def num_protected(self, model: torch.nn.Module) -> int:
-        return _num_prefix_tokens(_tower(model))
+        return _num_protected(_tower(model))
 
     def mixins(self, model: torch.nn.Module) -> list[tuple[torch.nn.Module, type]]:
-        spec = TOWERS[type(_tower(model))]
-        attentions = [(getattr(layer, spec.attention), spec.attention_mixin) for layer in self.blocks(model)]
-        return attentions + _pooling(model)
+        tower = _tower(model)
+        spec = TOWERS[type(tower)]
+        found = [(attention, spec.attention_mixin) for attention in _attentions(tower)]
+        if spec.embeddings_mixin is not None:
+            found.append((tower.get_submodule("embeddings"), spec.embeddings_mixin))
+        return found + _pooling(model)
 
     def pre_hooks(self, model: torch.nn.Module) -> list[tuple[torch.nn.Module, Callable]]:
         tower = _tower(model)
@@ -491,40 +741,33 @@ class TransformersAdapter(Adapter):
         return [(tower, partial(_note_callers_mask, parameters.index("attention_mask") - 1))]
 
     def input_size(self, model: torch.nn.Module) -> tuple[int, int]:
-        size = _tower(model).config.image_size
-        return (size, size) if isinstance(size, int) else tuple(size)
+        return _input_size(_tower(model))
 
     def token_layout(self, model: torch.nn.Module, img_size: Optional[tuple[int, int]] = None) -> tuple[int, int]:
         tower = _tower(model)
-        projection = _patch_projection(tower)
-        height, width = self.input_size(model) if img_size is None else img_size
-        rows = (height - projection.kernel_size[0]) // projection.stride[0] + 1
-        columns = (width - projection.kernel_size[1]) // projection.stride[1] + 1
-        prefix = _num_prefix_tokens(tower)
-        return rows * columns + prefix, prefix
+        return _num_patches(tower, img_size) + _num_prefix_tokens(tower), _num_protected(tower)
 
     def flop_shape(self, model: torch.nn.Module, img_size: Optional[tuple[int, int]] = None) -> FlopShape:
         tower = _tower(model)
         spec = TOWERS[type(tower)]
-        layers = _layers(tower)
-        attentions = [getattr(layer, spec.attention) for layer in layers]
+        layers, attentions = _layers(tower), _attentions(tower)
         projection = _patch_projection(tower)
-        num_tokens, prefix = self.token_layout(model, img_size)
+        num_patches = _num_patches(tower, img_size)
         heads = [getattr(tower, name) for name in spec.heads]
         heads += [getattr(model, name) for name in MODELS[_model_class(model)].heads]
         head = sum(linear_flops_per_token(module) for module in heads if module is not None)
-        mlp_linear = [linear_flops_per_token(layer.get_submodule("mlp")) for layer in layers]
+        mlp_linear = [sum(linear_flops_per_token(layer.get_submodule(name)) for name in spec.mlp) for layer in layers]
         head_per_token = 0
         if TOWERS[type(tower)].attention_pooling_head and tower.use_head:
             per_image, head_per_token = _pooling_head_flops(cast(siglip.SiglipVisionModel, tower).head)
             head += per_image
         return FlopShape(
-            stem=(num_tokens - prefix) * 2 * projection.weight[0].numel() * projection.out_channels,
+            stem=num_patches * 2 * projection.weight[0].numel() * projection.out_channels,
             head=head,
-            attention_linear=tuple(linear_flops_per_token(attention) for attention in attentions),
+            attention_linear=tuple(linear_flops_per_token(layer) - mlp for layer, mlp in zip(layers, mlp_linear)),
             mlp_linear=tuple(mlp_linear),
-            attention_width=tuple(attention.q_proj.out_features for attention in attentions),
-            key_size=tuple(attention.head_dim for attention in attentions),
+            attention_width=tuple(getattr(attention, spec.query).out_features for attention in attentions),
+            key_size=tuple(getattr(attention, spec.head_dim) for attention in attentions),
             head_per_token=head_per_token,
         )
 
