@@ -81,7 +81,7 @@ def test_onnx_runtime_gives_the_eager_outputs_on_real_photographs(library, r, ti
 def test_onnx_runtime_runners_give_the_eager_outputs_of_every_setting():
     model = timm.create_model("vit_tiny_patch16_224", depth=2, img_size=64).eval()
     settings = [Setting(UNPATCHED), Setting("r=4", 4), Setting("cut r=4", 4, "cut")]
-    runners, seconds = onnx_runners(model, settings, (64, 64))
+    runners, seconds = onnx_runners(model, settings, (3, 64, 64))
     assert not tokenmerge.is_applied(model), "the model is left unpatched"
     assert set(runners) == set(seconds) == {s.name for s in settings} and min(seconds.values()) > 0
     photographs = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))

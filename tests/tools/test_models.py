@@ -54,6 +54,53 @@ def test_eval_a_transformers_classifier(transformers_folder, class_folder, tmp_p
     assert rows["r=0"]["top1_correct"] == rows["unpatched"]["top1_correct"]
 
 
+def _video_and_audio_folders(root):
+    """A small VideoMAEForVideoClassification and ASTForAudioClassification, written by save_pretrained."""
+    transformers = pytest.importorskip("transformers")
+    small = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96,
+                 num_labels=len(CLASSES))
+    video = transformers.VideoMAEConfig(image_size=32, patch_size=8, num_frames=4, tubelet_size=2, **small)
+    audio = transformers.ASTConfig(max_length=48, num_mel_bins=32, patch_size=8, frequency_stride=8, time_stride=8,
+                                   **small)
+    folders = {}
+    for kind, model in (("video", transformers.VideoMAEForVideoClassification(video)),
+                        ("audio", transformers.ASTForAudioClassification(audio))):
+        folders[kind] = root / kind
+        model.save_pretrained(folders[kind])
+    return folders
+
+
+@pytest.fixture(scope="module")
+def video_and_audio_folders(tmp_path_factory):
+    return _video_and_audio_folders(tmp_path_factory.mktemp("hf-media"))
+
+
+@pytest.mark.parametrize("kind, shape, tokens", [("video", (4, 3, 32, 32), 32), ("audio", (48, 32), 2 + 24)])
+def test_bench_and_export_take_video_and_audio_models_with_random_inputs(video_and_audio_folders, kind, shape, tokens,
+                                                                         tmp_path):
+    folder = video_and_audio_folders[kind]
+    model = load_model("transformers", str(folder))
+    assert model.input_shape == shape and model.num_classes == len(CLASSES)
+    output = tmp_path / "bench.json"
+    assert main(["bench", "--library", "transformers", "--model", str(folder), "--r", "0,2", "--cut-limit",
+                 "--output", str(output), *FAST]) == 0
+    rows = bench_rows(output)
+    assert rows["unpatched"]["tokens_left"] == tokens and rows["r=2"]["tokens_left"] == tokens - 4
+    assert rows["r=2"]["gflops"] == pytest.approx(rows["r=2"]["counted_gflops"], rel=0.03)
+    assert "cut r=2" in rows
+    pytest.importorskip("onnxruntime")
+    assert main(["export", "--library", "transformers", "--model", str(folder), "--r", "2",
+                 "--output", str(tmp_path / "model.onnx")]) == 0
+
+
+def test_commands_that_read_images_refuse_video_models_in_one_line(video_and_audio_folders, class_folder, capsys):
+    root, class_map = class_folder
+    assert main(["eval", "--library", "transformers", "--model", str(video_and_audio_folders["video"]),
+                 "--data", str(root), "--class-map", str(class_map)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' own weight-loading bar
+    assert error.startswith("tokenmerge eval: error:") and "takes video inputs" in error and "tokenmerge bench" in error
+
+
 def test_bench_a_torchvision_model(tmp_path):
     output = tmp_path / "bench.json"
     assert main(["bench", "--library", "torchvision", "--model", "vit_b_32", "--r", "0,4", "--output", str(output),

@@ -30,7 +30,7 @@ from tokenmerge.flops import count_flops
 from tokenmerge.state import CappedRWarning
 
 from . import options
-from .models import load_model, unwrap
+from .models import load_model, sample_shape, takes_images, unwrap
 from .onnx_files import export_onnx, onnx_session, require_onnx, session_runner
 from .reports import check_output_path, describe_environment, environment, format_table, run_record, write_rows
 from .settings import (
@@ -121,13 +121,13 @@ def prepare_runners(
 
 
 def onnx_runners(
-    model: torch.nn.Module, settings: Sequence[Setting], img_size: tuple[int, int], progress: bool = False,
+    model: torch.nn.Module, settings: Sequence[Setting], shape: tuple[int, ...], progress: bool = False,
     static_batch: Optional[int] = None,
 ) -> tuple[dict[str, Callable[[torch.Tensor], torch.Tensor]], dict[str, float]]:
     """Every setting of ``model`` exported to ONNX with a dynamic batch (or for
-    ``static_batch`` images only) and loaded into an ONNX Runtime session on the CPU,
-    as a function of images; and the seconds each export and session took."""
-    example = torch.randn(static_batch or 2, 3, *img_size)
+    ``static_batch`` inputs only) and loaded into an ONNX Runtime session on the CPU,
+    as a function of inputs of ``shape``; and the seconds each export and session took."""
+    example = torch.randn(static_batch or 2, *shape)
     runners, seconds = {}, {}
     with tempfile.TemporaryDirectory(prefix="tokenmerge-bench-") as directory:
         for index, setting in enumerate(tqdm(settings, desc="exporting to ONNX", disable=not progress)):
@@ -148,16 +148,17 @@ def first_calls(runners: dict[str, Callable[[torch.Tensor], torch.Tensor]], inpu
 
 
 def check_input_size(
-    model: torch.nn.Module, img_size: tuple[int, int], device: torch.device, dtype: torch.dtype
+    model: torch.nn.Module, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
 ) -> None:
-    """One image of ``img_size`` through the unpatched model, so that a size the model
+    """One input of ``shape`` through the unpatched model, so that a size the model
     cannot take is a one-line error before any timing."""
     try:
         with torch.inference_mode():
-            model(torch.zeros(1, 3, *img_size, device=device, dtype=dtype))
+            model(torch.zeros(1, *shape, device=device, dtype=dtype))
     except (AssertionError, RuntimeError, ValueError) as error:
         reason = " ".join(str(error).split())[:200]
-        raise ValueError(f"the model cannot take {img_size[0]}x{img_size[1]} inputs ({reason}); give the size it "
+        size = "x".join(str(side) for side in shape[1:]) if len(shape) == 3 else "x".join(map(str, shape))
+        raise ValueError(f"the model cannot take {size} inputs ({reason}); give the size it "
                          "was built for, or build it for this one (--img-size builds timm models for it)") from None
 
 
@@ -220,16 +221,17 @@ def benchmark_settings(
     network = unwrap(model)
     adapter = find_adapter(network)
     adapter.check(network)
-    img_size = tuple(img_size or adapter.input_size(network))
+    shape = sample_shape(model, img_size)
+    img_size = tuple(shape[1:]) if takes_images(model) else None  # the token counts of other inputs are the model's
     counts = {s.name: tokenmerge.token_counts(network, r=s.r or 0, img_size=img_size) for s in settings}  # validates r
     model = model.to(device=device, dtype=dtype)
-    check_input_size(model, img_size, device, dtype)
+    check_input_size(model, shape, device, dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CappedRWarning)
-        inputs = torch.randn(batch_size, 3, *img_size, device=device, dtype=dtype)
+        inputs = torch.randn(batch_size, *shape, device=device, dtype=dtype)
         counted = counted_flops(model, settings, inputs[:1])
         if runtime == "onnxruntime":
-            runners, export_seconds = onnx_runners(model, settings, img_size, progress)
+            runners, export_seconds = onnx_runners(model, settings, shape, progress)
         else:
             runners, export_seconds = prepare_runners(model, settings, compile_model, amp), {}
         compile_seconds = first_calls(runners, inputs) if compile_model else {}

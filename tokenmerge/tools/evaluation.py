@@ -41,7 +41,7 @@ from . import options
 from .accuracy import correct_predictions, disagreements, kl_divergence_sum
 from .data import NO_LABEL, Batch, TolerantImageFiles, Unreadable, balanced_subset, folder_samples, read_class_map
 from .distributed import combine, first_process, gather_objects, process_group, rank, shard_loader, world_size
-from .models import ImageModel, load_model, unwrap, with_zero_shot_head
+from .models import ImageModel, load_model, require_images, unwrap, with_zero_shot_head
 from .reports import (
     check_figure_path,
     check_output_path,
@@ -343,6 +343,7 @@ def classifier(args: argparse.Namespace, progress: bool = True) -> ImageModel:
     ImageNet-1k class names, or over the names of the class map."""
     model = load_model(args.library, args.model, args.checkpoint, num_classes=args.num_classes,
                        model_kwargs=args.model_kwargs, img_size=args.img_size)
+    require_images(model, getattr(args, "command", "eval"))
     if model.num_classes is None and args.library == "open_clip":
         from open_clip import IMAGENET_CLASSNAMES
 

@@ -8,10 +8,9 @@ import argparse
 import torch
 
 from tokenmerge import schedule as schedules
-from tokenmerge.adapters import find_adapter
 
 from . import options
-from .models import load_model, unwrap
+from .models import load_model, sample_shape, unwrap
 from .onnx_files import export_onnx, onnx_difference, require_onnx
 from .reports import check_output_path
 from .settings import Setting, cap_notes, check_schedule_files, configure, largest_r, tuned_variant, variant
@@ -54,14 +53,14 @@ def run(args: argparse.Namespace) -> None:
     for text in cap_notes(network, [setting]):
         options.note("export", text)
     configure(network, setting)
-    height, width = find_adapter(network).input_size(network)
-    export_onnx(model, args.output, torch.randn(args.batch_size, 3, height, width), not args.static_batch)
+    shape = sample_shape(model)
+    export_onnx(model, args.output, torch.randn(args.batch_size, *shape), not args.static_batch)
     shown = "unpatched" if r == 0 else f"{name} r={schedules.describe(r)}"
     print(f"{args.model} ({model.weights or 'random weights'}), {shown}: wrote {args.output}"
           f" ({'batch ' + str(args.batch_size) if args.static_batch else 'dynamic batch'})", flush=True)
     if args.check:
         sizes = [args.batch_size] if args.static_batch else [1, args.batch_size + 1]
-        worst = max(onnx_difference(args.output, model, torch.randn(b, 3, height, width)) for b in sizes)
+        worst = max(onnx_difference(args.output, model, torch.randn(b, *shape)) for b in sizes)
         print(f"ONNX Runtime against eager PyTorch, batch {' and '.join(map(str, sizes))}: "
               f"max abs difference {worst:.2e}", flush=True)
 

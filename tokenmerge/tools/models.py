@@ -2,7 +2,10 @@
 
 Every library's model comes wrapped as an :class:`ImageModel`: images in, one tensor
 out (class logits where the model classifies, image embeddings otherwise), with the
-evaluation transform of the model's own library. Token merging is applied to the
+evaluation transform of the model's own library. Video and audio models (transformers'
+VideoMAE and AST) come wrapped the same way, their inputs a video or a spectrogram
+(``input_shape``) and without a transform: the commands that read image files refuse
+them (:func:`require_images`), ``bench`` and ``export`` feed them random inputs. Token merging is applied to the
 wrapped ``network`` (see :func:`unwrap`), since that is what the adapters know.
 
 Every problem with a model or its weights is found here, before any image is
@@ -31,7 +34,9 @@ class ImageModel(torch.nn.Module):
 
     ``num_classes`` is the number of classes of its output, or None when the output
     is an embedding; ``transform`` turns a PIL image into the model's input tensor;
-    ``weights`` says where its weights came from (None: random)."""
+    ``weights`` says where its weights came from (None: random); ``input_shape`` is
+    the shape of one input where it is not an image (a video: frames, channels,
+    height, width; a spectrogram: time, frequency), with ``input_kind`` naming it."""
 
     def __init__(
         self,
@@ -40,6 +45,8 @@ class ImageModel(torch.nn.Module):
         transform: Optional[Callable] = None,
         num_classes: Optional[int] = None,
         weights: Optional[str] = None,
+        input_shape: Optional[tuple[int, ...]] = None,
+        input_kind: str = "image",
     ):
         super().__init__()
         self.network = network
@@ -47,6 +54,8 @@ class ImageModel(torch.nn.Module):
         self.transform = transform
         self.num_classes = num_classes
         self.weights = weights
+        self.input_shape = input_shape
+        self.input_kind = input_kind
 
     def forward(self, images: Tensor) -> Tensor:
         return self.output(self.network, images)
@@ -55,6 +64,28 @@ class ImageModel(torch.nn.Module):
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The model token merging applies to: the ``network`` of an :class:`ImageModel`."""
     return model.network if isinstance(model, ImageModel) else model
+
+
+def sample_shape(model: torch.nn.Module, img_size: Optional[tuple[int, int]] = None) -> tuple[int, ...]:
+    """The shape of one input of ``model``: its video or spectrogram shape, or an RGB
+    image of ``img_size`` (default: the size the model is built for)."""
+    shape = getattr(model, "input_shape", None)
+    if shape is not None:
+        return tuple(shape)
+    network = unwrap(model)
+    return (3, *(img_size or find_adapter(network).input_size(network)))
+
+
+def takes_images(model: torch.nn.Module) -> bool:
+    return getattr(model, "input_shape", None) is None
+
+
+def require_images(model: torch.nn.Module, command: str) -> None:
+    """A one-line error for a video or audio model given to a command that reads images."""
+    if not takes_images(model):
+        kind = getattr(model, "input_kind", "non-image")
+        raise ValueError(f"tokenmerge {command} reads image files, and this model takes {kind} inputs; "
+                         "tokenmerge bench and tokenmerge export take it (with random inputs)")
 
 
 def load_model(
@@ -240,6 +271,26 @@ def _logits(network: torch.nn.Module, images: Tensor) -> Tensor:
     return network(pixel_values=images).logits
 
 
+def _audio_logits(network: torch.nn.Module, spectrograms: Tensor) -> Tensor:
+    return network(input_values=spectrograms).logits
+
+
+def _audio_pooled(network: torch.nn.Module, spectrograms: Tensor) -> Tensor:
+    return network(input_values=spectrograms).pooler_output
+
+
+def _video_features(network: torch.nn.Module, videos: Tensor) -> Tensor:
+    """VideoMAEModel's tokens (it has no pooler), averaged as its classifier averages them."""
+    return network(pixel_values=videos).last_hidden_state.mean(dim=1)
+
+
+#: transformers model types whose inputs are not images: (input kind, input shape from the config).
+_NOT_IMAGES: dict[str, tuple[str, Callable[[Any], tuple[int, ...]]]] = {
+    "videomae": ("video", lambda c: (c.num_frames, c.num_channels, c.image_size, c.image_size)),
+    "audio-spectrogram-transformer": ("spectrogram", lambda c: (c.max_length, c.num_mel_bins)),
+}
+
+
 def _image_features(network: torch.nn.Module, images: Tensor) -> Tensor:
     features = network.get_image_features(pixel_values=images)
     return features if isinstance(features, Tensor) else features.pooler_output
@@ -266,11 +317,16 @@ def transformers_model(name: str, checkpoint: Optional[Path], num_classes: Optio
             "folder written by save_pretrained (config.json and weights)"
         ) from None
     architecture = (config.architectures or [""])[0]
-    classifier = architecture.endswith("ImageClassification") or architecture.endswith("ImageClassificationWithTeacher")
+    kind, shape_of = _NOT_IMAGES.get(config.model_type, ("image", None))
+    classifier = architecture.endswith(("ImageClassification", "ImageClassificationWithTeacher",
+                                        "VideoClassification", "AudioClassification"))
     if num_classes is not None and (not classifier or num_classes != config.num_labels):
         has = f"{config.num_labels} classes" if classifier else "no classifier"
         raise ValueError(f"--num-classes {num_classes}: the transformers model {source} has {has}")
-    auto = transformers.AutoModelForImageClassification if classifier else transformers.AutoModel
+    autos = {"image": transformers.AutoModelForImageClassification,
+             "video": transformers.AutoModelForVideoClassification,
+             "spectrogram": transformers.AutoModelForAudioClassification}
+    auto = autos[kind] if classifier else transformers.AutoModel
     weights = checkpoint is not None or Path(name).is_dir()
     try:
         network = auto.from_pretrained(source, config=config) if weights else auto.from_config(config)
@@ -284,10 +340,14 @@ def transformers_model(name: str, checkpoint: Optional[Path], num_classes: Optio
         reason = " ".join(str(error).split())[:300]
         raise ValueError(f"cannot load the weights of transformers model {source!r}: {reason}") from None
     if classifier:
-        output, classes = _logits, network.config.num_labels
+        output, classes = _audio_logits if kind == "spectrogram" else _logits, network.config.num_labels
+    elif kind != "image":
+        output, classes = _audio_pooled if kind == "spectrogram" else _video_features, None
     else:
         output = _image_features if hasattr(network, "get_image_features") else _pooled
         classes = None
+    if shape_of is not None:
+        return ImageModel(network, output, None, classes, source if weights else None, shape_of(config), kind)
     return ImageModel(network, output, _transformers_transform(source), classes, source if weights else None)
 
 

@@ -41,7 +41,7 @@ from tokenmerge.adapters import find_adapter
 
 from . import options
 from .data import TolerantImageFiles, balanced_subset, collate_readable, folder_samples
-from .models import load_model, unwrap
+from .models import load_model, require_images, unwrap
 from .reports import check_output_path, environment
 from .settings import merging, variant, variants
 from .tuning.search import Space
@@ -166,6 +166,7 @@ def run(args: argparse.Namespace) -> None:
     found = folder_samples(args.data, labels=False)  # a missing or empty folder fails before the model loads
     model = load_model(args.library, args.model, args.checkpoint, num_classes=args.num_classes,
                        model_kwargs=args.model_kwargs, img_size=args.img_size)
+    require_images(model, "tune")
     model = model.eval().to(device)
     network = unwrap(model)
     space = Space(network, tuple(find_adapter(network).input_size(network)))
