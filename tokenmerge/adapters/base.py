@@ -114,17 +114,6 @@ class Adapter(ABC):
                 module.__dict__.pop(name, None)
 
 
-class KeepsSizes:
-    """Mixin for a module that changes the tokens of the last block one by one (a final
-    norm before a pooling head): its output keeps their sizes."""
-
-    _tokenmerge_state: MergeState
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        # the host module class (a norm) defines forward
-        return self._tokenmerge_state.passes.adopt(super().forward(input))  # type: ignore[misc]
-
-
 def enclosing_modules(model: nn.Module, blocks: Sequence[nn.Module]) -> list[nn.Module]:
     """``model`` and every module between it and its blocks: a call of any of them runs
     blocks, and :func:`tokenmerge.remove` lets such calls in other threads finish."""
