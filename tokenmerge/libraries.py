@@ -16,7 +16,9 @@ from typing import Optional
 @dataclass(frozen=True)
 class Library:
     """``name`` is the top-level package its model classes come from; ``extra`` the
-    tokenmerge extra that installs it (None: installed with tokenmerge); ``adapter``
+    tokenmerge extra that installs it (None: installed with tokenmerge), spelled as the
+    package metadata spells it (lower case, ``-`` for ``_``), which is what pips
+    before 23.3 match exactly; ``adapter``
     the module that defines its ``ADAPTER``; ``loader`` the ``module:function`` that
     builds one of its models by name for the tools."""
 
@@ -34,7 +36,7 @@ LIBRARIES: dict[str, Library] = {
                 "tokenmerge.tools.models:transformers_model"),
         Library("torchvision", "torchvision", "tokenmerge.adapters.torchvision",
                 "tokenmerge.tools.models:torchvision_model"),
-        Library("open_clip", "open_clip", "tokenmerge.adapters.open_clip", "tokenmerge.tools.models:open_clip_model"),
+        Library("open_clip", "open-clip", "tokenmerge.adapters.open_clip", "tokenmerge.tools.models:open_clip_model"),
     )
 }
 

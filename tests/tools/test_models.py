@@ -183,4 +183,4 @@ assert main(["bench", "--library", "open_clip", "--model", "ViT-B-32"]) == 2
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "pip install" in result.stderr and '[open_clip]"' in result.stderr
+    assert "pip install" in result.stderr and '[open-clip]"' in result.stderr
