@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from tqdm import tqdm
 
 import tokenmerge
 from tokenmerge import schedule as schedules
@@ -32,6 +31,7 @@ from tokenmerge.state import CappedRWarning
 from . import options
 from .models import load_model, sample_shape, takes_images, unwrap
 from .onnx_files import export_onnx, onnx_session, require_onnx, session_runner
+from .progress import ProgressBar
 from .reports import check_output_path, describe_environment, environment, format_table, run_record, write_rows
 from .settings import (
     UNPATCHED,
@@ -130,7 +130,7 @@ def onnx_runners(
     example = torch.randn(static_batch or 2, *shape)
     runners, seconds = {}, {}
     with tempfile.TemporaryDirectory(prefix="tokenmerge-bench-") as directory:
-        for index, setting in enumerate(tqdm(settings, desc="exporting to ONNX", disable=not progress)):
+        for index, setting in enumerate(ProgressBar(settings, desc="exporting to ONNX", disable=not progress)):
             start = time.perf_counter()
             configure(model, setting)
             path = export_onnx(model, Path(directory) / f"setting{index}.onnx", example, static_batch is None)

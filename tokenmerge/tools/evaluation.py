@@ -31,7 +31,6 @@ from typing import Optional
 
 import torch
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 import tokenmerge
 from tokenmerge import schedule as schedules
@@ -42,6 +41,7 @@ from .accuracy import correct_predictions, disagreements, kl_divergence_sum
 from .data import NO_LABEL, Batch, TolerantImageFiles, Unreadable, balanced_subset, folder_samples, read_class_map
 from .distributed import combine, first_process, gather_objects, process_group, rank, shard_loader, world_size
 from .models import ImageModel, load_model, require_images, unwrap, with_zero_shot_head
+from .progress import ProgressBar
 from .reports import (
     check_figure_path,
     check_output_path,
@@ -154,7 +154,7 @@ def tally_batches(
     tallies = {setting.name: Tally() for setting in settings}
     unreadable: list[Unreadable] = []
     description = "evaluating" if world_size() == 1 else f"evaluating, share of process {rank()}"
-    with torch.inference_mode(), tqdm(total=total, desc=description, unit="img", disable=not progress) as bar:
+    with torch.inference_mode(), ProgressBar(total=total, desc=description, unit="img", disable=not progress) as bar:
         for turn, (images, labels, failed) in enumerate(batches):
             unreadable += failed
             if images is not None:

@@ -7,7 +7,8 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
-from tqdm import tqdm
+
+from .progress import ProgressBar
 
 #: An interquartile range above this share of the median makes a timing untrustworthy.
 TRUSTED_SPREAD_PERCENT = 10.0
@@ -39,7 +40,7 @@ def time_interleaved(
     (runner 1, runner 2, ..., runner 1, ...), after ``warmup`` untimed rounds."""
     times: dict[str, list[float]] = {name: [] for name in runners}
     total = (runs + warmup) * len(runners)
-    with torch.inference_mode(), tqdm(total=total, disable=not progress, desc=description, unit="pass") as bar:
+    with torch.inference_mode(), ProgressBar(total=total, disable=not progress, desc=description, unit="pass") as bar:
         for round_index in range(warmup + runs):
             for name, run in runners.items():
                 _, seconds = timed(run, inputs)

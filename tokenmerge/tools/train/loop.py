@@ -21,7 +21,6 @@ from typing import Any, Optional
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 import tokenmerge
 from tokenmerge import schedule as schedules
@@ -31,6 +30,7 @@ from ..data import Batch, TolerantImageFiles, Unreadable
 from ..distributed import combine, gather_objects, process_group, rank, shard_loader, world_size
 from ..models import create_timm_model
 from ..options import default_workers, note
+from ..progress import ProgressBar
 from ..reports import describe_environment, environment
 from ..settings import Setting, cap_notes
 from .checkpoints import CHECKPOINT_PREFIX, Progress, resume, save_checkpoint
@@ -149,7 +149,7 @@ def train_epoch(
     tokenmerge.apply(run.network, r=config.r, method=config.method, prop_attn=config.prop_attn)
     loss_sum = correct = images = 0.0
     steps, skipped = [], []
-    bar = tqdm(total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step",
+    bar = ProgressBar(total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step",
                disable=not (config.progress and rank() == 0))
     start = time.perf_counter()
     for batch, labels, unreadable in islice(run.train_loader, run.steps_per_epoch):

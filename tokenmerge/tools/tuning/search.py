@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from tqdm import tqdm
 
 import tokenmerge
 from tokenmerge import schedule as schedules
 from tokenmerge.adapters import find_adapter
 
+from ..progress import ProgressBar
 from ..settings import variant
 
 #: Linear schedules the search starts from: slope 1 merges early, -1 late.
@@ -162,7 +162,7 @@ def search(
     previous, state.best = state.best, None
     rng = random.Random(seed)
     started = clock()
-    with tqdm(total=max(1, round(deadline - started)), desc="tuning", unit="s", disable=not progress) as bar:
+    with ProgressBar(total=max(1, round(deadline - started)), desc="tuning", unit="s", disable=not progress) as bar:
 
         def in_time() -> bool:
             bar.n = min(round(clock() - started), bar.total)
