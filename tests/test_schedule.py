@@ -96,3 +96,18 @@ def test_a_schedule_file_for_another_model_is_refused_unless_meant(tmp_path):
 def test_a_schedule_file_that_is_not_named_or_not_a_file_says_so(text, message):
     with pytest.raises(ValueError, match=message):
         schedule.parse(text)
+
+
+def test_capped_notes_name_every_capped_block_in_ranges_with_plurals():
+    from tokenmerge.schedule import block_ranges, capped_note
+
+    assert block_ranges([0, 3, 4, 5, 9]) == "0, 3-5, 9" and block_ranges([7]) == "7"
+    assert capped_note(4, [4, 4], 17, 1) is None
+    assert capped_note(16, [16, 16, 16], 17, 1) == (
+        "r=16 is more than blocks 0-2 can merge (1 protected token, at most half of the others per block); they "
+        "merge 8/4/2 instead, leaving 3 tokens")
+    assert capped_note([8, 0, 8], [8, 0, 8], 11, 5) == (
+        "r=8/0/8 is more than blocks 0, 2 can merge (5 protected tokens, at most half of the others per block); "
+        "they merge 3/0/1 instead, leaving 7 tokens")
+    assert capped_note(9, [9], 3, 1).startswith("r=9 is more than block 0 can merge") and "it merges 1 instead, " \
+        "leaving 2 tokens" in capped_note(9, [9], 3, 1)

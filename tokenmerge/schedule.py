@@ -328,3 +328,49 @@ def token_counts(num_tokens: int, r_per_block: Sequence[int], num_protected: int
         num_tokens -= r
         counts.append(num_tokens)
     return counts
+
+
+def capped_note(
+    schedule: Schedule, r_per_block: Sequence[int], num_tokens: int, num_protected: int, first_block: int = 0
+) -> Optional[str]:
+    """What a schedule that asks some blocks for more than they can merge does instead,
+    in one sentence naming every such block (None if it asks no block for too much):
+    "r=16 is more than blocks 9-11 can merge (1 protected token, at most half of the
+    others per block); they merge 16/.../12/6/3 instead, leaving 7 tokens".
+
+    Args:
+        schedule: the schedule as given, for its name.
+        r_per_block: one r per block, as :func:`resolve` gives it.
+        num_tokens: tokens entering the first block, protected tokens included.
+        num_protected: leading tokens never merged.
+        first_block: the index of the block ``r_per_block`` and ``num_tokens`` start at.
+    """
+    taken = capped(r_per_block, num_tokens, num_protected)
+    blocks = [first_block + index for index, (want, take) in enumerate(zip(r_per_block, taken)) if want != take]
+    if not blocks:
+        return None
+    left = token_counts(num_tokens, r_per_block, num_protected)[-1]
+    return (f"r={describe(schedule)} is more than {_plural(len(blocks), 'block')} {block_ranges(blocks)} can merge "
+            f"({_counted(num_protected, 'protected token')}, at most half of the others per block); "
+            f"{'they merge' if len(taken) > 1 else 'it merges'} {'/'.join(map(str, taken))} instead, "
+            f"leaving {_counted(left, 'token')}")
+
+
+def block_ranges(blocks: Sequence[int]) -> str:
+    """Block indices, runs of consecutive ones as ranges: ``[0, 3, 4, 5, 9]`` -> "0, 3-5, 9"."""
+    runs: list[list[int]] = []
+    for block in blocks:
+        if runs and block == runs[-1][-1] + 1:
+            runs[-1].append(block)
+        else:
+            runs.append([block])
+    return ", ".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
+
+
+def _plural(count: int, noun: str) -> str:
+    return noun if count == 1 else f"{noun}s"
+
+
+def _counted(count: int, noun: str) -> str:
+    words = noun.split()
+    return f"{count} {' '.join(words[:-1] + [_plural(count, words[-1])])}"

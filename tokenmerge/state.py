@@ -73,6 +73,7 @@ class Pass:
         self.averaged_sides: set[str] = set()
         self.num_input_tokens = num_input_tokens
         self.mode = mode  # "eager", or "compile" / "export" while a graph is traced
+        self.first_block = first_block
         self.last_block = first_block - 1  # the last block whose output is recorded
         self.shape_out: Optional[tuple[int, ...]] = None  # (batch, tokens) leaving it
         self.last_out: Optional[Tensor] = None  # that output, while the pass runs in an open call
@@ -98,7 +99,7 @@ class Pass:
         r = r_per_block[block] if block < len(r_per_block) else 0
         limit = max_merges(num_tokens, self.num_protected)
         if r > limit:
-            self.state._warn_capped(r, block, num_tokens, limit)
+            self.state._warn_capped(self)
             r = limit
         return r
 
@@ -320,18 +321,17 @@ class MergeState:
         run = self.passes.last
         return None if run is None else run.num_input_tokens
 
-    def _warn_capped(self, r: int, block: int, num_tokens: int, limit: int) -> None:
-        """Warn once that r was capped; not while a graph is traced (torch.compile cannot
-        trace the warning, and an eager call warns)."""
+    def _warn_capped(self, run: Pass) -> None:
+        """Warn once that r was capped, naming every block of ``run`` it caps and what
+        they merge instead; not while a graph is traced (torch.compile cannot trace the
+        warning, and an eager call warns)."""
         if self._warned_cap or tracing():
             return
         self._warned_cap = True
-        warnings.warn(
-            f"r={r} is more than block {block} can merge from {num_tokens} tokens "
-            f"({self.num_protected} protected); merging {limit} there instead. Lower r to silence this warning.",
-            CappedRWarning,
-            stacklevel=_caller_stacklevel(),
-        )
+        first, settings = run.first_block, run.settings
+        note = schedules.capped_note(settings.r, settings.r_per_block[first:], run.num_input_tokens,
+                                     self.num_protected, first_block=first)
+        warnings.warn(f"{note}. Lower r to silence this warning.", CappedRWarning, stacklevel=_caller_stacklevel())
 
     # --- copies and pickles carry the settings only --------------------------------
 

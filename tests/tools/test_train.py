@@ -232,7 +232,7 @@ def test_an_r_beyond_a_block_is_capped_with_a_note_as_everywhere(data, tmp_path,
             "--epochs", "1", "--max-steps-per-epoch", "1", "--merge-r", "6"]
     assert main(args) == 0
     err = capsys.readouterr().err
-    assert "note: r=6 is more than blocks 1 can merge" in err and "they merge 6/5 instead, leaving 6 tokens" in err
+    assert "note: r=6 is more than block 1 can merge" in err and "they merge 6/5 instead, leaving 6 tokens" in err
 
 
 @pytest.mark.parametrize(

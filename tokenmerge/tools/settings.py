@@ -207,18 +207,10 @@ def cap_notes(
     for setting in settings:
         if setting.r is None:
             continue
-        wanted = schedules.resolve(setting.r, depth)
-        taken = schedules.capped(wanted, num_tokens, num_protected)
-        text = schedules.describe(setting.r)
-        if taken != wanted and text not in seen:
-            seen.add(text)
-            blocks = [i for i, (want, take) in enumerate(zip(wanted, taken)) if want != take]
-            notes.append(f"r={text} is more than blocks {_ranges(blocks)} can merge ({num_protected} protected "
-                         f"tokens, at most half of the others per block); they merge {'/'.join(map(str, taken))} "
-                         f"instead, leaving {schedules.token_counts(num_tokens, wanted, num_protected)[-1]} tokens")
+        note = schedules.capped_note(setting.r, schedules.resolve(setting.r, depth), num_tokens, num_protected)
+        if note is not None and note not in seen:
+            seen.add(note)
+            notes.append(note)
     return notes
 
 
-def _ranges(blocks: Sequence[int]) -> str:
-    return f"{blocks[0]}-{blocks[-1]}" if len(blocks) > 1 and blocks[-1] - blocks[0] == len(blocks) - 1 else \
-        ", ".join(map(str, blocks))
