@@ -257,3 +257,22 @@ def test_an_at_sign_without_a_file_name_says_the_name_is_missing(command, args, 
         main([command, *args])
     err = capsys.readouterr().err
     assert info.value.code == 2 and "a file name is missing after '@'" in err and "schedule file ." not in err
+
+
+def test_a_checkpoint_that_does_not_fit_is_named_with_its_whole_reason(tmp_path):
+    """No message is cut mid-word: a state dict's long key lists are shortened to their
+    first names and a count, and every mismatch is said in full."""
+    import timm
+    from safetensors.torch import save_file
+
+    other = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3, num_classes=10)
+    state = {key: value for key, value in other.state_dict().items() if not key.startswith("blocks.2.")}
+    state["head.weight"] = torch.zeros(10, 7)
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError) as caught:
+        load_model("timm", "vit_tiny_patch16_224", tmp_path / "model.safetensors", num_classes=10,
+                   model_kwargs={"patch_size": 8, "depth": 3}, img_size=(32, 32))
+    message = str(caught.value)
+    assert "\n" not in message and message.endswith(")")
+    assert "and " in message and " more" in message  # the missing keys of block 2, shortened
+    assert "size mismatch for head.weight" in message and "torch.Size([10, 7])" in message

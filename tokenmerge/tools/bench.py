@@ -29,6 +29,7 @@ from tokenmerge.flops import count_flops
 from tokenmerge.state import CappedRWarning
 
 from . import options
+from .messages import error_summary
 from .models import load_model, sample_shape, takes_images, unwrap
 from .onnx_files import export_onnx, onnx_session, require_onnx, session_runner
 from .progress import ProgressBar
@@ -156,7 +157,7 @@ def check_input_size(
         with torch.inference_mode():
             model(torch.zeros(1, *shape, device=device, dtype=dtype))
     except (AssertionError, RuntimeError, ValueError) as error:
-        reason = " ".join(str(error).split())[:200]
+        reason = error_summary(error)
         size = "x".join(str(side) for side in shape[1:]) if len(shape) == 3 else "x".join(map(str, shape))
         raise ValueError(f"the model cannot take {size} inputs ({reason}); give the size it "
                          "was built for, or build it for this one (--img-size builds timm models for it)") from None

@@ -28,6 +28,8 @@ from torch import Tensor
 from tokenmerge.adapters import find_adapter
 from tokenmerge.libraries import LIBRARIES, install_command, library
 
+from .messages import error_summary
+
 
 class ImageModel(torch.nn.Module):
     """``network`` as a function of images alone, returning a tensor.
@@ -186,9 +188,8 @@ def _unpickling_reason(error: pickle.UnpicklingError) -> str:
 
 
 def _does_not_fit(path: Path, name: str, error: Exception, classes: Optional[int] = None) -> ValueError:
-    detail = str(error).strip().splitlines()
     hint = f"; its classifier has {classes} classes: give --num-classes {classes}" if classes else ""
-    return ValueError(f"checkpoint {path} does not fit model {name}{hint} ({' '.join(detail)[:300]})")
+    return ValueError(f"checkpoint {path} does not fit model {name}{hint} ({error_summary(error)})")
 
 
 def _classifier_classes(weights: dict[str, Tensor], key: Optional[str], num_classes: Optional[int]) -> Optional[int]:
@@ -337,7 +338,7 @@ def transformers_model(name: str, checkpoint: Optional[Path], num_classes: Optio
             raise ValueError(f"cannot load the weights of transformers model {source!r}: they hold pickled objects "
                              f"other than tensors, which tokenmerge does not load ({_unpickling_reason(refused)})"
                              ) from None
-        reason = " ".join(str(error).split())[:300]
+        reason = error_summary(error)
         raise ValueError(f"cannot load the weights of transformers model {source!r}: {reason}") from None
     if classifier:
         output, classes = _audio_logits if kind == "spectrogram" else _logits, network.config.num_labels

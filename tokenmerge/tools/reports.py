@@ -136,4 +136,3 @@ def _csv_value(value: Any) -> Any:
     if isinstance(value, (list, dict)):
         return json.dumps(value)
     return value
-

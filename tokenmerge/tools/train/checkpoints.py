@@ -14,6 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..messages import error_summary
 from .config import TrainConfig
 
 CHECKPOINT_PREFIX = "epoch-"
@@ -133,7 +134,7 @@ def resume(
         tensors = load_file(folder / "optimizer.safetensors")
         optimizer.load_state_dict(optimizer_from_parts(tensors, state["optimizer"], optimizer.state_dict()))
     except (RuntimeError, ValueError, KeyError, SafetensorError) as error:
-        detail = " ".join(str(error).split())[:300]
+        detail = error_summary(error)
         raise ValueError(f"checkpoint {folder} does not fit this run's model or optimizer ({detail}); start again "
                          "in a new output folder") from None
     if scaler is not None and state.get("scaler"):

@@ -1,0 +1,21 @@
+"""Error messages of the commands: one line each, whole."""
+from __future__ import annotations
+
+import re
+
+
+def error_summary(error: BaseException, keys_shown: int = 3) -> str:
+    """An exception's message on one line, whole: lines joined with "; ", and a line
+    that lists many quoted names (a state dict's missing or unexpected keys) shortened
+    to its first ``keys_shown`` and how many more, never cut mid-word."""
+    parts = []
+    for line in str(error).strip().splitlines():
+        line = " ".join(line.split())
+        names = re.findall(r'"([^"]+)"', line)
+        if len(names) > keys_shown and ":" in line:
+            line = f"{line.split(':', 1)[0]}: {', '.join(names[:keys_shown])} and {len(names) - keys_shown} more"
+        if line and parts and parts[-1].endswith(":"):
+            parts[-1] = f"{parts[-1]} {line}"
+        elif line:
+            parts.append(line)
+    return "; ".join(parts) or type(error).__name__
