@@ -37,11 +37,12 @@ def class_folder(tmp_path_factory):
     return make_class_folder(tmp_path_factory.mktemp("classes"), ["ant", "bee", "cat"], 3)
 
 
-def test_eval_reports_the_fidelity_of_every_setting(class_folder, tmp_path):
+def test_eval_reports_the_fidelity_of_every_setting(class_folder, tmp_path, capsys):
     root, class_map = class_folder
     output = tmp_path / "eval.json"
     assert main(["eval", *TINY, "--data", str(root), "--class-map", str(class_map), "--num-classes", "3",
                  "--r", "0,8", "--output", str(output)]) == 0
+    assert "note: the model has random weights (no --checkpoint), so its top-1" in capsys.readouterr().err
     rows = {row["setting"]: row for row in json.loads(output.read_text())["rows"]}
     for setting in ("unpatched", "r=0"):  # r=0 gives the unpatched outputs exactly
         assert rows[setting]["disagreement"] == 0 and rows[setting]["kl"] == 0 and rows[setting]["disagreeing"] == 0

@@ -44,11 +44,13 @@ def test_bench_a_transformers_folder(transformers_folder, tmp_path):
     assert rows["r=2"]["gflops"] == pytest.approx(rows["r=2"]["counted_gflops"], rel=0.03)
 
 
-def test_eval_a_transformers_classifier(transformers_folder, class_folder, tmp_path):
+def test_eval_a_transformers_classifier(transformers_folder, class_folder, tmp_path, capsys):
     root, class_map = class_folder
     output = tmp_path / "eval.json"
     assert main(["eval", "--library", "transformers", "--model", str(transformers_folder), "--data", str(root),
                  "--class-map", str(class_map), "--r", "0,2", "--batch-size", "4", "--output", str(output)]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.count(str(transformers_folder)) == 1  # the folder is the model's name and its weights
     rows = {row["setting"]: row for row in json.loads(output.read_text())["rows"]}
     assert rows["unpatched"]["images"] == 6
     assert rows["r=0"]["top1_correct"] == rows["unpatched"]["top1_correct"]

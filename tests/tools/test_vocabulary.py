@@ -276,3 +276,11 @@ def test_a_checkpoint_that_does_not_fit_is_named_with_its_whole_reason(tmp_path)
     assert "\n" not in message and message.endswith(")")
     assert "and " in message and " more" in message  # the missing keys of block 2, shortened
     assert "size mismatch for head.weight" in message and "torch.Size([10, 7])" in message
+
+
+@pytest.mark.parametrize("name, first", [("vit_tiny_patch16", "vit_tiny_patch16_224"),
+                                         ("vit_tiny_patch16_244", "vit_tiny_patch16_224"),
+                                         ("eva02_smal_patch14_224", "eva02_small_patch14_224")])
+def test_an_unknown_timm_name_suggests_the_names_meant(name, first):
+    with pytest.raises(ValueError, match=f"timm has no model named '{name}'; similar: {first}, "):
+        load_model("timm", name)

@@ -29,7 +29,7 @@ from tokenmerge.flops import count_flops
 from tokenmerge.state import CappedRWarning
 
 from . import options
-from .messages import error_summary
+from .messages import error_summary, model_title
 from .models import load_model, sample_shape, takes_images, unwrap
 from .onnx_files import export_onnx, onnx_session, require_onnx, session_runner
 from .progress import ProgressBar
@@ -341,7 +341,7 @@ def run(args: argparse.Namespace) -> None:
     amp = f", autocast {args.amp}" if args.amp != "none" else ""
     where = ", compiled" if args.compile else ", ONNX Runtime" if args.runtime == "onnxruntime" else ""
     print(
-        f"{args.model} ({model.weights or 'random weights'}), batch {args.batch_size}, {args.dtype}{amp}"
+        f"{model_title(args.model, model.weights)}, batch {args.batch_size}, {args.dtype}{amp}"
         f"{where}; {args.runs} timed rounds after {args.warmup} warm-up, "
         f"interleaved, medians; {describe_environment(env)}",
         flush=True,

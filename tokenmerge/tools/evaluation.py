@@ -40,6 +40,7 @@ from . import options
 from .accuracy import correct_predictions, disagreements, kl_divergence_sum
 from .data import NO_LABEL, Batch, TolerantImageFiles, Unreadable, balanced_subset, folder_samples, read_class_map
 from .distributed import combine, first_process, gather_objects, process_group, rank, shard_loader, world_size
+from .messages import model_title
 from .models import ImageModel, load_model, require_images, unwrap, with_zero_shot_head
 from .progress import ProgressBar
 from .reports import (
@@ -375,9 +376,12 @@ def announce(args: argparse.Namespace, model: ImageModel, images: int, found: in
     sample = f" (a {kind} of {found}, seed {args.seed})" if images < found else ""
     processes = f", {world_size()} processes" if world_size() > 1 else ""
     precision = args.dtype + (f", autocast {args.amp}" if args.amp != "none" else "")
-    print(f"{args.model} ({model.weights or 'random weights'}) on {images} image files{sample} in {args.data} "
+    print(f"{model_title(args.model, model.weights)} on {images} image files{sample} in {args.data} "
           f"({layout}), batch {args.batch_size}, {precision}{processes}; every batch runs through every setting, "
           f"forward passes timed; {describe_environment(env)}", flush=True)
+    if model.weights is None and labelled and first_process():
+        options.note(getattr(args, "command", "eval"), "the model has random weights (no --checkpoint), so its "
+                     "top-1 and top-5 are chance; give its trained weights with --checkpoint to measure accuracy")
 
 
 def report(

@@ -10,6 +10,7 @@ import torch
 from tokenmerge import schedule as schedules
 
 from . import options
+from .messages import model_title
 from .models import load_model, sample_shape, unwrap
 from .onnx_files import export_onnx, onnx_difference, require_onnx
 from .reports import check_output_path
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> None:
     shape = sample_shape(model)
     export_onnx(model, args.output, torch.randn(args.batch_size, *shape), not args.static_batch)
     shown = "unpatched" if r == 0 else f"{name} r={schedules.describe(r)}"
-    print(f"{args.model} ({model.weights or 'random weights'}), {shown}: wrote {args.output}"
+    print(f"{model_title(args.model, model.weights)}, {shown}: wrote {args.output}"
           f" ({'batch ' + str(args.batch_size) if args.static_batch else 'dynamic batch'})", flush=True)
     if args.check:
         sizes = [args.batch_size] if args.static_batch else [1, args.batch_size + 1]

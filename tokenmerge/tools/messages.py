@@ -19,3 +19,11 @@ def error_summary(error: BaseException, keys_shown: int = 3) -> str:
         elif line:
             parts.append(line)
     return "; ".join(parts) or type(error).__name__
+
+
+def model_title(name: str, weights: str | None) -> str:
+    """How a command's header names its model: the name and where its weights came
+    from, the path once where the model is named by its folder."""
+    if weights is None:
+        return f"{name} (random weights)"
+    return name if weights == name else f"{name} ({weights})"

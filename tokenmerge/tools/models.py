@@ -211,7 +211,7 @@ def create_timm_model(name: str, checkpoint: Optional[str | Path] = None, **kwar
     import timm
 
     if not timm.is_model(name.split(".")[0]):
-        close = timm.list_models(f"*{name.split('.')[0].split('_')[0]}*")[:8]
+        close = similar_timm_names(name.split(".")[0])
         raise ValueError(f"timm has no model named {name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
     weights, cfg = None, timm.models.get_pretrained_cfg(name) or timm.models.get_pretrained_cfg(name.split(".")[0])
     key = getattr(cfg, "classifier", None) if cfg is not None else None
@@ -231,6 +231,20 @@ def create_timm_model(name: str, checkpoint: Optional[str | Path] = None, **kwar
         shown = {key: value for key, value in kwargs.items() if key not in ("pretrained", "pretrained_cfg_overlay")}
         raise ValueError(f"timm cannot build {name} with {shown}: {error}") from None
     return model.eval()
+
+
+def similar_timm_names(name: str, count: int = 8) -> list[str]:
+    """timm's model names closest to ``name``: those it begins (``vit_tiny_patch16`` ->
+    ``vit_tiny_patch16_224``, ``vit_tiny_patch16_384``), else the closest spellings."""
+    import difflib
+
+    import timm
+
+    names = timm.list_models()
+    starting = [candidate for candidate in names if candidate.startswith(name)]
+    if starting:
+        return sorted(starting, key=len)[:count]
+    return difflib.get_close_matches(name, names, n=count, cutoff=0.6)
 
 
 def timm_transform(model: torch.nn.Module, is_training: bool = False):
