@@ -116,3 +116,12 @@ def test_train_names_an_unknown_timm_option_and_its_choices(option, choices, tmp
     err = capsys.readouterr().err
     assert err.startswith(f"tokenmerge train: error: {option} nope: timm has no ") and "choose one of" in err
     assert all(choice in err for choice in choices) and not (tmp_path / "run").exists()
+
+
+def test_help_imports_no_model_library():
+    """``tokenmerge --help`` (and any command's) builds the parser without importing timm,
+    transformers, open_clip, torchvision or matplotlib: they load when a command runs."""
+    script = ("import sys; from tokenmerge.tools.cli import build_parser; build_parser(); "
+              "loaded = {'timm', 'transformers', 'open_clip', 'torchvision', 'matplotlib'} & set(sys.modules); "
+              "assert not loaded, loaded")
+    subprocess.run([sys.executable, "-c", script], check=True)

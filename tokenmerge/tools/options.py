@@ -16,7 +16,6 @@ from contextlib import nullcontext
 from typing import Optional
 
 import torch
-from timm.utils import ParseKwargs
 
 from tokenmerge import schedule as schedules
 from tokenmerge.libraries import LIBRARIES
@@ -91,15 +90,18 @@ class Renamed(argparse.Action):
         raise argparse.ArgumentError(self, self.message)
 
 
-class ModelKwargs(ParseKwargs):
-    """timm's ``KEY=VALUE`` parsing (values as Python literals, else text), with an
-    argparse error for an item without ``=``."""
+class ModelKwargs(argparse.Action):
+    """timm's ``KEY=VALUE`` parsing (``timm.utils.ParseKwargs``: values as Python
+    literals, else text), with an argparse error for an item without ``=``; timm is
+    imported when the option is given, so that ``--help`` does not wait for it."""
 
     def __call__(self, parser, namespace, values, option_string=None):
+        from timm.utils import ParseKwargs
+
         for value in values:
             if value and ("=" not in value or value.startswith("=")):
                 raise argparse.ArgumentError(self, f"expected KEY=VALUE items, got {value!r}")
-        super().__call__(parser, namespace, values, option_string)
+        ParseKwargs(self.option_strings, self.dest, nargs=self.nargs)(parser, namespace, values, option_string)
 
 
 class ImageSize(argparse.Action):

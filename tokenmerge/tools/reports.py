@@ -7,10 +7,10 @@ import csv
 import json
 import platform
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 
 from tokenmerge import __version__
@@ -25,7 +25,7 @@ def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
     return {
         "tokenmerge": __version__,
         "torch": torch.__version__,
-        "timm": timm.__version__,
+        "timm": metadata.version("timm"),
         "python": platform.python_version(),
         "device": str(device),
         "threads": torch.get_num_threads(),
