@@ -72,3 +72,55 @@ def test_class_folders_not_named_by_synsets_point_to_no_labels(class_folder, cap
     root, _ = class_folder
     assert main(["eval", *TINY, "--data", str(root), "--r", "8"]) == 2
     assert "--no-labels" in capsys.readouterr().err
+
+
+def test_one_batch_is_timed_again_until_every_setting_has_enough_repetitions_for_a_spread():
+    """A run of one batch (50 images, batch 64) once gave every setting one timing and
+    a speed-up of pure noise; every setting now has at least MIN_TIMED_ROUNDS timings,
+    interleaved, and its row the median and spread of them."""
+    import timm
+
+    from tokenmerge.tools.evaluation import Setting, tally_batches
+    from tokenmerge.tools.settings import UNPATCHED
+    from tokenmerge.tools.timing import MIN_TIMED_ROUNDS
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=3).eval()
+    settings = [Setting(UNPATCHED), Setting("r=2", 2)]
+    batch = (torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]), [])
+    tallies, _ = tally_batches(model, [batch], settings, torch.device("cpu"), progress=False, total=4)
+    assert [len(tally.per_image) for tally in tallies.values()] == [MIN_TIMED_ROUNDS] * 2
+    assert tallies["r=2"].images == 4  # the repetitions time, they do not count again
+
+
+def test_speed_figures_that_are_noise_or_below_one_are_named_in_a_warning():
+    from tokenmerge.tools.timing import speed_warnings
+
+    assert speed_warnings({"r=8": 1.4}, {"unpatched": 3.0, "r=8": 4.0}) == []
+    noisy, slower = speed_warnings({"r=0": 0.98, "r=8": 1.4}, {"unpatched": 3.0, "r=0": 2.0, "r=8": 25.0})
+    assert "r=8" in noisy and "25%" in noisy and "r=0" not in noisy
+    assert slower.startswith("r=0 0.98x measured slower than the unpatched model")
+
+
+def test_eval_rows_carry_their_spread_and_the_command_warns_about_noise(class_folder, tmp_path, capsys, monkeypatch):
+    import tokenmerge
+    from tokenmerge.tools import evaluation
+
+    # a machine on which the merged setting looks slower than the unpatched model, its timings varying widely
+    merged = iter([0.02, 0.05, 0.03, 0.09, 0.02, 0.04] * 50)
+
+    def seconds(network):
+        return next(merged) if tokenmerge.is_applied(evaluation.unwrap(network)) else 0.01
+
+    monkeypatch.setattr(evaluation, "timed", lambda model, images: (model(images), seconds(model)))
+    monkeypatch.setattr(evaluation, "time_interleaved",
+                        lambda runners, images, runs, warmup, progress, description:
+                        {name: [(0.01 if name == "unpatched" else next(merged)) for _ in range(runs)]
+                         for name in runners})
+    root, class_map = class_folder
+    output = tmp_path / "eval.json"
+    assert main(["eval", *TINY, "--data", str(root), "--class-map", str(class_map), "--num-classes", "3",
+                 "--r", "8", "--output", str(output)]) == 0
+    rows = {row["setting"]: row for row in json.loads(output.read_text())["rows"]}
+    assert rows["r=8"]["iqr_percent"] > 10 and rows["r=8"]["speedup"] < 1
+    err = capsys.readouterr().err
+    assert "warning: the timings of" in err and "r=8" in err and "measured slower than the unpatched model" in err

@@ -22,6 +22,7 @@ rate of the whole group, since it is done when its slowest member is.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -53,7 +54,7 @@ from .reports import (
     write_rows,
 )
 from .settings import UNPATCHED, Setting, cap_notes, configure, unique
-from .timing import timed
+from .timing import MIN_TIMED_ROUNDS, speed_warnings, spread_percent, time_interleaved, timed
 
 
 @dataclass
@@ -69,6 +70,7 @@ class Tally:
     disagreeing: int = 0
     kl: float = 0.0
     seconds: float = 0.0
+    per_image: list[float] = field(default_factory=list)  # seconds per image of every timed repetition
 
 
 @dataclass
@@ -90,6 +92,7 @@ class EvalRow:
     images: int
     images_per_second: float
     speedup: float
+    iqr_percent: float = 0.0
     disagreement: float = 0.0
     kl: float = 0.0
     disagreeing: int = 0
@@ -136,6 +139,7 @@ def tally_batch(
         with options.autocast(images.device, amp):
             outputs[setting.name], seconds = timed(model, images)
         tallies[setting.name].seconds += seconds
+        tallies[setting.name].per_image.append(seconds / len(images))
     reference = outputs[UNPATCHED]
     for name, logits in outputs.items():
         top1, top5 = correct_predictions(logits, labels)
@@ -155,6 +159,7 @@ def tally_batches(
     tallies = {setting.name: Tally() for setting in settings}
     unreadable: list[Unreadable] = []
     description = "evaluating" if world_size() == 1 else f"evaluating, share of process {rank()}"
+    last = None
     with torch.inference_mode(), ProgressBar(total=total, desc=description, unit="img", disable=not progress) as bar:
         for turn, (images, labels, failed) in enumerate(batches):
             unreadable += failed
@@ -163,10 +168,36 @@ def tally_batches(
                 if not any(tally.images for tally in tallies.values()):
                     warm_up(model, settings, images, amp)
                 tally_batch(model, rotated(settings, turn), images, labels, tallies, amp)
+                last = images
             bar.update(len(labels) + len(failed))
             if failed and progress:
                 bar.write(f"unreadable: {', '.join(item.path for item in failed)}", file=sys.stderr)
+    if last is not None:
+        time_again(model, settings, last, tallies, amp, progress)
     return tallies, unreadable
+
+
+def time_again(
+    model: torch.nn.Module, settings: Sequence[Setting], images: torch.Tensor, tallies: dict[str, Tally],
+    amp: str = "none", progress: bool = False,
+) -> None:
+    """Time every setting on ``images`` in interleaved rounds until each has
+    :data:`~tokenmerge.tools.timing.MIN_TIMED_ROUNDS` timed repetitions, so that a
+    few batches (or one) still give a spread to judge their speed by."""
+    rounds = MIN_TIMED_ROUNDS - min(len(tally.per_image) for tally in tallies.values())
+    if rounds <= 0:
+        return
+
+    def runner(setting: Setting) -> Callable[[torch.Tensor], torch.Tensor]:
+        def run(batch: torch.Tensor) -> torch.Tensor:
+            configure(model, setting)
+            with options.autocast(batch.device, amp):
+                return model(batch)
+        return run
+
+    times = time_interleaved({s.name: runner(s) for s in settings}, images, rounds, 0, progress, "timing again")
+    for name, seconds in times.items():
+        tallies[name].per_image += [value / len(images) for value in seconds]
 
 
 def combine_tallies(tallies: dict[str, Tally], device: torch.device) -> None:
@@ -178,6 +209,7 @@ def combine_tallies(tallies: dict[str, Tally], device: torch.device) -> None:
         mine = counts[6 * index:6 * index + 6]
         tally.top1, tally.top5, tally.images, tally.labelled, tally.disagreeing = (int(value) for value in mine[:5])
         tally.kl, tally.seconds = float(mine[5]), slowest[index]
+        tally.per_image = gather_objects(tally.per_image)
 
 
 def make_rows(model: torch.nn.Module, settings: Sequence[Setting], tallies: dict[str, Tally]) -> list[EvalRow]:
@@ -195,8 +227,9 @@ def make_rows(model: torch.nn.Module, settings: Sequence[Setting], tallies: dict
             top1_correct=tally.top1,
             top5_correct=tally.top5,
             images=tally.images,
-            images_per_second=tally.images / tally.seconds,
-            speedup=baseline.seconds / tally.seconds,
+            images_per_second=1 / statistics.median(tally.per_image),
+            speedup=statistics.median(baseline.per_image) / statistics.median(tally.per_image),
+            iqr_percent=spread_percent(tally.per_image),
             disagreement=100 * tally.disagreeing / tally.images,
             kl=tally.kl / tally.images,
             disagreeing=tally.disagreeing,
@@ -267,6 +300,7 @@ COLUMNS = [
     ("kl", "KL", ".4f"),
     ("images", "images", "d"),
     ("images_per_second", "img/s", ".1f"),
+    ("iqr_percent", "IQR %", ".1f"),
     ("speedup", "speed-up", ".2f"),
 ]
 LABELLED_ONLY = ("top1", "top5")
@@ -391,6 +425,9 @@ def report(
     """Print the table and the unreadable files, and write ``--output`` and ``--plot``
     (drawn by ``draw(rows, title)``)."""
     print(format_rows(result.rows))
+    for warning in speed_warnings({row.setting: row.speedup for row in result.rows[1:]},
+                                  {row.setting: row.iqr_percent for row in result.rows}):
+        options.note(getattr(args, "command", "eval"), warning, kind="warning")
     if result.unreadable:
         print(describe_unreadable(result.unreadable))
     if args.output:

@@ -12,6 +12,8 @@ from .progress import ProgressBar
 
 #: An interquartile range above this share of the median makes a timing untrustworthy.
 TRUSTED_SPREAD_PERCENT = 10.0
+#: The fewest timed repetitions of a setting from which its spread is estimated.
+MIN_TIMED_ROUNDS = 5
 
 
 def synchronize(device: torch.device) -> None:
@@ -71,3 +73,17 @@ def untrusted(spreads: dict[str, float]) -> str:
     return (f"the timings of {', '.join(noisy)} vary by up to {worst:.0f}% (interquartile range over the median, "
             f"trusted up to {TRUSTED_SPREAD_PERCENT:.0f}%): the machine was busy and their speed-ups are not to be "
             "trusted; measure again with more --runs, fewer --threads or on a quieter machine")
+
+
+def speed_warnings(speedups: dict[str, float], spreads: dict[str, float]) -> list[str]:
+    """Warnings for every speed figure not to be taken as fact: timings whose spread is
+    too large (:func:`untrusted`), and settings measured slower than the unpatched
+    model (a speed-up below 1), which is timing noise where they merge little and
+    means merging does not pay on this machine where the spread is small."""
+    warnings = [untrusted(spreads)] if untrusted(spreads) else []
+    slower = {name: speedup for name, speedup in speedups.items() if speedup < 1}
+    if slower:
+        listed = ", ".join(f"{name} {speedup:.2f}x" for name, speedup in slower.items())
+        warnings.append(f"{listed} measured slower than the unpatched model: within the spread this is noise; "
+                        "otherwise merging does not pay for this model on this machine")
+    return warnings
