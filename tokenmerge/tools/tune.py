@@ -44,6 +44,7 @@ from .data import TolerantImageFiles, balanced_subset, collate_readable, folder_
 from .models import load_model, require_images, unwrap
 from .reports import check_output_path, environment
 from .settings import merging, variant, variants
+from .timing import speed_warnings
 from .tuning.search import Space
 from .tuning.targets import Target
 from .tuning.tuner import tune
@@ -176,6 +177,9 @@ def run(args: argparse.Namespace) -> None:
     record = result.record(args.model, args.library, args.checkpoint, args.data, environment(device))
     Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
     print(f"{args.model}: {result.describe()}; wrote {args.output}", flush=True)
+    tuned = "the tuned schedule"
+    for warning in speed_warnings({tuned: result.measured_speedup}, {tuned: result.measured_spread_percent}):
+        options.note("tune", warning, kind="warning")
 
 
 def target_of(args: argparse.Namespace) -> Target:

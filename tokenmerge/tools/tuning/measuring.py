@@ -59,10 +59,11 @@ class Timings:
 
 
 def median_seconds(
-    model: torch.nn.Module, settings: Sequence[Setting], inputs: torch.Tensor, runs: int, warmup: int = 2
+    model: torch.nn.Module, settings: Sequence[Setting], inputs: torch.Tensor, runs: int, warmup: int = 2,
+    progress: bool = False,
 ) -> Timings:
     runners = {s.name: setting_runner(model, s) for s in settings}
-    times = time_interleaved(runners, inputs, runs, warmup, progress=False)
+    times = time_interleaved(runners, inputs, runs, warmup, progress=progress, description="timing")
     configure(model, Setting(UNPATCHED))
     return Timings({name: statistics.median(values) for name, values in times.items()},
                    {name: spread_percent(values) for name, values in times.items()})
@@ -73,22 +74,49 @@ def timing_inputs(target: Target, img_size: tuple[int, int], batch_size: int, de
     return torch.randn(1 if target.kind == "latency_ms" else batch_size, 3, *img_size, device=device)
 
 
-def cost_line(model: torch.nn.Module, space: Space, inputs: torch.Tensor, runs: int) -> tuple[CostLine, Timings]:
-    """The FLOP line of this device, and the timings it was fitted to (the unpatched
-    model's among them)."""
+def cost_line_settings(space: Space) -> list[Setting]:
+    """The settings timed for the FLOP line: unpatched, and four r up to the largest."""
     top = largest_r(space.network, space.img_size)
     rs = sorted({max(1, round(top * share)) for share in (0.25, 0.5, 0.75, 1.0)})
-    settings = [Setting(UNPATCHED)] + [Setting(f"r={r}", r) for r in rs]
-    timings = median_seconds(model, settings, inputs, runs)
+    return [Setting(UNPATCHED)] + [Setting(f"r={r}", r) for r in rs]
+
+
+def cost_line(
+    model: torch.nn.Module, space: Space, inputs: torch.Tensor, runs: int, progress: bool = False
+) -> tuple[CostLine, Timings]:
+    """The FLOP line of this device, and the timings it was fitted to (the unpatched
+    model's among them)."""
+    settings = cost_line_settings(space)
+    rs = [setting.r for setting in settings[1:]]
+    timings = median_seconds(model, settings, inputs, runs, progress=progress)
     points = [(space.flops([0] * space.depth), timings.seconds[UNPATCHED])]
     points += [(space.flops([r] * space.depth), timings.seconds[f"r={r}"]) for r in rs]
     return CostLine.fit(points), timings
 
 
-def measure(model: torch.nn.Module, best: Candidate, inputs: torch.Tensor, runs: int) -> tuple[float, float]:
-    """The measured speed-up of ``best`` over the unpatched model, and its milliseconds
-    per image."""
+@dataclass(frozen=True)
+class Measured:
+    """A schedule's measured speed-up over the unpatched model, its milliseconds per
+    image, and the larger spread of the two timings (IQR over the median, in percent)."""
+
+    speedup: float
+    latency_ms: float
+    spread_percent: float
+
+
+def measure(
+    model: torch.nn.Module, best: Candidate, inputs: torch.Tensor, runs: int, progress: bool = False
+) -> Measured:
+    """What ``best`` measures against the unpatched model, interleaved."""
     method, prop_attn = variant(best.name)
     settings = [Setting(UNPATCHED), Setting("best", best.r, method, prop_attn)]
-    seconds = median_seconds(model, settings, inputs, runs).seconds
-    return seconds[UNPATCHED] / seconds["best"], 1000 * seconds["best"] / len(inputs)
+    timings = median_seconds(model, settings, inputs, runs, progress=progress)
+    seconds = timings.seconds
+    return Measured(seconds[UNPATCHED] / seconds["best"], 1000 * seconds["best"] / len(inputs),
+                    max(timings.spreads.values()))
+
+
+def pass_seconds(model: torch.nn.Module, inputs: torch.Tensor) -> float:
+    """Seconds of one unpatched forward pass over ``inputs`` (after one untimed pass),
+    to plan how many timed rounds a budget affords."""
+    return median_seconds(model, [Setting(UNPATCHED)], inputs, runs=1, warmup=1).seconds[UNPATCHED]

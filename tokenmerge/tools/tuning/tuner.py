@@ -17,7 +17,17 @@ import torch
 from tokenmerge.state import CappedRWarning
 
 from ..settings import UNPATCHED, variant
-from .measuring import Calibration, Timings, cost_line, measure, timing_inputs
+from ..timing import MIN_TIMED_ROUNDS, TRUSTED_SPREAD_PERCENT
+from .measuring import (
+    Calibration,
+    Measured,
+    Timings,
+    cost_line,
+    cost_line_settings,
+    measure,
+    pass_seconds,
+    timing_inputs,
+)
 from .search import Search, Space, search
 from .targets import CostLine, Target, budget_for, reached
 
@@ -25,6 +35,8 @@ from .targets import CostLine, Target, budget_for, reached
 CORRECTIONS = 4
 #: A measured speed-up (or latency) this close to the target, relatively, is kept.
 TOLERANCE = 0.02
+#: The share of the budget that timing may take: the FLOP line and the final measurements.
+TIMING_SHARE = 0.3
 
 
 @dataclass(frozen=True)
@@ -37,6 +49,7 @@ class TuneResult:
     prop_attn: bool
     target: Target  # a share of the FLOPs already turned into GFLOPs
     measured_speedup: float  # over the unpatched model, at batch_size (at 1 for a latency)
+    measured_spread_percent: float  # the larger interquartile range of the two timings, over their medians
     latency_ms: Optional[float]  # per image, measured only for a latency target
     gflops: float  # per image
     unpatched_gflops: float
@@ -56,7 +69,8 @@ class TuneResult:
         model's name, library and checkpoint, the calibration folder and the machine."""
         return {
             "r": self.r, "method": self.method, "prop_attn": self.prop_attn,
-            "measured_speedup": self.measured_speedup, "target": {self.target.kind: self.target.value},
+            "measured_speedup": self.measured_speedup, "measured_spread_percent": self.measured_spread_percent,
+            "target": {self.target.kind: self.target.value},
             "model": model, "library": library, "checkpoint": checkpoint,
             "img_size": list(self.img_size), "depth": self.depth, "batch_size": self.batch_size,
             "gflops": self.gflops, "unpatched_gflops": self.unpatched_gflops, "latency_ms": self.latency_ms,
@@ -69,7 +83,8 @@ class TuneResult:
     def describe(self) -> str:
         """One sentence of what was found and measured."""
         return (f"r={'/'.join(map(str, self.r))} with {self.variant_name}; measured speed-up "
-                f"{self.measured_speedup:.2f}x at batch {self.batch_size} ({self.target.describe()} asked), "
+                f"{self.measured_speedup:.2f}x (spread {self.measured_spread_percent:.0f}%) at batch {self.batch_size} "
+                f"({self.target.describe()} asked), "
                 f"{self.gflops:.2f} of {self.unpatched_gflops:.2f} GFLOPs; on {self.calibration_images} calibration "
                 f"images KL {self.kl:.4f}, top-1 differs on {self.disagreement_percent:.1f}%; "
                 f"{self.schedules_scored} schedules scored in {self.seconds:.0f} s")
@@ -91,27 +106,47 @@ def tune(
     inputs = timing_inputs(target, space.img_size, batch_size, images.device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CappedRWarning)
-        line, timings = (None, None) if target.kind == "flops" else cost_line(model, space, inputs, runs)
+        one_pass = pass_seconds(model, inputs)
+        runs = affordable_runs(runs, one_pass, len(cost_line_settings(space)) + 4, 60 * budget_minutes)
+        measuring = 2 * (runs + 2) * one_pass  # unpatched and the best schedule, warm-up included
+        line, timings = (None, None) if target.kind == "flops" else cost_line(model, space, inputs, runs, progress)
         unpatched_seconds = timings.seconds[UNPATCHED] if timings else None
         fewest = min(space.flops(space.most(), variant(name)[0]) for name in names)
         budget = budget_for(target, line, unpatched_seconds, len(inputs))
         check_reachable(target, budget, fewest, unpatched_flops, line, timings, len(inputs))
         calibration = Calibration(model, images, max(batch_size, 32))
-        state = search(space, calibration.score, names, budget, deadline, progress=progress, seed=seed)
-        measured = measure(model, state.best, inputs, runs)
+        # the final measurement, and one more if it is too noisy to trust, come out of the budget too
+        state = search(space, calibration.score, names, budget, deadline - 2 * measuring, progress=progress,
+                       seed=seed)
+        measured = measure(model, state.best, inputs, runs, progress)
         for _ in range(CORRECTIONS if target.kind != "flops" else 0):
-            if abs(reached(target, *measured)) <= TOLERANCE:
+            if abs(reached(target, measured.speedup, measured.latency_ms)) <= TOLERANCE:
                 break
-            line = line.through(space.flops(state.best.r, variant(state.best.name)[0]), unpatched_seconds / measured[0])
+            if time.monotonic() + 3 * measuring > deadline:
+                break
+            line = line.through(space.flops(state.best.r, variant(state.best.name)[0]),
+                                unpatched_seconds / measured.speedup)
             budget = max(fewest, budget_for(target, line, unpatched_seconds, len(inputs)))
-            state = search(space, calibration.score, names, budget, max(deadline, time.monotonic() + 1), state,
+            state = search(space, calibration.score, names, budget, deadline - 2 * measuring, state,
                            progress=False, seed=seed)
-            measured = measure(model, state.best, inputs, runs)
+            measured = measure(model, state.best, inputs, runs, progress)
+        if measured.spread_percent > TRUSTED_SPREAD_PERCENT and time.monotonic() + measuring <= deadline:
+            again = measure(model, state.best, inputs, runs, progress)
+            measured = min(measured, again, key=lambda m: m.spread_percent)
     return result_of(state, space, target, measured, unpatched_flops, len(images), batch_size, names,
                      time.monotonic() - started)
 
 
-def result_of(state: Search, space: Space, target: Target, measured: tuple[float, float], unpatched_flops: float,
+def affordable_runs(runs: int, pass_seconds: float, settings: int, budget_seconds: float) -> int:
+    """Timed rounds per measurement: ``runs``, or fewer where timing ``settings``
+    settings (the FLOP line's and two final measurements') would take more than
+    :data:`TIMING_SHARE` of the budget; never fewer than
+    :data:`~tokenmerge.tools.timing.MIN_TIMED_ROUNDS` (or ``runs``, if fewer are asked)."""
+    affordable = int(TIMING_SHARE * budget_seconds / (settings * max(pass_seconds, 1e-6))) - 2
+    return max(min(runs, MIN_TIMED_ROUNDS), min(runs, affordable))
+
+
+def result_of(state: Search, space: Space, target: Target, measured: Measured, unpatched_flops: float,
               images: int, batch_size: int, names: Sequence[str], seconds: float) -> TuneResult:
     """The :class:`TuneResult` of a search's best schedule and its measured speed-up
     and milliseconds per image."""
@@ -119,7 +154,8 @@ def result_of(state: Search, space: Space, target: Target, measured: tuple[float
     method, prop_attn = variant(best.name)
     return TuneResult(
         r=best.r, variant_name=best.name, method=method, prop_attn=prop_attn, target=target,
-        measured_speedup=measured[0], latency_ms=measured[1] if target.kind == "latency_ms" else None,
+        measured_speedup=measured.speedup, measured_spread_percent=measured.spread_percent,
+        latency_ms=measured.latency_ms if target.kind == "latency_ms" else None,
         gflops=space.flops(best.r, method) / 1e9, unpatched_gflops=unpatched_flops / 1e9,
         kl=best.score.kl, disagreement_percent=best.score.disagreement, calibration_images=images,
         batch_size=batch_size, img_size=space.img_size, depth=space.depth, methods=list(names),
