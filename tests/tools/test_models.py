@@ -186,3 +186,26 @@ assert main(["bench", "--library", "open_clip", "--model", "ViT-B-32"]) == 2
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "pip install" in result.stderr and '[open-clip]"' in result.stderr
+
+
+def test_a_folder_without_an_image_processor_is_told_how_to_write_one(class_folder, tmp_path, capsys):
+    """The error gives a command that writes the model type's default processor; run as
+    printed, it makes the folder one that eval takes."""
+    import shlex
+    import subprocess
+    import sys
+
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path / "no-processor"
+    config = transformers.ViTConfig(hidden_size=48, num_hidden_layers=1, num_attention_heads=3, intermediate_size=96,
+                                    image_size=32, patch_size=8, num_labels=len(CLASSES))
+    transformers.ViTForImageClassification(config).save_pretrained(folder)
+    root, class_map = class_folder
+    command = ["eval", "--library", "transformers", "--model", str(folder), "--data", str(root),
+               "--class-map", str(class_map), "--r", "0", "--batch-size", "4"]
+    assert main(command) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "has no image processor configuration" in error and "ViTImageProcessor" in error
+    suggested = error.split("32x32: ", 1)[1].split(" (give the mean", 1)[0]
+    subprocess.run([sys.executable if word == "python" else word for word in shlex.split(suggested)], check=True)
+    assert main(command) == 0

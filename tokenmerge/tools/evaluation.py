@@ -390,9 +390,26 @@ def classifier(args: argparse.Namespace, progress: bool = True) -> ImageModel:
         raise ValueError(f"{args.model} gives embeddings, not class scores; evaluate a classification model "
                          "(transformers: a *ForImageClassification checkpoint)")
     if model.transform is None:
-        raise ValueError(f"{args.checkpoint or args.model} has no image processor configuration "
-                         "(preprocessor_config.json) to prepare images with")
+        raise ValueError(missing_processor(str(args.checkpoint or args.model), model.network))
     return model
+
+
+def missing_processor(folder: str, network: torch.nn.Module) -> str:
+    """The error for a transformers folder without an image processor: how to write one
+    (the model type's default processor at the model's image size), since a guess made
+    here would evaluate with preprocessing the model was not trained with."""
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+
+    config = network.config
+    names = IMAGE_PROCESSOR_MAPPING_NAMES.get(config.model_type) or {}
+    name = names.get("torchvision") or names.get("pil") if isinstance(names, dict) else names
+    size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+    example = "" if not name else (
+        f"; for {config.model_type}'s default preprocessing at {size}x{size}: python -c \"import transformers; "
+        f"transformers.{name}(size={{'height': {size}, 'width': {size}}}).save_pretrained('{folder}')\" (give "
+        "the mean, std and resizing the weights were trained with if they differ)")
+    return (f"{folder} has no image processor configuration (preprocessor_config.json) to prepare images with; "
+            f"write the one the model was trained with beside its weights{example}")
 
 
 def load_samples(args: argparse.Namespace) -> tuple[list[tuple[Path, int]], int]:
