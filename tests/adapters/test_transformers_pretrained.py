@@ -7,46 +7,12 @@ import tokenmerge
 from tests.conftest import predict
 
 
-def timm_to_transformers(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
-    """timm ViT weights under transformers' ViTForImageClassification key names."""
-    mapped = {
-        "vit.embeddings.cls_token": state["cls_token"],
-        "vit.embeddings.position_embeddings": state["pos_embed"],
-        "vit.embeddings.patch_embeddings.projection.weight": state["patch_embed.proj.weight"],
-        "vit.embeddings.patch_embeddings.projection.bias": state["patch_embed.proj.bias"],
-        "vit.layernorm.weight": state["norm.weight"],
-        "vit.layernorm.bias": state["norm.bias"],
-        "classifier.weight": state["head.weight"],
-        "classifier.bias": state["head.bias"],
-    }
-    for i in range(depth):
-        timm_block, hf_layer = f"blocks.{i}.", f"vit.layers.{i}."
-        qkv_weight, qkv_bias = state[timm_block + "attn.qkv.weight"], state[timm_block + "attn.qkv.bias"]
-        for part, weight, bias in zip(("q", "k", "v"), qkv_weight.chunk(3), qkv_bias.chunk(3)):
-            mapped[f"{hf_layer}attention.{part}_proj.weight"] = weight
-            mapped[f"{hf_layer}attention.{part}_proj.bias"] = bias
-        for timm_name, hf_name in [
-            ("attn.proj", "attention.o_proj"),
-            ("mlp.fc1", "mlp.fc1"),
-            ("mlp.fc2", "mlp.fc2"),
-            ("norm1", "layernorm_before"),
-            ("norm2", "layernorm_after"),
-        ]:
-            for field in ("weight", "bias"):
-                mapped[f"{hf_layer}{hf_name}.{field}"] = state[f"{timm_block}{timm_name}.{field}"]
-    return mapped
-
-
 def transformers_from_timm(timm_model):
     """transformers' ViTForImageClassification carrying the shared ViT-Ti's weights, in eval mode."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.ViTConfig(
-        hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768, image_size=224,
-        patch_size=16, layer_norm_eps=1e-6, num_labels=1000, hidden_act="gelu",
-    )
-    model = transformers.ViTForImageClassification(config).eval()
-    model.load_state_dict(timm_to_transformers(timm_model.state_dict(), 12))
-    return model
+    pytest.importorskip("transformers")
+    from tokenmerge.tools.conversion import transformers_from_timm as convert
+
+    return convert(timm_model)[0]
 
 
 @pytest.fixture(scope="module")

@@ -209,3 +209,25 @@ def test_a_folder_without_an_image_processor_is_told_how_to_write_one(class_fold
     suggested = error.split("32x32: ", 1)[1].split(" (give the mean", 1)[0]
     subprocess.run([sys.executable if word == "python" else word for word in shlex.split(suggested)], check=True)
     assert main(command) == 0
+
+
+def test_a_timm_vit_converts_to_a_transformers_folder_that_eval_takes(class_folder, tmp_path):
+    """The conversion recipe: the same logits on the same input tensors, and a folder
+    with weights and an image processor that eval merges."""
+    import timm
+
+    from tokenmerge.tools.conversion import transformers_from_timm
+
+    pytest.importorskip("transformers")
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=3).eval()
+    model, processor = transformers_from_timm(vit)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=x).logits, vit(x), atol=1e-5, rtol=1e-5)
+    model.save_pretrained(tmp_path / "hf")
+    processor.save_pretrained(tmp_path / "hf")
+    root, class_map = class_folder
+    assert main(["eval", "--library", "transformers", "--model", str(tmp_path / "hf"), "--data", str(root),
+                 "--class-map", str(class_map), "--r", "0,2", "--batch-size", "4"]) == 0
+    with pytest.raises(ValueError, match="LayerScale"):
+        transformers_from_timm(timm.create_model("vit_tiny_patch16_224", depth=1, init_values=1e-5))
