@@ -563,7 +563,8 @@ def test_forward_hooks_that_replace_block_outputs_keep_the_pass(case):
 def test_the_state_repr_names_the_settings_and_copies_have_their_own_state():
     model = tokenmerge.apply(make(CASES_BY_ID["timm_class_token"]), r=tokenmerge.Linear(4))
     assert repr(tokenmerge.get_state(model)) == (
-        "MergeState(r=decreasing:4, method='tome', prop_attn=True, trace_source=False, depth=3, num_protected=1)"
+        "MergeState(r=decreasing:4, method='tome', prop_attn=True, trace_source=False, dense=False, depth=3, "
+        "num_protected=1)"
     )
     copied = copy.deepcopy(model)
     tokenmerge.get_state(copied).r = 2

@@ -347,7 +347,7 @@ def test_a_schedule_file_tuned_for_another_model_is_refused_unless_meant(data, t
     assert [row["epoch"] for row in history] == [1]
 
 
-@pytest.mark.parametrize("model", ["resnet18", "eva02_tiny_patch14_224"])
+@pytest.mark.parametrize("model", ["resnet18", "convit_tiny"])
 def test_a_model_tokenmerge_cannot_merge_in_is_refused_before_training(model, data, tmp_path, capsys):
     args = ["train", "--model", model, "--data", str(data), "--output", str(tmp_path / "out"), "--batch-size", "8",
             "--merge-r", "2"]
