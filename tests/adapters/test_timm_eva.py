@@ -9,7 +9,7 @@ import torch
 from timm.models.eva import Eva, EvaBlock
 
 import tokenmerge
-from tests.adapters.test_timm import make_model
+from tests.adapters.test_timm import make_model, paired_input
 from tokenmerge import rope
 from tokenmerge.adapters import find_adapter
 from tokenmerge.adapters import timm as timm_adapter
@@ -65,20 +65,11 @@ def test_r0_is_bitwise_the_unpatched_model_and_merging_keeps_counts_and_prefix_t
 
 
 def paired(model, size, batch=2):
-    """Images whose patch columns come in identical pairs (2j, 2j+1), with the model's
-    absolute position embedding and rotary tables made to repeat the same way: every
-    patch token then has an exact twin, rotary angles included, the one the alternate
-    A/B split matches it with."""
-    patch = model.patch_embed.patch_size[0]
+    """:func:`tests.adapters.test_timm.paired_input` (patch columns and position
+    embedding in identical pairs), with the model's rotary tables made to repeat the
+    same way: every patch token then has an exact twin, rotary angles included."""
+    x = paired_input(model, size, batch)
     grid_h, grid_w = model.patch_embed.grid_size
-    x = torch.randn(batch, 3, *size)
-    for j in range(0, grid_w, 2):
-        x[..., (j + 1) * patch:(j + 2) * patch] = x[..., j * patch:(j + 1) * patch]
-    if model.pos_embed is not None:
-        offset = 0 if model.no_embed_class else model.num_prefix_tokens
-        with torch.no_grad():
-            grid = model.pos_embed[:, offset:].view(1, grid_h, grid_w, -1)
-            grid[:, :, 1::2] = grid[:, :, 0::2]
     embed = model._pos_embed
 
     def paired_pos_embed(tokens):
@@ -213,3 +204,25 @@ def test_unsupported_eva_parts_are_refused_by_name():
     model.rope = timm.layers.RotaryEmbedding(dim=16)
     with pytest.raises(TypeError, match="RotaryEmbedding\\b"):
         tokenmerge.apply(model, r=2)
+
+
+@pytest.mark.slow
+def test_every_registered_eva_model_is_exact_at_r0_and_merges_to_its_token_counts():
+    """timm's whole Eva registry at two blocks and 96 px (the README's 60 of 65; the
+    sapiens2 models take one key/value head count per block and cannot be built so)."""
+    checked = 0
+    for name in timm.list_models(module="eva"):
+        try:
+            model = make_model(name, {"depth": 2, "img_size": 96})
+        except AssertionError:
+            continue
+        x = images(model, tuple(model.patch_embed.img_size))
+        with torch.no_grad():
+            expected = model(x)
+            tokenmerge.apply(model, r=0)
+            assert torch.equal(model(x), expected), name
+            tokenmerge.apply(model, r=4)
+            model(x)
+            assert tokenmerge.get_state(model).size.shape[1] == tokenmerge.token_counts(model)[-1], name
+        checked += 1
+    assert checked >= 60

@@ -277,22 +277,24 @@ def test_gradient_checkpointing_gives_the_same_gradients(name):
         torch.testing.assert_close(p.grad, q.grad, msg=param_name)
 
 
-class Images(torch.nn.Module):
-    """A model's forward on images alone, for the FLOP counter: CLIPModel's forward needs text."""
+class MainOutput(torch.nn.Module):
+    """A model's main output as a function of its inputs alone (``call(model, x)[0]``),
+    for the FLOP counter and export: CLIPModel's forward needs text, VideoMAE's and
+    AST's inputs are no images."""
 
-    def __init__(self, model):
+    def __init__(self, model, call=None):
         super().__init__()
-        self.model = model
+        self.model, self.call = model, call or run
 
-    def forward(self, images):
-        return run(self.model, images)[0]
+    def forward(self, x):
+        return self.call(self.model, x)[0]
 
 
 @pytest.mark.parametrize("r", [0, 8])
 def test_analytic_flops_equal_the_counter(variant, r):
     """Every matrix product is modelled, SigLIP's attention-pooling head included."""
     model = tokenmerge.apply(copy.deepcopy(variant[0]), r=r)
-    counted = count_flops(Images(model), torch.randn(1, 3, IMAGE, IMAGE))
+    counted = count_flops(MainOutput(model), torch.randn(1, 3, IMAGE, IMAGE))
     assert tokenmerge.flops_per_image(model) == counted
 
 
@@ -780,22 +782,11 @@ def test_dense_last_hidden_state_of_videos_and_spectrograms(sequence):
                  lambda model, x: sequence_forward(sequence_tower(model), x).last_hidden_state, sequence[1](2))
 
 
-class SequenceMain(torch.nn.Module):
-    """A model's main output for videos or spectrograms, for export."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return sequence_run(self.model, x)[0]
-
-
 @pytest.mark.parametrize("name", ["videomae_mean", "ast_classifier"])
 def test_videos_and_spectrograms_compile_in_one_graph_and_export_with_a_dynamic_batch(name):
     _, build, inputs, _, _ = SEQUENCES[SEQUENCE_IDS.index(name)]
     model = tokenmerge.apply(randomize(build()).eval(), r=8)
-    main = SequenceMain(model)
+    main = MainOutput(model, sequence_run)
     x = inputs(2)
     with torch.no_grad():
         expected = main(x)

@@ -61,7 +61,7 @@ from .timing import MIN_TIMED_ROUNDS, speed_warnings, spread_percent, time_inter
 class Tally:
     """What one setting has counted so far: correct predictions, images (and those with
     a label), top-1 differences from the unpatched model and their summed KL
-    divergence, forward time."""
+    divergence, and the seconds per image of every timed repetition."""
 
     top1: int = 0
     top5: int = 0
@@ -69,8 +69,7 @@ class Tally:
     labelled: int = 0
     disagreeing: int = 0
     kl: float = 0.0
-    seconds: float = 0.0
-    per_image: list[float] = field(default_factory=list)  # seconds per image of every timed repetition
+    per_image: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -138,7 +137,6 @@ def tally_batch(
         configure(model, setting)
         with options.autocast(images.device, amp):
             outputs[setting.name], seconds = timed(model, images)
-        tallies[setting.name].seconds += seconds
         tallies[setting.name].per_image.append(seconds / len(images))
     reference = outputs[UNPATCHED]
     for name, logits in outputs.items():
@@ -201,14 +199,13 @@ def time_again(
 
 
 def combine_tallies(tallies: dict[str, Tally], device: torch.device) -> None:
-    """Sum the counts of all processes and take the longest forward time, in place."""
+    """Sum the counts of all processes and pool their timings, in place."""
     counts = combine([value for t in tallies.values() for value in (t.top1, t.top5, t.images, t.labelled,
                                                                     t.disagreeing, t.kl)], device)
-    slowest = combine([t.seconds for t in tallies.values()], device, op="max")
     for index, tally in enumerate(tallies.values()):
         mine = counts[6 * index:6 * index + 6]
         tally.top1, tally.top5, tally.images, tally.labelled, tally.disagreeing = (int(value) for value in mine[:5])
-        tally.kl, tally.seconds = float(mine[5]), slowest[index]
+        tally.kl = float(mine[5])
         tally.per_image = gather_objects(tally.per_image)
 
 
