@@ -128,7 +128,8 @@ def test_command_writes_checkpoint_and_metrics(command_run, capsys):
     rows = read_csv(output / "metrics.csv")
     assert [row["epoch"] for row in rows] == ["1", "2"]
     assert list(rows[0]) == [
-        "epoch", "train_loss", "train_top1", "val_top1", "images_per_second", "epoch_seconds", "lr"]
+        "epoch", "train_loss", "train_top1", "val_top1", "images_per_second", "images_per_second_iqr_percent",
+        "epoch_seconds", "lr"]
     assert all(float(row["val_top1"]) in (0.0, 100 / 6, 200 / 6, 50.0, 400 / 6, 500 / 6, 100.0) for row in rows)
     steps = read_csv(output / "steps.csv")
     assert [int(row["step"]) for row in steps] == list(range(1, 7))
@@ -141,6 +142,20 @@ def test_command_writes_checkpoint_and_metrics(command_run, capsys):
     assert all(torch.equal(weights[k], v) for k, v in load_file(output / "epoch-2" / "model.safetensors").items())
     model = tiny_model()
     model.load_state_dict(weights)
+
+
+def test_training_speed_leaves_out_the_first_step_and_is_labelled_when_untrustworthy():
+    from tokenmerge.tools.timing import steady_throughput
+    from tokenmerge.tools.train.loop import speed_warning
+
+    speed, spread, timed = steady_throughput([8] * 7, [5.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    assert (speed, spread, timed) == (8.0, 0.0, 6)
+    assert steady_throughput([8], [2.0]) == (4.0, 0.0, 1)
+    row = {"epoch": 2, "images_per_second": speed, "images_per_second_iqr_percent": spread, "timed_steps": timed}
+    assert speed_warning(row) == ""
+    assert speed_warning(row | {"timed_steps": 2}).startswith(
+        "train img/s of epoch 2 (2) timed over fewer than 5 steps after the first")
+    assert "vary by up to 40%" in speed_warning(row | {"images_per_second_iqr_percent": 40.0})
 
 
 def test_finished_run_is_not_trained_again(command_run, data, capsys):

@@ -142,6 +142,26 @@ def test_bench_says_when_its_timings_are_not_to_be_trusted():
     assert "r=13" in untrusted({"r=8": 3.0, "r=13": 35.0}) and "not to be trusted" in untrusted({"r=13": 35.0})
 
 
+def bench_row(setting: str, speedup: float, spread: float = 2.0, of_limit=None):
+    from tokenmerge.tools.bench import BenchRow
+
+    return BenchRow(setting, [197], 197, 1.0, 1.0, 100.0, spread, 1.0, speedup, of_limit)
+
+
+def test_bench_warns_for_speedups_below_one_beyond_the_cut_limit_or_from_too_few_rounds():
+    from tokenmerge.tools.bench import bench_warnings
+
+    quiet = [bench_row("unpatched", 1.0), bench_row("r=8", 1.4, of_limit=0.9), bench_row("cut r=8", 1.55)]
+    assert bench_warnings(quiet, runs=8) == []
+    slower, beyond = bench_warnings([quiet[0], bench_row("r=0", 0.97), bench_row("r=8", 1.6, of_limit=1.03),
+                                     quiet[2]], runs=8)
+    assert slower.startswith("r=0 0.97x measured slower") and beyond.startswith("r=8 103% of the cut limit")
+    (few,) = bench_warnings(quiet, runs=3)
+    assert few.startswith("every setting (3) timed over fewer than 5 rounds")
+    (noisy,) = bench_warnings([*quiet[:2], bench_row("cut r=8", 1.5, spread=30.0)], runs=8)
+    assert "cut r=8" in noisy and "30%" in noisy
+
+
 def test_limit_takes_a_seeded_class_balanced_sample():
     samples = [(f"{label}/{index}.jpg", label) for label in range(4) for index in range(10)]
     chosen = balanced_subset(samples, 8, seed=0)

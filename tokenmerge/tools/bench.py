@@ -45,7 +45,7 @@ from .settings import (
     sweep_settings,
     unique,
 )
-from .timing import spread_percent, time_interleaved, timed, untrusted
+from .timing import speed_warnings, spread_percent, time_interleaved, timed, too_few_rounds
 
 
 @dataclass
@@ -260,6 +260,18 @@ def benchmark_settings(
     return rows
 
 
+def bench_warnings(rows: Sequence[BenchRow], runs: int) -> list[str]:
+    """The warnings for every figure of ``rows`` not to be taken as fact (the shared
+    rule of :func:`tokenmerge.tools.timing.speed_warnings`), and for too few ``runs``."""
+    merged = [row for row in rows[1:] if not row.setting.startswith("cut ")]
+    few = too_few_rounds({"every setting": runs})
+    return ([few] if few else []) + speed_warnings(
+        {row.setting: row.speedup for row in merged},
+        {row.setting: row.iqr_percent for row in rows},
+        {row.setting: row.of_limit for row in merged if row.of_limit is not None},
+    )
+
+
 COLUMNS = [
     ("setting", "setting", "<"),
     ("tokens_left", "tokens left", "d"),
@@ -352,8 +364,7 @@ def run(args: argparse.Namespace) -> None:
         runtime=args.runtime,
     )
     print(format_rows(rows, per_block=args.per_block))
-    warning = untrusted({row.setting: row.iqr_percent for row in rows})
-    if warning:
+    for warning in bench_warnings(rows, args.runs):
         options.note("bench", warning, kind="warning")
     if args.output:
         record = run_record(args) | {"r": [schedules.describe(r) for r in rs]}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from typing import Optional
 
 import torch
 
@@ -75,15 +76,44 @@ def untrusted(spreads: dict[str, float]) -> str:
             "trusted; measure again with more --runs, fewer --threads or on a quieter machine")
 
 
-def speed_warnings(speedups: dict[str, float], spreads: dict[str, float]) -> list[str]:
+def too_few_rounds(rounds: dict[str, int], unit: str = "rounds") -> str:
+    """A warning naming the timings with fewer than :data:`MIN_TIMED_ROUNDS` timed
+    repetitions, whose spread cannot be estimated, or ``""``."""
+    few = {name: count for name, count in rounds.items() if count < MIN_TIMED_ROUNDS}
+    if not few:
+        return ""
+    listed = ", ".join(f"{name} ({count})" for name, count in few.items())
+    return (f"{listed} timed over fewer than {MIN_TIMED_ROUNDS} {unit}: the spread is unknown and the speed is "
+            "not to be trusted")
+
+
+def speed_warnings(
+    speedups: dict[str, float], spreads: dict[str, float], of_limit: Optional[dict[str, float]] = None
+) -> list[str]:
     """Warnings for every speed figure not to be taken as fact: timings whose spread is
-    too large (:func:`untrusted`), and settings measured slower than the unpatched
-    model (a speed-up below 1), which is timing noise where they merge little and
-    means merging does not pay on this machine where the spread is small."""
+    too large (:func:`untrusted`); settings measured slower than the unpatched model (a
+    speed-up below 1), which is timing noise where they merge little and means merging
+    does not pay on this machine where the spread is small; and settings measured faster
+    than their zero-overhead limit (``of_limit`` above 1), which can only be noise."""
     warnings = [untrusted(spreads)] if untrusted(spreads) else []
     slower = {name: speedup for name, speedup in speedups.items() if speedup < 1}
     if slower:
         listed = ", ".join(f"{name} {speedup:.2f}x" for name, speedup in slower.items())
         warnings.append(f"{listed} measured slower than the unpatched model: within the spread this is noise; "
                         "otherwise merging does not pay for this model on this machine")
+    beyond = {name: share for name, share in (of_limit or {}).items() if share > 1}
+    if beyond:
+        listed = ", ".join(f"{name} {100 * share:.0f}%" for name, share in beyond.items())
+        warnings.append(f"{listed} of the cut limit: faster than tokens cut without any merging cost, which is "
+                        "timing noise; measure again with more --runs")
     return warnings
+
+
+def steady_throughput(items: Sequence[int], seconds: Sequence[float]) -> tuple[float, float, int]:
+    """Items per second over the steps after the first (which warms up: allocations,
+    loader workers starting), the spread of the seconds per item of those steps in
+    percent (:func:`spread_percent`), and how many steps were timed. With a single
+    step, that step is all there is."""
+    timed_items, timed_seconds = (items[1:], seconds[1:]) if len(items) > 1 else (items, seconds)
+    per_item = [step / count for count, step in zip(timed_items, timed_seconds)]
+    return sum(timed_items) / sum(timed_seconds), spread_percent(per_item), len(timed_items)

@@ -33,6 +33,7 @@ from ..options import default_workers, note
 from ..progress import ProgressBar
 from ..reports import describe_environment, environment
 from ..settings import Setting, cap_notes
+from ..timing import steady_throughput, too_few_rounds, untrusted
 from .checkpoints import CHECKPOINT_PREFIX, Progress, resume, save_checkpoint
 from .config import AMP_DTYPES, TrainConfig, check_config
 from .metrics import METRIC_COLUMNS, draw_metrics, keep_steps, write_metrics, write_steps
@@ -148,7 +149,7 @@ def train_epoch(
     run.train_loader.dataset.set_epoch(epoch)
     tokenmerge.apply(run.network, r=config.r, method=config.method, prop_attn=config.prop_attn)
     loss_sum = correct = images = 0.0
-    steps, skipped = [], []
+    steps, skipped, step_images, step_seconds = [], [], [], []
     bar = ProgressBar(total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step",
                disable=not (config.progress and rank() == 0))
     start = time.perf_counter()
@@ -175,12 +176,24 @@ def train_epoch(
                 "or train in bfloat16 rather than float16")
         loss_sum, correct, images = loss_sum + loss_total, correct + hits, images + count
         steps.append({"epoch": epoch + 1, "step": progress.step, "loss": loss_total / count, "lr": lr})
+        step_images.append(count)
+        step_seconds.append(time.perf_counter() - start)  # loading included: the speed a run trains at
+        start = time.perf_counter()
         bar.update()
         bar.set_postfix(loss=f"{loss_total / count:.4f}")
-    seconds = time.perf_counter() - start
     bar.close()
-    return {"train_loss": loss_sum / images, "train_top1": 100 * correct / images,
-            "images_per_second": images / seconds, "lr": steps[-1]["lr"]}, steps, skipped
+    speed, spread, timed_steps = steady_throughput(step_images, step_seconds)
+    return {"train_loss": loss_sum / images, "train_top1": 100 * correct / images, "images_per_second": speed,
+            "images_per_second_iqr_percent": spread, "timed_steps": timed_steps, "lr": steps[-1]["lr"]}, steps, skipped
+
+
+def speed_warning(row: dict[str, Any]) -> str:
+    """A warning when an epoch's images per second is not to be trusted: timed over
+    too few steps, or over steps whose times spread too much."""
+    name = f"train img/s of epoch {row['epoch']}"
+    few = too_few_rounds({name: row["timed_steps"]}, unit="steps after the first")
+    noisy = untrusted({name: row["images_per_second_iqr_percent"]})
+    return few or noisy
 
 
 def readable_batches(loader: Iterable[Batch], unreadable: list[Unreadable]) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -318,11 +331,14 @@ def train(config: TrainConfig) -> list[dict[str, Any]]:
             figures, steps, skipped = train_epoch(run, epoch, progress)
             val_top1, unreadable = validate(run)
             row = {"epoch": epoch + 1, **figures, "val_top1": val_top1, "epoch_seconds": time.perf_counter() - start}
+            warning = speed_warning(row)
             row = {key: row[key] for key, _, _ in METRIC_COLUMNS}
             progress.history.append(row)
             finish_epoch(run, epoch, progress, steps)
             if rank() == 0:
                 print(describe_epoch(row, config), flush=True)
+                if warning:
+                    note("train", warning, kind="warning")
             note_unreadable("training", skipped, reported)
             note_unreadable("validation", unreadable, reported)
             if math.isnan(val_top1):

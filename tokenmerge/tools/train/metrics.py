@@ -13,6 +13,7 @@ METRIC_COLUMNS = [
     ("train_top1", "train top-1 %", ".2f"),
     ("val_top1", "val top-1 %", ".2f"),
     ("images_per_second", "train img/s", ".1f"),
+    ("images_per_second_iqr_percent", "img/s IQR %", ".1f"),
     ("epoch_seconds", "epoch s", ".1f"),
     ("lr", "lr", ".3g"),
 ]
@@ -23,7 +24,7 @@ def write_metrics(output: Path, history: list[dict[str, Any]]) -> None:
     """``metrics.csv`` with a row per finished epoch, replaced atomically."""
     temporary = output / ".metrics.csv.partial"
     with temporary.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(history[0]))
+        writer = csv.DictWriter(handle, fieldnames=[key for key, _, _ in METRIC_COLUMNS], restval="")
         writer.writeheader()
         writer.writerows(history)
     os.replace(temporary, output / "metrics.csv")
