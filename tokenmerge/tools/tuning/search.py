@@ -162,7 +162,8 @@ def search(
     previous, state.best = state.best, None
     rng = random.Random(seed)
     started = clock()
-    with ProgressBar(total=max(1, round(deadline - started)), desc="tuning", unit="s", disable=not progress) as bar:
+    with ProgressBar(total=max(1, round(deadline - started)), desc="tuning", disable=not progress,
+                     bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} s of the budget{postfix}") as bar:
 
         def in_time() -> bool:
             bar.n = min(round(clock() - started), bar.total)
