@@ -44,6 +44,8 @@ def test_the_export_command_writes_and_checks_the_file(tmp_path, capsys):
                  "--r", "4", "--output", str(output)]) == 0
     out = capsys.readouterr().out
     assert output.is_file() and "dynamic batch" in out and "max abs difference" in out
+    assert "input 'images' float (batch, 3, 64, 64); output 'output' float (batch, 1000); preprocessing: Resize(" in out
+    assert "CenterCrop(size=(64, 64))" in out and "Normalize(mean=tensor([0.5" in out
     difference = float(out.rsplit("max abs difference ", 1)[1].split()[0])
     assert difference < 1e-5
 

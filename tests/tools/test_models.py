@@ -35,6 +35,16 @@ def bench_rows(path):
     return {row["setting"]: row for row in json.loads(path.read_text())["rows"]}
 
 
+def test_the_preprocessing_of_every_kind_of_model_is_described(transformers_folder, video_and_audio_folders):
+    from tokenmerge.tools.models import describe_preprocessing
+
+    described = describe_preprocessing(load_model("transformers", str(transformers_folder)))
+    assert described == "ViTImageProcessor (resize to height 32, width 32, mean [0.5, 0.5, 0.5], std [0.5, 0.5, 0.5])"
+    torchvision = describe_preprocessing(load_model("torchvision", "vit_b_32"))
+    assert torchvision.startswith("ImageClassification(crop_size=[224] resize_size=[256] mean=[0.485")
+    assert "tensor itself" in describe_preprocessing(load_model("transformers", str(video_and_audio_folders["video"])))
+
+
 def test_bench_a_transformers_folder(transformers_folder, tmp_path):
     output = tmp_path / "bench.json"
     assert main(["bench", "--library", "transformers", "--model", "vit-small-test", "--checkpoint",

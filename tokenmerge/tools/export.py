@@ -11,8 +11,8 @@ from tokenmerge import schedule as schedules
 
 from . import options
 from .messages import model_title
-from .models import load_model, sample_shape, unwrap
-from .onnx_files import export_onnx, onnx_difference, require_onnx
+from .models import describe_preprocessing, load_model, sample_shape, unwrap
+from .onnx_files import export_onnx, graph_signature, onnx_difference, require_onnx
 from .reports import check_output_path
 from .settings import Setting, cap_notes, check_schedule_files, configure, largest_r, tuned_variant, variant
 
@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> None:
     shown = "unpatched" if r == 0 else f"{name} r={schedules.describe(r)}"
     print(f"{model_title(args.model, model.weights)}, {shown}: wrote {args.output}"
           f" ({'batch ' + str(args.batch_size) if args.static_batch else 'dynamic batch'})", flush=True)
+    print(f"{graph_signature(args.output)}; preprocessing: {describe_preprocessing(model)}", flush=True)
     if args.check:
         sizes = [args.batch_size] if args.static_batch else [1, args.batch_size + 1]
         worst = max(onnx_difference(args.output, model, torch.randn(b, *shape)) for b in sizes)

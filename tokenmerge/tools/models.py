@@ -63,6 +63,20 @@ class ImageModel(torch.nn.Module):
         return self.output(self.network, images)
 
 
+def describe_preprocessing(model: torch.nn.Module) -> str:
+    """How an input file becomes what ``model`` takes, in one line: its transform's
+    steps (timm's, torchvision's or open_clip's) or its image processor's settings."""
+    transform = getattr(model, "transform", None)
+    if transform is None:
+        kind = getattr(model, "input_kind", "image")
+        return f"none here: the input is the {kind} tensor itself, prepared as the model's library prepares it"
+    if hasattr(transform, "description"):
+        return transform.description
+    steps = getattr(transform, "transforms", [transform])
+    return ", ".join(re.sub(r"\(\s+|\s+\)", lambda match: match.group().strip(), " ".join(repr(step).split()))
+                     for step in steps)
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The model token merging applies to: the ``network`` of an :class:`ImageModel`."""
     return model.network if isinstance(model, ImageModel) else model
@@ -378,6 +392,12 @@ def _transformers_transform(source: str) -> Optional[Callable]:
     def transform(image):
         return processor(images=image, return_tensors="pt")["pixel_values"][0]
 
+    size = {key: value for key, value in vars(processor.size).items() if value is not None} if not isinstance(
+        processor.size, dict) else processor.size
+    shown = ", ".join(f"{key} {value}" for key, value in size.items())
+    transform.description = (  # type: ignore[attr-defined]
+        f"{type(processor).__name__} (resize to {shown}, mean {list(processor.image_mean)}, "
+        f"std {list(processor.image_std)})")
     return transform
 
 

@@ -81,6 +81,20 @@ def onnx_session(path: str | Path, threads: Optional[int] = None) -> Any:
     return onnxruntime.InferenceSession(str(path), session_options, providers=["CPUExecutionProvider"])
 
 
+def graph_signature(path: str | Path) -> str:
+    """The inputs and outputs of the ONNX graph at ``path``: names, element types and
+    shapes (a named dimension, such as ``batch``, is dynamic)."""
+    session = onnx_session(path)
+
+    def describe(value: Any) -> str:
+        kind = value.type.removeprefix("tensor(").removesuffix(")")
+        return f"{value.name!r} {kind} ({', '.join(map(str, value.shape))})"
+
+    inputs = ", ".join(map(describe, session.get_inputs()))
+    outputs = ", ".join(map(describe, session.get_outputs()))
+    return f"input {inputs}; output {outputs}"
+
+
 def session_runner(session: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     """``session`` as a function of an image tensor (on the CPU, float32) to its first output."""
     name = session.get_inputs()[0].name
