@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from tests.conftest import CHECKPOINT, make_class_folder, require_shared
-from tokenmerge.tools.cli import main
+from tokenmerge.tools.cli import COMMANDS, main
 
 FAST = ["--runs", "2", "--warmup", "0", "--batch-size", "1"]
 
@@ -125,3 +125,14 @@ def test_help_imports_no_model_library():
               "loaded = {'timm', 'transformers', 'open_clip', 'torchvision', 'matplotlib'} & set(sys.modules); "
               "assert not loaded, loaded")
     subprocess.run([sys.executable, "-c", script], check=True)
+
+
+@pytest.mark.parametrize("argv, imported", [(["--help"], set()), (["--version"], set()),
+                                            (["bench", "--help"], {"torch", "tokenmerge.tools.bench"})])
+def test_the_command_list_imports_no_torch_and_a_command_only_its_own_module(argv, imported):
+    """``tokenmerge --help`` answers at once; a command's help imports that command alone."""
+    commands = {f"tokenmerge.tools.{module}" for module, _ in COMMANDS.values()}
+    script = (f"import sys\nfrom tokenmerge.tools.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n"
+              f"    pass\nprint(sorted(set({sorted(commands | {'torch'})!r}) & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True)
+    assert done.stdout.strip().splitlines()[-1] == str(sorted(imported))

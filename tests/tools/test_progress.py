@@ -23,7 +23,19 @@ def test_a_log_gets_whole_lines_at_the_start_every_interval_and_the_end(monkeypa
     assert "\r" not in text
     lines = text.splitlines()
     assert lines[0].startswith("work:   0%") and lines[-1].startswith("work: 100%")
-    assert len(lines) == 5  # the start, 30 s, 60 s and 90 s, and the end: one line per 30 s, not per update
+    assert len(lines) == 4  # the start, 30 s, 60 s and 90 s (the end, not again): one line per 30 s, not per update
+
+
+def test_a_log_gets_the_end_once_more_only_where_it_moved_since_the_last_line(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    log = io.StringIO()
+    with ProgressBar(total=9, desc="work", file=log, mininterval=0) as bar:
+        for _ in range(9):
+            now[0] += 1
+            bar.update()
+    lines = log.getvalue().splitlines()
+    assert [line.split("|")[0] for line in lines] == ["work:   0%", "work: 100%"]
 
 
 def test_a_terminal_gets_tqdm_redraws():

@@ -154,8 +154,9 @@ def test_training_speed_leaves_out_the_first_step_and_is_labelled_when_untrustwo
     row = {"epoch": 2, "images_per_second": speed, "images_per_second_iqr_percent": spread, "timed_steps": timed}
     assert speed_warning(row) == ""
     assert speed_warning(row | {"timed_steps": 2}).startswith(
-        "train img/s of epoch 2 (2) timed over fewer than 5 steps after the first")
-    assert "vary by up to 40%" in speed_warning(row | {"images_per_second_iqr_percent": 40.0})
+        "train img/s of epoch 2 is timed over 2 steps after the first, fewer than 5: its spread is unknown")
+    assert speed_warning(row | {"images_per_second_iqr_percent": 40.0}).startswith(
+        "train img/s of epoch 2 varies by 40% from step to step")
 
 
 def test_finished_run_is_not_trained_again(command_run, data, capsys):

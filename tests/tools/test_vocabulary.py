@@ -140,6 +140,7 @@ def test_bench_says_when_its_timings_are_not_to_be_trusted():
 
     assert untrusted({"r=8": 3.0}) == ""
     assert "r=13" in untrusted({"r=8": 3.0, "r=13": 35.0}) and "not to be trusted" in untrusted({"r=13": 35.0})
+    assert untrusted({"unpatched": 30.0, "r=8": 40.0}).startswith("the timings of every setting vary by up to 40%")
 
 
 def bench_row(setting: str, speedup: float, spread: float = 2.0, of_limit=None):

@@ -29,6 +29,7 @@ from tokenmerge.flops import count_flops
 from tokenmerge.state import CappedRWarning
 
 from . import options
+from .cli import COMMANDS
 from .messages import error_summary, model_title
 from .models import load_model, sample_shape, takes_images, unwrap
 from .onnx_files import export_onnx, onnx_session, require_onnx, session_runner
@@ -305,7 +306,7 @@ def format_rows(rows: Sequence[BenchRow], per_block: bool = False) -> str:
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "bench",
-        help="speed and GFLOPs for a sweep of r against the unpatched model",
+        help=COMMANDS["bench"][1],
         description="Measure tokens left, GFLOPs per image, images per second, latency and speed-up over "
         "the unpatched model, all in one interleaved run: settings take turns, every figure is a median over "
         "the timed rounds, warm-up excluded, and a spread too large to trust is said.",

@@ -2,7 +2,9 @@
 ``export``.
 
 Each command lives in its own module, which provides ``add_parser(subparsers)``; the
-parser it adds sets ``run`` to the function that carries it out. A mistake in what
+parser it adds sets ``run`` to the function that carries it out. Only the module of
+the command asked for is imported (and with it torch): ``tokenmerge --help`` and
+``--version`` list the commands from :data:`COMMANDS` alone, at once. A mistake in what
 the user asked for (a ``ValueError`` or ``OSError`` from the checks before the work)
 is one line on stderr and exit status 2; anything else is a bug and keeps its
 traceback. ``--debug`` or ``TOKENMERGE_DEBUG=1`` shows the traceback of every error.
@@ -11,33 +13,55 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import Optional
 
 from tokenmerge import __version__
 
-from .options import debugging
-
-COMMANDS = ("bench", "evaluate", "compare", "tune", "visualize", "train", "export")
+#: Every command: the module that implements it, and its line in ``tokenmerge --help``
+#: (which the module's own parser repeats).
+COMMANDS = {
+    "bench": ("bench", "speed and GFLOPs for a sweep of r against the unpatched model"),
+    "eval": ("evaluate", "top-1/top-5 accuracy and throughput on an image folder for a sweep of r"),
+    "compare": ("compare", "merging against pruning and against merging's ablations, accuracy against measured speed"),
+    "tune": ("tune", "find the r schedule that keeps the model closest to its unmerged outputs at a target speed"),
+    "visualize": ("visualize", "paint which patches merge into the same token"),
+    "train": ("train",
+              "fine-tune a timm model with token merging on an image folder, on one process or under torchrun"),
+    "export": ("export", "write a model with token merging to an ONNX file, checked in ONNX Runtime"),
+}
 #: What a user's mistake raises; any other exception is a bug in tokenmerge.
 USER_ERRORS = (ValueError, OSError, ImportError)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
+    """The parser of ``tokenmerge``: with ``argv``, complete for the command it names
+    and a one-line entry for the others; without, complete for every command."""
+    asked = None if argv is None else next((arg for arg in argv if not arg.startswith("-")), "")
     parser = argparse.ArgumentParser(prog="tokenmerge", description="Token Merging for Vision Transformers")
     parser.add_argument("--version", action="version", version=f"tokenmerge {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for name in COMMANDS:
-        importlib.import_module(f"tokenmerge.tools.{name}").add_parser(subparsers)
+    for name, (module, summary) in COMMANDS.items():
+        if asked is None or asked == name:
+            importlib.import_module(f"tokenmerge.tools.{module}").add_parser(subparsers)
+        else:
+            subparsers.add_parser(name, help=summary)
     for command in subparsers.choices.values():
         command.add_argument("--debug", action="store_true",
                              help="show the traceback of an error (also: TOKENMERGE_DEBUG=1)")
     return parser
 
 
+def debugging(args: Optional[argparse.Namespace] = None) -> bool:
+    """Whether errors show their traceback: ``--debug`` or ``TOKENMERGE_DEBUG=1``."""
+    return bool(getattr(args, "debug", False)) or os.environ.get("TOKENMERGE_DEBUG", "") not in ("", "0")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         args.run(args)
     except USER_ERRORS as error:

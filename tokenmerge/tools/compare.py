@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from . import options
+from .cli import COMMANDS
 from .evaluation import MEASURES, EvalRow, add_evaluation_options, run_settings
 from .settings import UNPATCHED, check_schedule_files, comparison_settings, default_sweep, merging, variants
 
@@ -80,7 +81,7 @@ def draw_measure(ax, rows: Sequence[EvalRow], measure: str) -> None:
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "compare",
-        help="merging against pruning and against merging's ablations, accuracy against measured speed",
+        help=COMMANDS["compare"][1],
         description="Evaluate the unpatched model and every method at every r on an image folder, in one run "
         "in which every batch goes through every setting, so that accuracy and throughput are comparable. "
         f"Methods: {', '.join(variants())}.",

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from tokenmerge import schedule as schedules
 
 from . import options
+from .cli import COMMANDS
 from .evaluation import MEASURES, EvalRow, Evaluation, add_evaluation_options, evaluate_settings, run_settings
 from .settings import UNPATCHED, check_schedule_files, default_sweep, sweep_settings, unique
 
@@ -70,7 +71,7 @@ def draw_plot(rows: Sequence[EvalRow], title: Optional[str] = None):
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "eval",
-        help="top-1/top-5 accuracy and throughput on an image folder for a sweep of r",
+        help=COMMANDS["eval"][1],
         description="Evaluate a model unpatched and for every r on an image folder: ImageNet synset folders "
         "(n01440764/...) labelled with ImageNet-1k indices, or class folders labelled through --class-map. "
         "Images go through the model's own evaluation transform. Every batch runs through every setting, "

@@ -432,6 +432,10 @@ def announce(args: argparse.Namespace, model: ImageModel, images: int, found: in
                      "top-1 and top-5 are chance; give its trained weights with --checkpoint to measure accuracy")
 
 
+#: What to do about noisy timings here, where every batch is one timing of every setting.
+MORE_BATCHES = "measure again on more images (every batch is one timing), fewer --threads or on a quieter machine"
+
+
 def report(
     args: argparse.Namespace, result: Evaluation, run: dict, env: dict,
     draw: Callable[[Sequence[EvalRow], Optional[str]], object],
@@ -440,7 +444,7 @@ def report(
     (drawn by ``draw(rows, title)``)."""
     print(format_rows(result.rows))
     for warning in speed_warnings({row.setting: row.speedup for row in result.rows[1:]},
-                                  {row.setting: row.iqr_percent for row in result.rows}):
+                                  {row.setting: row.iqr_percent for row in result.rows}, remedy=MORE_BATCHES):
         options.note(getattr(args, "command", "eval"), warning, kind="warning")
     if result.unreadable:
         print(describe_unreadable(result.unreadable))

@@ -10,6 +10,7 @@ import torch
 from tokenmerge import schedule as schedules
 
 from . import options
+from .cli import COMMANDS
 from .messages import model_title
 from .models import describe_preprocessing, load_model, sample_shape, unwrap
 from .onnx_files import export_onnx, graph_signature, onnx_difference, require_onnx
@@ -20,7 +21,7 @@ from .settings import Setting, cap_notes, check_schedule_files, configure, large
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "export",
-        help="write a model with token merging to an ONNX file, checked in ONNX Runtime",
+        help=COMMANDS["export"][1],
         description="Export the model, merging at one r schedule, to ONNX with a dynamic batch dimension and "
         "standard operators only, then check ONNX Runtime's outputs against the eager model's on random images.",
     )

@@ -9,7 +9,6 @@ alias every command accepts (``--merge-r``; ``--sweep`` for a sweep).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -264,6 +263,3 @@ def note(command: str, text: str, kind: str = "note") -> None:
     print(f"tokenmerge {command}: {kind}: {text}", file=sys.stderr, flush=True)
 
 
-def debugging(args: Optional[argparse.Namespace] = None) -> bool:
-    """Whether errors show their traceback: ``--debug`` or ``TOKENMERGE_DEBUG=1``."""
-    return bool(getattr(args, "debug", False)) or os.environ.get("TOKENMERGE_DEBUG", "") not in ("", "0")

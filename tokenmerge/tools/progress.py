@@ -22,6 +22,7 @@ class ProgressBar(tqdm):
         self._terminal = stream.isatty()
         self._lines = _WholeLines(stream)
         self._last_line = -float("inf")
+        self._last_count: float | None = None
         self._closing = False
         if not self._terminal:
             kwargs["file"] = self._lines
@@ -31,8 +32,8 @@ class ProgressBar(tqdm):
         if self._terminal:
             return super().display(msg, pos)
         now = time.monotonic()
-        if self._closing or now - self._last_line >= LOG_INTERVAL_S:
-            self._last_line = now
+        if (self._closing and self.n != self._last_count) or now - self._last_line >= LOG_INTERVAL_S:
+            self._last_line, self._last_count = now, self.n
             line = self.__str__() if msg is None else msg
             if line:
                 self._lines.write_line(line)

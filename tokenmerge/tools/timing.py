@@ -65,15 +65,21 @@ def spread_percent(values: Sequence[float]) -> float:
     return 100 * interquartile_range(values) / statistics.median(values)
 
 
-def untrusted(spreads: dict[str, float]) -> str:
-    """A warning naming the timings whose spread is too large to trust, or ``""``."""
+#: What to do about noisy timings, in the words of the commands that time rounds.
+MORE_RUNS = "measure again with more --runs, fewer --threads or on a quieter machine"
+
+
+def untrusted(spreads: dict[str, float], remedy: str = MORE_RUNS) -> str:
+    """A warning naming the timings whose spread is too large to trust (all of them
+    as "every setting"), with ``remedy``, or ``""``."""
     noisy = {name: spread for name, spread in spreads.items() if spread > TRUSTED_SPREAD_PERCENT}
     if not noisy:
         return ""
     worst = max(noisy.values())
-    return (f"the timings of {', '.join(noisy)} vary by up to {worst:.0f}% (interquartile range over the median, "
+    named = "every setting" if len(noisy) == len(spreads) > 1 else ", ".join(noisy)
+    return (f"the timings of {named} vary by up to {worst:.0f}% (interquartile range over the median, "
             f"trusted up to {TRUSTED_SPREAD_PERCENT:.0f}%): the machine was busy and their speed-ups are not to be "
-            "trusted; measure again with more --runs, fewer --threads or on a quieter machine")
+            f"trusted; {remedy}")
 
 
 def too_few_rounds(rounds: dict[str, int], unit: str = "rounds") -> str:
@@ -88,14 +94,18 @@ def too_few_rounds(rounds: dict[str, int], unit: str = "rounds") -> str:
 
 
 def speed_warnings(
-    speedups: dict[str, float], spreads: dict[str, float], of_limit: Optional[dict[str, float]] = None
+    speedups: dict[str, float],
+    spreads: dict[str, float],
+    of_limit: Optional[dict[str, float]] = None,
+    remedy: str = MORE_RUNS,
 ) -> list[str]:
     """Warnings for every speed figure not to be taken as fact: timings whose spread is
     too large (:func:`untrusted`); settings measured slower than the unpatched model (a
     speed-up below 1), which is timing noise where they merge little and means merging
     does not pay on this machine where the spread is small; and settings measured faster
-    than their zero-overhead limit (``of_limit`` above 1), which can only be noise."""
-    warnings = [untrusted(spreads)] if untrusted(spreads) else []
+    than their zero-overhead limit (``of_limit`` above 1), which can only be noise.
+    ``remedy`` says what to do about noise."""
+    warnings = [untrusted(spreads, remedy)] if untrusted(spreads) else []
     slower = {name: speedup for name, speedup in speedups.items() if speedup < 1}
     if slower:
         listed = ", ".join(f"{name} {speedup:.2f}x" for name, speedup in slower.items())
@@ -105,7 +115,7 @@ def speed_warnings(
     if beyond:
         listed = ", ".join(f"{name} {100 * share:.0f}%" for name, share in beyond.items())
         warnings.append(f"{listed} of the cut limit: faster than tokens cut without any merging cost, which is "
-                        "timing noise; measure again with more --runs")
+                        f"timing noise; {remedy}")
     return warnings
 
 

@@ -40,6 +40,7 @@ from tokenmerge import methods
 from tokenmerge.adapters import find_adapter
 
 from . import options
+from .cli import COMMANDS
 from .data import TolerantImageFiles, balanced_subset, collate_readable, folder_samples
 from .models import load_model, require_images, unwrap
 from .reports import check_output_path, environment
@@ -126,7 +127,7 @@ def check_names(names: Sequence[str], num_protected: int) -> list[str]:
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "tune",
-        help="find the r schedule that keeps the model closest to its unmerged outputs at a target speed",
+        help=COMMANDS["tune"][1],
         description="Search per-block r schedules (and the merging method) for the one that keeps the model "
         "closest to its unmerged outputs on unlabelled calibration images (mean KL divergence), at a speed-up "
         "measured on this device, a FLOP budget or a latency, and write it to a JSON file that every command "

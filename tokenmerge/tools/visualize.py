@@ -41,6 +41,7 @@ from tokenmerge.merge import initial_source
 from tokenmerge.state import CappedRWarning, MergeState
 
 from . import options
+from .cli import COMMANDS
 from .models import load_model
 from .reports import check_figure_path
 from .settings import Setting, cap_notes, check_schedule_files, largest_r
@@ -364,7 +365,7 @@ def parse_blocks(text: str) -> list[int]:
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "visualize",
-        help="paint which patches merge into the same token",
+        help=COMMANDS["visualize"][1],
         description="Paint every patch of each image with the mean colour of the token it was merged into, "
         "with borders between tokens: after the final block, and optionally after earlier blocks. "
         "Images are resized and cropped with the model's own evaluation transform. timm models only.",

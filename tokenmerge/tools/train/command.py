@@ -6,6 +6,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from .. import options
+from ..cli import COMMANDS
 from ..data import class_folders
 from ..distributed import first_process
 from ..reports import format_table
@@ -19,7 +20,7 @@ def add_parser(subparsers) -> None:
     defaults = TrainConfig(model="", data="", output="")
     parser = subparsers.add_parser(
         "train",
-        help="fine-tune a timm model with token merging on an image folder, on one process or under torchrun",
+        help=COMMANDS["train"][1],
         description="Fine-tune a timm model on DATA/train/<class>/<image> with token merging, validating on "
         "DATA/val/<class>/<image> (or --val-split) after every epoch. A checkpoint is written after every epoch; "
         "running the same command again resumes after the last finished one. Under torchrun --nproc_per_node=N "

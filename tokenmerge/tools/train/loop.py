@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 import tokenmerge
 from tokenmerge import schedule as schedules
+from tokenmerge.api import checked_adapter
 from tokenmerge.state import CappedRWarning
 
 from ..data import Batch, TolerantImageFiles, Unreadable
@@ -33,7 +34,7 @@ from ..options import default_workers, note
 from ..progress import ProgressBar
 from ..reports import describe_environment, environment
 from ..settings import Setting, cap_notes
-from ..timing import steady_throughput, too_few_rounds, untrusted
+from ..timing import MIN_TIMED_ROUNDS, TRUSTED_SPREAD_PERCENT, steady_throughput
 from .checkpoints import CHECKPOINT_PREFIX, Progress, resume, save_checkpoint
 from .config import AMP_DTYPES, TrainConfig, check_config
 from .metrics import METRIC_COLUMNS, draw_metrics, keep_steps, write_metrics, write_steps
@@ -50,7 +51,7 @@ def create_model(config: TrainConfig, num_classes: int) -> torch.nn.Module:
         kwargs["img_size"] = config.img_size
     model = create_timm_model(config.model, config.checkpoint, **kwargs)
     try:
-        tokenmerge.checked_adapter(model)
+        checked_adapter(model)
     except TypeError as error:
         raise ValueError(f"--model {config.model}: {error}") from None
     return model
@@ -189,11 +190,16 @@ def train_epoch(
 
 def speed_warning(row: dict[str, Any]) -> str:
     """A warning when an epoch's images per second is not to be trusted: timed over
-    too few steps, or over steps whose times spread too much."""
+    too few steps to estimate a spread, or over steps whose times spread too much."""
     name = f"train img/s of epoch {row['epoch']}"
-    few = too_few_rounds({name: row["timed_steps"]}, unit="steps after the first")
-    noisy = untrusted({name: row["images_per_second_iqr_percent"]})
-    return few or noisy
+    if row["timed_steps"] < MIN_TIMED_ROUNDS:
+        return (f"{name} is timed over {row['timed_steps']} steps after the first, fewer than {MIN_TIMED_ROUNDS}: "
+                "its spread is unknown and it is not to be trusted; give an epoch more steps")
+    if row["images_per_second_iqr_percent"] > TRUSTED_SPREAD_PERCENT:
+        return (f"{name} varies by {row['images_per_second_iqr_percent']:.0f}% from step to step (interquartile "
+                f"range over the median, trusted up to {TRUSTED_SPREAD_PERCENT:.0f}%): the machine was busy and "
+                "it is not to be trusted")
+    return ""
 
 
 def readable_batches(loader: Iterable[Batch], unreadable: list[Unreadable]) -> Iterator[tuple[torch.Tensor, ...]]:
