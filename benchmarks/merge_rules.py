@@ -1,6 +1,6 @@
 """Merging rules tried against ToMe on the shared ViT-Ti, at ToMe's token counts, on
-the same held-out photographs as ``tune_fidelity.py``: the exploratory round the
-README reports under "Tried and dropped as well".
+the same held-out photographs as ``tune_fidelity.py``: the exploratory round that
+the documentation reports under Results, "Tuned schedules".
 
     python benchmarks/merge_rules.py --shared ../shared        # about 6 minutes on 2 cores
 
@@ -40,7 +40,7 @@ from tokenmerge.tools.models import create_timm_model, timm_transform
 
 MODEL = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
 CHECKPOINT = "models/vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors"
-#: The schedules ``tune_fidelity.py`` found at the FLOPs of ToMe r=13 and r=16 (README).
+#: The schedules ``tune_fidelity.py`` found at the FLOPs of ToMe r=13 and r=16 (Results).
 TUNED = {13: [8, 6, 15, 13, 14, 20, 17, 18, 19, 12, 17, 6], 16: [16, 12, 20, 18, 16, 20, 16, 14, 13, 12, 12, 4]}
 #: The name every row's rule is registered under while its row runs.
 EXPLORED = "explored"

@@ -1,7 +1,15 @@
-"""The README's Python examples run as printed, and the public API is typed."""
-import inspect
+"""The Python examples of the README and of every documentation page run as written:
+page by page, in order, each page's examples sharing their names as a reader's session
+would, and an example followed by "prints `...`" prints exactly that."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
 import os
 import re
+import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -10,39 +18,103 @@ import torch
 import tokenmerge
 from tests.conftest import CHECKPOINT, require_shared
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+EXAMPLE = re.compile(r"```python\n(.*?)```\n(?:\s*\n(?:It )?prints `([^`]*)`)?", re.S)
+#: Libraries an example may need that a minimal install lacks: their pages skip, saying so.
+OPTIONAL = {"transformers", "onnxruntime", "onnx", "onnxscript", "open_clip", "torchvision"}
 
 
-def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+@dataclass(frozen=True)
+class Example:
+    page: Path
+    code: str
+    prints: str | None
 
 
-def run_block(block: str, folder: Path, names: dict | None = None) -> dict:
-    names = dict(names or {})
+def examples(page: Path) -> list[Example]:
+    return [Example(page, textwrap.dedent(code), prints) for code, prints in EXAMPLE.findall(page.read_text())]
+
+
+ALL = [example for page in PAGES for example in examples(page)]
+
+#: Examples that need a file or a model made for them run in their own tests below,
+#: found by a line they contain.
+RUN_APART = {
+    "pretrained_cfg_overlay=dict(file=weights)": "test_the_local_checkpoint_recipe_loads_the_weights",
+    "runs/ft/model.safetensors": "test_the_fine_tuned_recipe_keeps_the_classifier",
+    "fast = tokenmerge.compile(model)": "test_the_compile_recipe_compiles_the_patched_model",
+    'tokenmerge.load_schedule("vit-tiny-1.5x.json")': "test_the_tuned_schedule_recipe_applies_the_file",
+}
+
+
+def run_apart(example: Example) -> bool:
+    return any(line in example.code for line in RUN_APART)
+
+
+def run(code: str, folder: Path, names: dict) -> str:
+    """Run ``code`` in ``folder`` with ``names`` (updated), returning what it printed."""
+    printed = io.StringIO()
     cwd = os.getcwd()
     os.chdir(folder)
     try:
-        exec(compile(block, "README.md", "exec"), names)
+        with contextlib.redirect_stdout(printed):
+            exec(compile(code, "example", "exec"), names)
+    except ModuleNotFoundError as error:
+        if error.name not in OPTIONAL:
+            raise
+        pytest.skip(f"needs {error.name}, which is not installed")
     finally:
         os.chdir(cwd)
-    return names
+    return printed.getvalue()
 
 
-def test_the_first_example_runs_offline_and_prints_what_the_readme_says(tmp_path, capsys):
-    names = run_block(python_blocks()[0], tmp_path)
-    assert names["logits"].shape == (8, 1000) and not tokenmerge.is_applied(names["model"])
-    printed = capsys.readouterr().out.strip()
-    assert f"prints `{printed}`" in README.read_text()
+def the_one(line: str) -> Example:
+    (example,) = [example for example in ALL if line in example.code]
+    return example
+
+
+def run_on_its_page(example: Example) -> bool:
+    """Whether the page test runs ``example``: not where a test of its own does, nor
+    where an earlier page opens with the same self-contained example (the README's
+    first example is also the first of Getting started)."""
+    first_of_earlier_pages = [examples(page)[0].code for page in PAGES[:PAGES.index(example.page)] if examples(page)]
+    repeated = example == examples(example.page)[0] and example.code in first_of_earlier_pages
+    return not run_apart(example) and not repeated
+
+
+@pytest.mark.parametrize("page", sorted({example.page for example in ALL}), ids=lambda page: page.name)
+def test_the_examples_of_a_page_run_in_order_and_print_what_it_says(page, tmp_path):
+    names: dict = {}
+    for example in examples(page):
+        if not run_on_its_page(example):
+            continue
+        printed = run(example.code, tmp_path, names)
+        if example.prints is not None:
+            assert printed.strip() == example.prints, example.code
+
+
+def test_the_readme_opens_with_an_example_that_says_what_it_prints():
+    first = examples(ROOT / "README.md")[0]
+    assert first.prints and "tokenmerge.apply" in first.code and "tokenmerge.remove" in first.code
+
+
+def test_every_example_run_apart_exists_and_has_its_test():
+    for line, test in RUN_APART.items():
+        the_one(line)
+        assert callable(globals()[test])
 
 
 def test_the_local_checkpoint_recipe_loads_the_weights(tmp_path):
     require_shared()
-    block = next(block for block in python_blocks() if "augreg_in21k_ft_in1k.safetensors" in block)
-    assert '"/path/to/' in block  # a path the reader replaces, not a bare name that fails where copied
-    model = run_block("import timm\n" + block.replace("/path/to/", f"{CHECKPOINT.parent}/"), tmp_path)["model"]
+    example = the_one("pretrained_cfg_overlay=dict(file=weights)")
+    assert '"/path/to/' in example.code  # a path the reader replaces, not a bare name that fails where copied
+    code = example.code.replace("/path/to/", f"{CHECKPOINT.parent}/")
+    names: dict = {}
+    run("import timm\n" + code, tmp_path, names)
     from safetensors.torch import load_file
 
-    assert torch.equal(model.head.weight, load_file(CHECKPOINT)["head.weight"])
+    assert torch.equal(names["model"].head.weight, load_file(CHECKPOINT)["head.weight"])
 
 
 def test_the_fine_tuned_recipe_keeps_the_classifier(tmp_path):
@@ -52,41 +124,27 @@ def test_the_fine_tuned_recipe_keeps_the_classifier(tmp_path):
     tuned = timm.create_model("vit_tiny_patch16_224", num_classes=10)
     (tmp_path / "runs" / "ft").mkdir(parents=True)
     save_file(tuned.state_dict(), tmp_path / "runs" / "ft" / "model.safetensors")
-    block = next(block for block in python_blocks() if "runs/ft/model.safetensors" in block)
-    model = run_block("import timm\n" + block, tmp_path)["model"]
-    assert torch.equal(model.head.weight, tuned.head.weight)
-
-
-PUBLIC = [*(getattr(tokenmerge, name) for name in tokenmerge.__all__ if inspect.isfunction(getattr(tokenmerge, name)))]
-
-
-@pytest.mark.parametrize("function", PUBLIC + ["tools"], ids=lambda f: getattr(f, "__name__", f))
-def test_public_functions_are_typed(function):
-    if function == "tools":
-        from tokenmerge.tools.bench import benchmark
-        from tokenmerge.tools.evaluate import evaluate
-        from tokenmerge.tools.models import load_model
-        from tokenmerge.tools.train import train
-        from tokenmerge.tools.visualize import visualize
-
-        functions = [benchmark, evaluate, load_model, train, visualize]
-    else:
-        functions = [function]
-    for item in functions:
-        signature = inspect.signature(item)
-        untyped = [name for name, parameter in signature.parameters.items()
-                   if parameter.annotation is inspect.Parameter.empty and parameter.kind not in (
-                       inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
-        assert not untyped and signature.return_annotation is not inspect.Signature.empty, (item.__name__, untyped)
+    names: dict = {}
+    run(the_one("runs/ft/model.safetensors").code, tmp_path, names)
+    assert torch.equal(names["model"].head.weight, tuned.head.weight)
 
 
 def test_the_compile_recipe_compiles_the_patched_model(tmp_path):
-    import textwrap
-
     from tests.adapters.test_contract import CASES_BY_ID, make
 
-    block = next(block for block in python_blocks() if "tokenmerge.compile(model)" in block)
-    names = run_block(textwrap.dedent(block), tmp_path, {"model": make(CASES_BY_ID["timm_class_token"]),
-                                                         "tokenmerge": tokenmerge})
+    names = {"model": make(CASES_BY_ID["timm_class_token"]), "tokenmerge": tokenmerge}
+    run(the_one("fast = tokenmerge.compile(model)").code, tmp_path, names)
     assert isinstance(names["fast"], torch._dynamo.eval_frame.OptimizedModule)
     assert tokenmerge.get_state(names["fast"]).r == 13
+
+
+def test_the_tuned_schedule_recipe_applies_the_file(tmp_path):
+    import timm
+
+    r = [8, 10, 11, 14, 15, 18, 18, 20, 21, 21, 19, 6]
+    (tmp_path / "vit-tiny-1.5x.json").write_text(json.dumps(
+        {"r": r, "method": "tome-attended", "prop_attn": True, "model": "vit_tiny_patch16_224"}))
+    names = {"model": timm.create_model("vit_tiny_patch16_224").eval(), "tokenmerge": tokenmerge}
+    run(the_one('tokenmerge.load_schedule("vit-tiny-1.5x.json")').code, tmp_path, names)
+    state = tokenmerge.get_state(names["model"])
+    assert list(state.r) == r and state.method == "tome-attended"

@@ -124,7 +124,9 @@ def proportional_attention(
     ``F.scaled_dot_product_attention``.
 
     Args:
-        q, k, v: (B, H, N, D) queries, keys and values (the queries may be fewer).
+        q: (B, H, M, D) queries (M may be fewer than the N keys).
+        k: (B, H, N, D) keys.
+        v: (B, H, N, D) values.
         size: (B, N, 1) sizes of the tokens, or ``None`` for no bias.
         dropout_p: attention dropout, as ``F.scaled_dot_product_attention`` takes it.
         scale: the logits' scale (default: ``D ** -0.5``).
@@ -132,7 +134,7 @@ def proportional_attention(
             faster one on ``q``'s device.
 
     Returns:
-        (B, H, N, D) the attended values.
+        (B, H, M, D) the attended values.
     """
     if size is None:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)

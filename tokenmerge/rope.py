@@ -15,7 +15,7 @@ so that every reduction method carries them along:
 
 Before any merge both give the table itself, so that a model that merges nothing
 computes exactly what it computes unpatched. ``benchmarks/rope_rules.py`` compares the
-two (the README's "Rotary position embeddings" gives what it measured).
+two (the documentation's Results, "Rotary position rules", gives what it measured).
 """
 from __future__ import annotations
 

@@ -208,8 +208,9 @@ def test_unsupported_eva_parts_are_refused_by_name():
 
 @pytest.mark.slow
 def test_every_registered_eva_model_is_exact_at_r0_and_merges_to_its_token_counts():
-    """timm's whole Eva registry at two blocks and 96 px (the README's 60 of 65; the
-    sapiens2 models take one key/value head count per block and cannot be built so)."""
+    """timm's whole Eva registry at two blocks and 96 px (the 60 of 65 that Supported
+    models in the documentation gives; the sapiens2 models take one key/value head count
+    per block and cannot be built so)."""
     checked = 0
     for name in timm.list_models(module="eva"):
         try:
