@@ -46,9 +46,11 @@ def test_export_with_a_dynamic_batch_gives_the_eager_outputs(case_id):
             torch.testing.assert_close(exported(x), run(case, model, x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("case_id", ["timm_class_token", "timm_dinov3_rope_registers", "timm_rope_mixed",
-                                     "torchvision_vit", "open_clip_avg", "transformers_vit", "transformers_siglip",
-                                     "transformers_dinov3_registers_swiglu"])
+@pytest.mark.parametrize("case_id", ["timm_class_token", "timm_dinov3_rope_registers", "torchvision_vit",
+                                     "open_clip_avg", "transformers_vit",
+                                     *(pytest.param(case, marks=pytest.mark.slow) for case in (
+                                         "timm_rope_mixed", "transformers_siglip",
+                                         "transformers_dinov3_registers_swiglu"))])
 def test_a_compiled_model_has_no_graph_break_and_eager_passes_after_it_are_exact(case_id):
     case = CASES_BY_ID[case_id]
     model = tokenmerge.apply(make(case), r=R, trace_source=True)

@@ -73,18 +73,12 @@ def test_norms_have_the_same_epsilon_in_both_libraries(timm_vit_tiny):
     assert set(tv_eps) == set(timm_eps) == {1e-6}
 
 
-@pytest.fixture(scope="module")
-def torchvision_logits(models_and_images):
-    """The unmerged torchvision model's logits for all 500 photographs."""
-    _, tv_model, images, _ = models_and_images
-    return logits(tv_model, images)
-
-
-def test_torchvision_agrees_with_timm_unmerged(models_and_images, torchvision_logits):
-    timm_model, tv_model, images, labels = models_and_images
-    expected, actual = logits(timm_model, images), torchvision_logits
-    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
-    assert torch.equal(actual.argmax(-1), expected.argmax(-1))
+def test_torchvision_agrees_with_timm_unmerged(models_and_images, timm_sample_predictions):
+    """The logits of 100 photographs to rounding, and the predictions of all 500 exactly."""
+    timm_model, tv_model, images, _ = models_and_images
+    actual = logits(tv_model, images)
+    torch.testing.assert_close(actual[:100], logits(timm_model, images[:100]), atol=1e-4, rtol=1e-4)
+    assert torch.equal(actual.argmax(-1), timm_sample_predictions())
     tokenmerge.apply(tv_model, r=0)
     try:
         assert torch.equal(logits(tv_model, images[:100]), actual[:100]), "r=0 must give the plain model's logits"
