@@ -111,7 +111,7 @@ def test_the_local_checkpoint_recipe_loads_the_weights(tmp_path):
     assert '"/path/to/' in example.code  # a path the reader replaces, not a bare name that fails where copied
     code = example.code.replace("/path/to/", f"{CHECKPOINT.parent}/")
     names: dict = {}
-    run("import timm\n" + code, tmp_path, names)
+    run(code, tmp_path, names)
     from safetensors.torch import load_file
 
     assert torch.equal(names["model"].head.weight, load_file(CHECKPOINT)["head.weight"])
