@@ -10,16 +10,21 @@ class Terminal(io.StringIO):
         return True
 
 
-def test_a_log_gets_whole_lines_at_the_start_every_interval_and_the_end(monkeypatch):
+def log_of(monkeypatch, seconds_between_updates: float, updates: int = 9) -> str:
+    """What a bar of ``updates`` steps writes into a log file, on a clock that moves
+    ``seconds_between_updates`` before every update."""
     now = [0.0]
     monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
     log = io.StringIO()
-    with ProgressBar(total=9, desc="work", file=log, mininterval=0) as bar:
-        for _ in range(9):
-            now[0] += 10  # every update 10 s after the last
+    with ProgressBar(total=updates, desc="work", file=log, mininterval=0) as bar:
+        for _ in range(updates):
+            now[0] += seconds_between_updates
             bar.update()
-            bar.refresh()
-    text = log.getvalue()
+    return log.getvalue()
+
+
+def test_a_log_gets_whole_lines_at_the_start_every_interval_and_the_end(monkeypatch):
+    text = log_of(monkeypatch, 10)
     assert "\r" not in text
     lines = text.splitlines()
     assert lines[0].startswith("work:   0%") and lines[-1].startswith("work: 100%")
@@ -27,14 +32,7 @@ def test_a_log_gets_whole_lines_at_the_start_every_interval_and_the_end(monkeypa
 
 
 def test_a_log_gets_the_end_once_more_only_where_it_moved_since_the_last_line(monkeypatch):
-    now = [0.0]
-    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
-    log = io.StringIO()
-    with ProgressBar(total=9, desc="work", file=log, mininterval=0) as bar:
-        for _ in range(9):
-            now[0] += 1
-            bar.update()
-    lines = log.getvalue().splitlines()
+    lines = log_of(monkeypatch, 1).splitlines()
     assert [line.split("|")[0] for line in lines] == ["work:   0%", "work: 100%"]
 
 

@@ -53,7 +53,7 @@ from .reports import (
     run_record,
     write_rows,
 )
-from .settings import UNPATCHED, Setting, cap_notes, configure, unique
+from .settings import UNPATCHED, Setting, cap_notes, configure, setting_runner, unique
 from .timing import MIN_TIMED_ROUNDS, speed_warnings, spread_percent, time_interleaved, timed
 
 
@@ -185,15 +185,9 @@ def time_again(
     rounds = MIN_TIMED_ROUNDS - min(len(tally.per_image) for tally in tallies.values())
     if rounds <= 0:
         return
-
-    def runner(setting: Setting) -> Callable[[torch.Tensor], torch.Tensor]:
-        def run(batch: torch.Tensor) -> torch.Tensor:
-            configure(model, setting)
-            with options.autocast(batch.device, amp):
-                return model(batch)
-        return run
-
-    times = time_interleaved({s.name: runner(s) for s in settings}, images, rounds, 0, progress, "timing again")
+    runners = {setting.name: setting_runner(model, setting) for setting in settings}
+    with options.autocast(images.device, amp):
+        times = time_interleaved(runners, images, rounds, 0, progress, "timing again")
     for name, seconds in times.items():
         tallies[name].per_image += [value / len(images) for value in seconds]
 

@@ -392,9 +392,8 @@ def _transformers_transform(source: str) -> Optional[Callable]:
     def transform(image):
         return processor(images=image, return_tensors="pt")["pixel_values"][0]
 
-    size = {key: value for key, value in vars(processor.size).items() if value is not None} if not isinstance(
-        processor.size, dict) else processor.size
-    shown = ", ".join(f"{key} {value}" for key, value in size.items())
+    size = processor.size if isinstance(processor.size, dict) else vars(processor.size)
+    shown = ", ".join(f"{key} {value}" for key, value in size.items() if value is not None)
     transform.description = (  # type: ignore[attr-defined]
         f"{type(processor).__name__} (resize to {shown}, mean {list(processor.image_mean)}, "
         f"std {list(processor.image_std)})")

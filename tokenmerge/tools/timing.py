@@ -78,19 +78,19 @@ def untrusted(spreads: dict[str, float], remedy: str = MORE_RUNS) -> str:
     worst = max(noisy.values())
     named = "every setting" if len(noisy) == len(spreads) > 1 else ", ".join(noisy)
     return (f"the timings of {named} vary by up to {worst:.0f}% (interquartile range over the median, "
-            f"trusted up to {TRUSTED_SPREAD_PERCENT:.0f}%): the machine was busy and their speed-ups are not to be "
+            f"trusted up to {TRUSTED_SPREAD_PERCENT:.0f}%): the machine was busy and these timings are not to be "
             f"trusted; {remedy}")
 
 
-def too_few_rounds(rounds: dict[str, int], unit: str = "rounds") -> str:
+def too_few_rounds(rounds: dict[str, int], unit: str = "rounds", remedy: str = MORE_RUNS) -> str:
     """A warning naming the timings with fewer than :data:`MIN_TIMED_ROUNDS` timed
-    repetitions, whose spread cannot be estimated, or ``""``."""
+    repetitions (``unit``), whose spread cannot be estimated, with ``remedy``, or ``""``."""
     few = {name: count for name, count in rounds.items() if count < MIN_TIMED_ROUNDS}
     if not few:
         return ""
     listed = ", ".join(f"{name} ({count})" for name, count in few.items())
     return (f"{listed} timed over fewer than {MIN_TIMED_ROUNDS} {unit}: the spread is unknown and the speed is "
-            "not to be trusted")
+            f"not to be trusted; {remedy}")
 
 
 def speed_warnings(
@@ -105,7 +105,8 @@ def speed_warnings(
     does not pay on this machine where the spread is small; and settings measured faster
     than their zero-overhead limit (``of_limit`` above 1), which can only be noise.
     ``remedy`` says what to do about noise."""
-    warnings = [untrusted(spreads, remedy)] if untrusted(spreads) else []
+    noisy = untrusted(spreads, remedy)
+    warnings = [noisy] if noisy else []
     slower = {name: speedup for name, speedup in speedups.items() if speedup < 1}
     if slower:
         listed = ", ".join(f"{name} {speedup:.2f}x" for name, speedup in slower.items())

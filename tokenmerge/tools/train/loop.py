@@ -34,7 +34,7 @@ from ..options import default_workers, note
 from ..progress import ProgressBar
 from ..reports import describe_environment, environment
 from ..settings import Setting, cap_notes
-from ..timing import MIN_TIMED_ROUNDS, TRUSTED_SPREAD_PERCENT, steady_throughput
+from ..timing import steady_throughput, too_few_rounds, untrusted
 from .checkpoints import CHECKPOINT_PREFIX, Progress, resume, save_checkpoint
 from .config import AMP_DTYPES, TrainConfig, check_config
 from .metrics import METRIC_COLUMNS, draw_metrics, keep_steps, write_metrics, write_steps
@@ -188,18 +188,17 @@ def train_epoch(
             "images_per_second_iqr_percent": spread, "timed_steps": timed_steps, "lr": steps[-1]["lr"]}, steps, skipped
 
 
+#: What to do about an epoch's untrustworthy images per second.
+MORE_STEPS = "give an epoch more steps (--max-steps-per-epoch), fewer --threads or a quieter machine"
+
+
 def speed_warning(row: dict[str, Any]) -> str:
-    """A warning when an epoch's images per second is not to be trusted: timed over
-    too few steps to estimate a spread, or over steps whose times spread too much."""
+    """The shared warning (:mod:`tokenmerge.tools.timing`) when an epoch's images per
+    second is not to be trusted: timed over too few steps to estimate a spread, or
+    over steps whose times spread too much; ``""`` otherwise."""
     name = f"train img/s of epoch {row['epoch']}"
-    if row["timed_steps"] < MIN_TIMED_ROUNDS:
-        return (f"{name} is timed over {row['timed_steps']} steps after the first, fewer than {MIN_TIMED_ROUNDS}: "
-                "its spread is unknown and it is not to be trusted; give an epoch more steps")
-    if row["images_per_second_iqr_percent"] > TRUSTED_SPREAD_PERCENT:
-        return (f"{name} varies by {row['images_per_second_iqr_percent']:.0f}% from step to step (interquartile "
-                f"range over the median, trusted up to {TRUSTED_SPREAD_PERCENT:.0f}%): the machine was busy and "
-                "it is not to be trusted")
-    return ""
+    return (too_few_rounds({name: row["timed_steps"]}, unit="steps after the first", remedy=MORE_STEPS)
+            or untrusted({name: row["images_per_second_iqr_percent"]}, remedy=MORE_STEPS))
 
 
 def readable_batches(loader: Iterable[Batch], unreadable: list[Unreadable]) -> Iterator[tuple[torch.Tensor, ...]]:

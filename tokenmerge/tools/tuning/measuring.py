@@ -87,10 +87,8 @@ def cost_line(
     """The FLOP line of this device, and the timings it was fitted to (the unpatched
     model's among them)."""
     settings = cost_line_settings(space)
-    rs = [setting.r for setting in settings[1:]]
     timings = median_seconds(model, settings, inputs, runs, progress=progress)
-    points = [(space.flops([0] * space.depth), timings.seconds[UNPATCHED])]
-    points += [(space.flops([r] * space.depth), timings.seconds[f"r={r}"]) for r in rs]
+    points = [(space.flops([setting.r or 0] * space.depth), timings.seconds[setting.name]) for setting in settings]
     return CostLine.fit(points), timings
 
 
