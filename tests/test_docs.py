@@ -1,6 +1,7 @@
 """The Python examples of the README and of every documentation page run as written:
 page by page, in order, each page's examples sharing their names as a reader's session
-would, and an example followed by "prints `...`" prints exactly that."""
+would, and an example followed by "prints `...`" prints exactly that; and the warnings a
+page records under a command's table are those the command prints for that table now."""
 from __future__ import annotations
 
 import contextlib
@@ -148,3 +149,50 @@ def test_the_tuned_schedule_recipe_applies_the_file(tmp_path):
     run(the_one('tokenmerge.load_schedule("vit-tiny-1.5x.json")').code, tmp_path, names)
     state = tokenmerge.get_state(names["model"])
     assert list(state.r) == r and state.method == "tome-attended"
+
+
+#: A command's output as the pages record it: the command line, its table, its warnings.
+RECORDED = re.compile(r"```\n(\$ tokenmerge (bench|eval|compare) .*?)```", re.S)
+
+
+def recorded_runs() -> list[tuple[str, str, str]]:
+    """(page, command, output) of every recorded bench, eval and compare run with a
+    table, but for runs on a GPU, which this machine cannot print again."""
+    return [(page.name, command, output) for page in PAGES for output, command in RECORDED.findall(page.read_text())
+            if "--device cuda" not in output and "-----" in output]
+
+
+def table_rows(lines: list[str]) -> list[dict[str, str]]:
+    """The rows of the table in ``lines``, by the spans of its dashed rule."""
+    rule = next(index for index, line in enumerate(lines) if set(line) == {"-", " "})
+    spans = [match.span() for match in re.finditer(r"-+", lines[rule])]
+    header = [lines[rule - 1][start:end].strip() for start, end in spans]
+    rows = []
+    for line in lines[rule + 1:]:
+        if line.startswith(("tokenmerge ", "wrote ")):
+            break
+        rows.append(dict(zip(header, (line[start:end].strip() for start, end in spans))))
+    return rows
+
+
+def warnings_for(command: str, rows: list[dict[str, str]], first_line: str) -> list[str]:
+    from tokenmerge.tools.bench import BenchRow, bench_warnings
+    from tokenmerge.tools.evaluation import MORE_BATCHES
+    from tokenmerge.tools.timing import speed_warnings
+
+    if command == "bench":
+        runs = int(re.search(r"(\d+) timed rounds", first_line).group(1))
+        bench = [BenchRow(row["setting"], [], 0, 0.0, 0.0, float(row["img/s"]), float(row["IQR %"]), 0.0,
+                          float(row["speed-up"]), float(row["of limit"].rstrip("%")) / 100 if row.get("of limit")
+                          else None) for row in rows]
+        return bench_warnings(bench, runs)
+    return speed_warnings({row["setting"]: float(row["speed-up"]) for row in rows[1:]},
+                          {row["setting"]: float(row["IQR %"]) for row in rows}, remedy=MORE_BATCHES)
+
+
+@pytest.mark.parametrize("page, command, output", recorded_runs(), ids=lambda value: str(value)[:20])
+def test_the_warnings_a_page_records_are_those_the_command_prints_for_its_table(page, command, output):
+    lines = output.splitlines()
+    recorded = [line.removeprefix(f"tokenmerge {command}: warning: ") for line in lines
+                if line.startswith(f"tokenmerge {command}: warning: ")]
+    assert recorded == warnings_for(command, table_rows(lines), lines[1] if command == "bench" else "")
