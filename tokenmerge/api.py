@@ -8,7 +8,7 @@ import torch
 
 from . import schedule
 from .adapters import find_adapter
-from .adapters.base import Adapter, already_patched
+from .adapters.base import Adapter, already_patched, model_class
 from .schedule import Schedule, Tuned
 from .state import MergeState
 
@@ -176,12 +176,20 @@ def remove(model: ModelT) -> ModelT:
 
     Raises:
         ValueError: nothing is applied to ``model``.
-        RuntimeError: other threads' calls did not finish within a minute.
+        RuntimeError: called from inside a call of the model (a hook, say), whose
+            blocks would lose their state mid-pass; or other threads' calls did not
+            finish within a minute.
     """
     inner = unwrap(model)
     if not is_applied(inner):
         raise ValueError(f"{type(inner).__name__} has no token merging applied; nothing to remove")
-    with _state_of(inner).passes.closing():
+    passes = _state_of(inner).passes
+    if passes.in_call():
+        raise RuntimeError(
+            f"tokenmerge.remove was called during a forward pass of this {model_class(inner).__name__} (from a hook, "
+            "say), which would leave the pass half patched; remove it after the call returns"
+        )
+    with passes.closing():
         find_adapter(inner).unpatch(inner)
     return model
 

@@ -411,6 +411,11 @@ class Passes:
                 self._inside.discard(threading.get_ident())
                 self._gate.notify_all()
 
+    def in_call(self) -> bool:
+        """Whether the calling thread or task is inside a call of the model (or of a
+        module its blocks run inside)."""
+        return self._open_call() is not None
+
     @contextlib.contextmanager
     def closing(self):
         """The context :func:`tokenmerge.remove` unpatches in: calls of the model that
@@ -439,6 +444,11 @@ class Passes:
         mode = _trace_mode()
         if mode != "eager":
             return self._traced_pass(tokens, block, mode)
+        if torch._C._functorch.is_batchedtensor(x):
+            raise NotImplementedError(
+                "tokenmerge does not support torch.func.vmap over a patched model: the tokens each input keeps are "
+                "chosen per batch; call the model on the whole batch instead, or remove tokenmerge first"
+            )
         recomputing = torch._C._current_graph_task_id() != -1
         call = None if recomputing else self._open_call()
         if call is None:
@@ -477,10 +487,21 @@ class Passes:
         return self._continued(self._current(mode) if block > 0 else None, tokens, block, mode)
 
     def _continued(self, current: Optional[Pass], tokens: Tensor, block: int, mode: str = "eager") -> Pass:
-        """``current`` if it left the block before with tokens of this shape, else a new pass."""
+        """``current`` if it left the block before, else a new pass. Tokens of another
+        shape than ``current`` left there were changed by something between the blocks
+        (a hook that drops tokens, say) that no merge explains: their sizes and sources
+        are unknown, and starting over would describe the wrong input, so that is an error."""
         if block > 0 and current is not None and current.last_block == block - 1:
-            if current.shape_out == tuple(tokens.shape[:2]):
-                return current
+            shape = tuple(tokens.shape[:2])
+            if current.shape_out != shape:
+                left = "nothing" if current.shape_out is None else f"{current.shape_out[1]} tokens for " \
+                    f"{current.shape_out[0]} inputs"
+                raise RuntimeError(
+                    f"block {block} got {shape[1]} tokens for {shape[0]} inputs, but block {block - 1} left {left}: "
+                    "something between them (a hook, say) changed the tokens' number, which no merge explains, so "
+                    "their sizes are unknown; change tokens only one for one between blocks, or remove tokenmerge"
+                )
+            return current
         return Pass(self.state, block, tokens.shape[1], mode)
 
     def _open_call(self) -> Optional[Call]:
@@ -530,17 +551,23 @@ class Passes:
         thread's pass has just left after its last block, spread back over the tokens
         that entered its first block (:func:`tokenmerge.merge.unmerge`); otherwise, or
         when nothing was merged, ``out`` itself."""
-        run = self._current(_trace_mode())  # while torch.export traces, the pass it traces
+        mode = _trace_mode()
+        run = self._current(mode)  # while torch.export traces, the pass it traces
         if run is None or not run.settings.dense or run.source is None or run.last_block != self.state.depth - 1:
             return out
-        return unmerge(out, run.source)
+        spread = unmerge(out, run.source)
+        if mode == "eager":
+            self._tokens[spread] = (run, self.state.depth)  # a head given them knows them (:meth:`pool_weights`)
+        return spread
 
     def pass_of(self, tokens: Tensor, grid_tokens: Optional[int] = None) -> Optional[Pass]:
         """The pass that left the (B, N, C) ``tokens`` after its last block, for a pooling
         head: the one remembered for them (while a graph is traced, the thread's current
         pass). Tokens no pass left are fine as a whole patch grid (``grid_tokens``, the
         model's own, or that of the thread's last pass), each standing for one patch:
-        then None. Otherwise their sizes are unknown, and guessing would be wrong: an error."""
+        then None. Otherwise their sizes are unknown, and guessing would be wrong: an
+        error; so too for tokens of the very shape the thread's last pass left merged (a
+        copy of its features, say), which could be either."""
         mode = _trace_mode()
         if mode != "eager":
             run = self._current(mode)
@@ -548,24 +575,73 @@ class Passes:
             known = self._tokens.get(tokens)
             run = None if known is None else known[0]
         if run is None:
-            last = self.last
-            if not self.state.merges_anything() or tokens.shape[1] in (grid_tokens, last and last.num_input_tokens):
-                return None
-            raise ValueError(
-                f"a pooling head got {tokens.shape[1]} tokens that no forward pass of this model left, so the "
-                "number of patches each stands for is unknown; pass it the tokens the model returned, unchanged"
-            )
-        shape_out = run.shape_out
-        if run.settings.dense and shape_out is not None and tuple(tokens.shape[:2]) == (
-                shape_out[0], run.num_input_tokens):
-            return None  # unmerged (:meth:`unmerged`): one token per input token
-        if shape_out != tuple(tokens.shape[:2]):
-            left = "no tokens" if shape_out is None else f"{shape_out[1]} tokens for {shape_out[0]}"
+            self._check_unknown(tokens, grid_tokens)
+            return None
+        if run.settings.dense and self._dense_shape(run) == tuple(tokens.shape[:2]):
+            return run
+        if run.shape_out != tuple(tokens.shape[:2]):
+            left = "no tokens" if run.shape_out is None else f"{run.shape_out[1]} tokens for {run.shape_out[0]}"
             raise ValueError(
                 f"a pooling head got {tokens.shape[1]} tokens for {tokens.shape[0]} images, but their pass left "
                 f"{left}; pass it the tokens the model returned, unchanged"
             )
         return run
+
+    def pool_weights(self, tokens: Tensor, grid_tokens: Optional[int] = None) -> PoolWeights:
+        """How a pooling head weighs the (B, N, C) ``tokens`` it is given so that it pools
+        what it would pool over the unmerged patches (see :class:`PoolWeights`): merged
+        tokens by their sizes; the one-per-patch tokens of the ``dense`` setting equally,
+        except that without proportional attention an attention pool counts each merged
+        token once, as it does without ``dense``. Raises as :meth:`pass_of` does."""
+        run = self.pass_of(tokens, grid_tokens)
+        size = None if run is None else run.size
+        if run is None or size is None:
+            return PoolWeights()
+        if not (run.settings.dense and self._dense_shape(run) == tuple(tokens.shape[:2])):
+            return PoolWeights(size, size if run.settings.prop_attn else None)
+        if run.settings.prop_attn:
+            return PoolWeights()
+        source = run.source
+        assert source is not None  # a dense pass that merged traces its sources
+        copies = size.gather(1, source.unsqueeze(-1))  # for every patch, the size of the token it ended in
+        return PoolWeights(None, copies.reciprocal())
+
+    def _dense_shape(self, run: Pass) -> Optional[tuple[int, int]]:
+        """(batch, tokens) of the one-per-input-token features :meth:`unmerged` makes of ``run``."""
+        return None if run.shape_out is None else (run.shape_out[0], run.num_input_tokens)
+
+    def _check_unknown(self, tokens: Tensor, grid_tokens: Optional[int]) -> None:
+        """Refuse tokens no pass is known to have left unless they are a whole patch grid,
+        and unless they cannot be a copy of what the thread's last pass left merged."""
+        if not self.state.merges_anything():
+            return
+        last, shape = self.last, tuple(tokens.shape[:2])
+        if last is not None and last.size is not None:
+            copied = last.shape_out == shape or (
+                last.settings.dense and not last.settings.prop_attn and self._dense_shape(last) == shape)
+            if copied:
+                raise ValueError(
+                    f"a pooling head got {shape[1]} tokens for {shape[0]} images that no forward pass of this model "
+                    "left, but the last pass left merged tokens of this shape: a copy of them (a clone, say) cannot "
+                    "be told from an unmerged grid; pass the head the tokens the model returned, unchanged"
+                )
+        if tokens.shape[1] not in (grid_tokens, last and last.num_input_tokens):
+            raise ValueError(
+                f"a pooling head got {tokens.shape[1]} tokens that no forward pass of this model left, so the "
+                "number of patches each stands for is unknown; pass it the tokens the model returned, unchanged"
+            )
+
+
+@dataclass(frozen=True)
+class PoolWeights:
+    """How a pooling head weighs the tokens it is given, each (B, N, 1) or None.
+
+    ``mean``: the weights of an average over tokens (None: equal weights).
+    ``attention``: counts whose log an attention pool adds to its logits, so that a key
+    counts as often as it says (None: no bias)."""
+
+    mean: Optional[Tensor] = None
+    attention: Optional[Tensor] = None
 
 
 class Call:

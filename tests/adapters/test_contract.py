@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -41,6 +42,8 @@ class Case:
     build: Callable[[], nn.Module]
     output: Callable[[nn.Module, Tensor], Tensor] = lambda model, images: model(images)
     inputs: Callable[..., Tensor] = lambda batch, seed=0: images(batch, seed)
+    #: The tokens the model gives for dense tasks, (B, N, C), or None where it gives none.
+    features: Optional[Callable[[nn.Module, Tensor], Tensor]] = lambda model, images: model.forward_features(images)
 
 
 def timm_vit(**kwargs) -> nn.Module:
@@ -107,6 +110,28 @@ def hf_output(model: nn.Module, images: Tensor) -> Tensor:
     return out.logits if hasattr(out, "logits") else out.pooler_output
 
 
+def hf_features(tower: str = "", key: str = "pixel_values") -> Callable[[nn.Module, Tensor], Tensor]:
+    """The ``last_hidden_state`` of a transformers model's ``tower`` (the model itself for "")."""
+    def features(model: nn.Module, inputs: Tensor) -> Tensor:
+        return (getattr(model, tower) if tower else model)(**{key: inputs}).last_hidden_state
+    return features
+
+
+def torchvision_features(model: nn.Module, images: Tensor) -> Tensor:
+    """What torchvision's ``VisionTransformer.forward`` computes before its head: the encoder's tokens."""
+    tokens = model._process_input(images)
+    return model.encoder(torch.cat([model.class_token.expand(tokens.shape[0], -1, -1), tokens], dim=1))
+
+
+def open_clip_features(model: nn.Module, images: Tensor) -> Tensor:
+    """The patch tokens of open_clip's tower, as ``output_tokens=True`` returns them."""
+    model.visual.output_tokens = True
+    try:
+        return model.visual(images)[1]
+    finally:
+        model.visual.output_tokens = False
+
+
 def torchvision_vit() -> nn.Module:
     from torchvision.models.vision_transformer import VisionTransformer
 
@@ -159,29 +184,36 @@ CASES = [
     Case("timm_eva_post_norm_mrope", lambda: timm_eva(
         use_post_norm=True, use_rot_pos_emb=True, rope_type="mrope", global_pool="token")),
     Case("transformers_vit", hf("ViTConfig", "ViTForImageClassification", intermediate_size=96, num_labels=7),
-         hf_output),
+         hf_output, features=hf_features("vit")),
     Case("transformers_deit_teacher", hf("DeiTConfig", "DeiTForImageClassificationWithTeacher",
-                                         intermediate_size=96, num_labels=7), hf_output),
+                                         intermediate_size=96, num_labels=7), hf_output, features=hf_features("deit")),
     Case("transformers_dinov2_registers", hf("Dinov2WithRegistersConfig", "Dinov2WithRegistersForImageClassification",
-                                             mlp_ratio=2, num_register_tokens=2, num_labels=7), hf_output),
-    Case("transformers_siglip", hf("SiglipVisionConfig", "SiglipVisionModel", intermediate_size=96), hf_output),
+                                             mlp_ratio=2, num_register_tokens=2, num_labels=7), hf_output,
+         features=hf_features("dinov2_with_registers")),
+    Case("transformers_siglip", hf("SiglipVisionConfig", "SiglipVisionModel", intermediate_size=96), hf_output,
+         features=hf_features()),
     Case("transformers_clip", hf_clip,
-         lambda model, images: model.get_image_features(pixel_values=images).pooler_output),
+         lambda model, images: model.get_image_features(pixel_values=images).pooler_output,
+         features=hf_features("vision_model")),
     # without the random rescaling of rotary positions in training, so that two passes compute the same
     Case("transformers_dinov3_registers_swiglu", hf("DINOv3ViTConfig", "DINOv3ViTModel", intermediate_size=96,
                                                     num_register_tokens=2, use_gated_mlp=True,
-                                                    pos_embed_rescale=None), hf_output),
+                                                    pos_embed_rescale=None), hf_output, features=hf_features()),
     Case("transformers_videomae", hf("VideoMAEConfig", "VideoMAEForVideoClassification", num_frames=FRAMES,
-                                     tubelet_size=FRAMES, intermediate_size=96, num_labels=7), hf_output, videos),
+                                     tubelet_size=FRAMES, intermediate_size=96, num_labels=7), hf_output, videos,
+         hf_features("videomae")),
     Case("transformers_ast", hf_audio, lambda model, spectrograms: model(input_values=spectrograms).logits,
-         spectrograms),
-    Case("torchvision_vit", torchvision_vit),
-    Case("open_clip_tok", open_clip_model(), lambda model, images: model.encode_image(images)),
-    Case("open_clip_avg", open_clip_model(pool_type="avg"), lambda model, images: model.encode_image(images)),
+         spectrograms, hf_features("audio_spectrogram_transformer", "input_values")),
+    Case("torchvision_vit", torchvision_vit, features=torchvision_features),
+    Case("open_clip_tok", open_clip_model(), lambda model, images: model.encode_image(images),
+         features=open_clip_features),
+    Case("open_clip_avg", open_clip_model(pool_type="avg"), lambda model, images: model.encode_image(images),
+         features=open_clip_features),
     Case("open_clip_attentional_pool", open_clip_model(ls_init_value=0.5, attentional_pool=True, attn_pooler_queries=4,
                                                        attn_pooler_heads=2),
-         lambda model, images: model.encode_image(images)),
-    Case("open_clip_timm_tower", open_clip_timm_tower, lambda model, images: model.encode_image(images)),
+         lambda model, images: model.encode_image(images), features=None),  # its tokens are the pooler's queries
+    Case("open_clip_timm_tower", open_clip_timm_tower, lambda model, images: model.encode_image(images),
+         features=lambda model, images: model.visual.trunk.forward_features(images)),
 ]
 CASES_BY_ID = {case.id: case for case in CASES}
 
@@ -584,3 +616,78 @@ def test_proportional_attention_without_a_mask_gives_what_the_mask_gives(case, m
     got = run(case, model, x)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert calls, "the channel formulation never ran"
+
+
+# --- dense features ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prop_attn", [True, False], ids=["prop_attn", "no_prop_attn"])
+def test_dense_features_leave_the_pooled_output_as_it_is(case, prop_attn):
+    """``dense=True`` changes the features the model gives, never what its head pools
+    from them: with or without proportional attention, average and attention pools."""
+    model = tokenmerge.apply(make(case), r=R, prop_attn=prop_attn)
+    x = case.inputs(2)
+    merged = run(case, model, x)
+    tokenmerge.apply(model, r=R, dense=True)
+    torch.testing.assert_close(run(case, model, x), merged, atol=1e-5, rtol=1e-5)
+
+
+def test_dense_features_have_one_token_per_token_of_the_unpatched_model(case):
+    if case.features is None:
+        pytest.skip(f"{case.id} gives no token features")
+    model = make(case)
+    x = case.inputs(2)
+    with torch.no_grad():
+        unpatched = case.features(model, x)
+        tokenmerge.apply(model, r=R)
+        merged = case.features(model, x)
+        tokenmerge.apply(model, r=R, dense=True)
+        dense = case.features(model, x)
+    assert merged.shape[1] < unpatched.shape[1]
+    assert dense.shape == unpatched.shape
+
+
+# --- what tokenmerge cannot follow is refused ------------------------------------------
+
+
+def first_output_changed(change: Callable[[Tensor], Tensor]) -> Callable:
+    """A forward hook that changes a block's (B, N, C) tokens, whatever the block returns."""
+    def hook(module, args, out):
+        if isinstance(out, tuple):
+            return (change(out[0]), *out[1:])
+        return change(out)
+    return hook
+
+
+def test_a_hook_that_drops_a_token_between_blocks_is_an_error(case):
+    """A token count no merge explains: sizes and sources would describe the wrong tokens."""
+    model = tokenmerge.apply(make(case), r=R)
+    find_adapter(model).blocks(model)[1].register_forward_hook(first_output_changed(lambda x: x[:, :-1]))
+    with pytest.raises(RuntimeError, match="block 2 got .* but block 1 left .*no merge explains"):
+        run(case, model, case.inputs(2))
+
+
+def test_remove_from_inside_a_pass_is_refused_and_the_pass_finishes(case):
+    model = tokenmerge.apply(make(case), r=R)
+    x = case.inputs(2)
+    expected = run(case, model, x)
+    errors = []
+
+    def remove_now(module, args, out):
+        try:
+            tokenmerge.remove(model)
+        except RuntimeError as error:
+            errors.append(str(error))
+
+    handle = find_adapter(model).blocks(model)[1].register_forward_hook(remove_now)
+    assert torch.equal(run(case, model, x), expected)
+    handle.remove()
+    assert len(errors) == 1 and "during a forward pass" in errors[0]
+    assert tokenmerge.is_applied(model)
+
+
+def test_vmap_over_a_patched_model_is_refused_by_name(case):
+    model = tokenmerge.apply(make(case), r=R)
+    x = case.inputs(2)
+    with pytest.raises(NotImplementedError, match="torch.func.vmap"):
+        torch.func.vmap(lambda one: run(case, model, one.unsqueeze(0)))(x)

@@ -311,6 +311,22 @@ def test_forward_head_refuses_merged_tokens_it_cannot_know_the_sizes_of():
         model.forward_head(unmerged * 2)  # a whole grid of tokens: each stands for one patch
 
 
+def test_a_copy_of_merged_features_as_many_as_a_whole_grid_is_refused_not_pooled_as_patches():
+    """A 320 px pass of a dynamic-size ViT merged to 197 tokens, as many as a 224 px grid:
+    a clone of its features cannot be told from an unmerged grid, so the head refuses it
+    instead of pooling 197 merged tokens as single patches; the features themselves pool."""
+    model = make_model("vit_tiny_patch16_224", {"dynamic_img_size": True, "global_pool": "avg"})
+    tokenmerge.apply(model, r=17)  # 401 tokens at 320 px, 17 fewer in each of 12 blocks: 197
+    x = torch.randn(2, 3, 320, 320)
+    with torch.no_grad():
+        expected = model(x)
+        features = model.forward_features(x)
+        assert features.shape[1] == model.patch_embed.num_patches + 1
+        with pytest.raises(ValueError, match="cannot be told from an unmerged grid"):
+            model.forward_head(features.clone())
+        assert torch.equal(model.forward_head(features), expected)
+
+
 def test_blocks_run_directly_protect_the_class_token_and_merge_like_forward_features():
     model = make_model("vit_tiny_patch16_224", {})
     tokenmerge.apply(model, r=13, trace_source=True)

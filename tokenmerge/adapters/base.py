@@ -198,5 +198,10 @@ def original_class(module: object) -> type:
     return cast(PatchedClass, type(module))._tokenmerge_original
 
 
+def model_class(module: torch.nn.Module) -> type:
+    """The class ``module`` had before patching: what messages call it."""
+    return original_class(module) if is_swapped(module) else type(module)
+
+
 def is_swapped(module: torch.nn.Module) -> bool:
     return "_tokenmerge_original" in type(module).__dict__

@@ -22,6 +22,8 @@ Merging changes what token outputs mean:
 * with ``output_tokens=True`` or ``pool_type='none'`` the tower returns the merged
   tokens (fewer than the patches); ``tokenmerge.get_state(model).size`` gives how
   many patches each stands for, and ``source`` (with ``trace_source``) which ones;
+  with the ``dense`` setting it returns one token per patch instead, each with the
+  features of the token it ended in, and pools as without it;
 * ``forward_intermediates`` returns patch grids, which merged tokens no longer form:
   it is refused while anything merges.
 
@@ -338,13 +340,16 @@ class MergingResidualAttentionBlock(MergingBlock):
 
 class MergingTransformer:
     """open_clip ``Transformer`` of the visual tower, whose output (batch first again
-    where its blocks ran sequence first) keeps the sizes of its last block's tokens."""
+    where its blocks ran sequence first) keeps the sizes of its last block's tokens and,
+    with the ``dense`` setting, is spread back over the tokens that entered its first
+    block, so that ``output_tokens`` returns one token per patch."""
 
     _tokenmerge_state: MergeState
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
+        passes = self._tokenmerge_state.passes
         # the host class, open_clip's Transformer, defines forward
-        return self._tokenmerge_state.passes.adopt(super().forward(x, attn_mask=attn_mask))  # type: ignore[misc]
+        return passes.unmerged(passes.adopt(super().forward(x, attn_mask=attn_mask)))  # type: ignore[misc]
 
 
 class MergingVisionTransformer:
@@ -367,12 +372,12 @@ class MergingVisionTransformer:
         return super().forward_intermediates(x, *args, **kwargs)  # type: ignore[misc]
 
     def _pool(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        run = self._tokenmerge_state.passes.pass_of(x, self.grid_size[0] * self.grid_size[1] + NUM_PROTECTED)
-        size = None if run is None else run.size
-        if run is None or size is None:
+        weights = self._tokenmerge_state.passes.pool_weights(x, self.grid_size[0] * self.grid_size[1] + NUM_PROTECTED)
+        size = weights.attention if self.attn_pool is not None else weights.mean
+        if size is None:
             return super()._pool(x)  # type: ignore[misc]
         if self.attn_pool is not None:
-            return _attention_pool_by_size(self, x, size if run.settings.prop_attn else None)
+            return _attention_pool_by_size(self, x, size)
         if self.final_ln_after_pool:
             pooled, tokens = _global_pool_by_size(self, x, size)
             return self.ln_post(pooled), tokens

@@ -354,15 +354,15 @@ class MergingVisionTransformer:
         return cast(VisionTransformer, self).pool_include_prefix
 
     def pool(self, x: Tensor, pool_type: Optional[str] = None) -> Tensor:
-        run = self._tokenmerge_state.passes.pass_of(x, self.patch_embed.num_patches + self.num_prefix_tokens)
-        size = None if run is None else run.size
+        weights = self._tokenmerge_state.passes.pool_weights(x, self.patch_embed.num_patches + self.num_prefix_tokens)
         pool_type = self.global_pool if pool_type is None else pool_type
-        if run is None or size is None or (self.attn_pool is None and pool_type in ("", "token", "max")):
+        size = weights.attention if self.attn_pool is not None else weights.mean
+        if size is None or (self.attn_pool is None and pool_type in ("", "token", "max")):
             return super().pool(x, pool_type)  # type: ignore[misc]
         if not self.tokenmerge_pool_include_prefix(self.attn_pool is not None):
             x, size = x[:, self.num_prefix_tokens:], size[:, self.num_prefix_tokens:]
         if self.attn_pool is not None:
-            return self.attn_pool(x, attn_mask=log_size_bias(size, x.dtype) if run.settings.prop_attn else None)
+            return self.attn_pool(x, attn_mask=log_size_bias(size, x.dtype))
         mean = weighted_mean(x, size)
         if pool_type == "avg":
             return mean

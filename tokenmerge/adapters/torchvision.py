@@ -6,7 +6,8 @@ stem, and LayerNorm or RMSNorm as the norm layer.
 The class token is the only protected token and the model classifies from it
 alone, so the head needs no token sizes. The blocks attend with
 ``nn.MultiheadAttention``, which is recomputed from its own parameters to get at the
-keys and to add the log-size bias.
+keys and to add the log-size bias. With the ``dense`` setting the encoder's output
+(``model.encoder``) has one token per input token again.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from torchvision.models.vision_transformer import Encoder, EncoderBlock, MLPBloc
 
 from ..block import MergingBlock, Projected
 from ..flops import FlopShape, linear_flops_per_token
-from ..state import Pass
+from ..state import MergeState, Pass
 from .base import Adapter
 from .multihead import check_multihead, multihead_attend, multihead_linear_flops, multihead_project
 
@@ -87,6 +88,9 @@ class TorchvisionAdapter(Adapter):
 
     def block_mixin(self, model: nn.Module) -> type[MergingBlock]:
         return MergingEncoderBlock
+
+    def mixins(self, model: nn.Module) -> list[tuple[nn.Module, type]]:
+        return [(_vit(model).encoder, MergingEncoder)]
 
     def num_protected(self, model: nn.Module) -> int:
         return NUM_PROTECTED
@@ -172,6 +176,20 @@ class MergingEncoderBlock(MergingBlock):
 
     def tokenmerge_mlp(self, x: Tensor) -> Tensor:
         return self.mlp(self.ln_2(x))
+
+
+class MergingEncoder:
+    """torchvision ``Encoder``, whose output keeps the sizes of its last block's tokens
+    and, with the ``dense`` setting, is spread back over the tokens that entered its
+    first block: ``model.encoder`` then gives one token per patch, and the head, which
+    reads the class token alone, is unchanged."""
+
+    _tokenmerge_state: MergeState
+
+    def forward(self, input: Tensor) -> Tensor:
+        passes = self._tokenmerge_state.passes
+        # the host class, torchvision's Encoder, defines forward
+        return passes.unmerged(passes.adopt(super().forward(input)))  # type: ignore[misc]
 
 
 ADAPTER = TorchvisionAdapter()

@@ -403,9 +403,8 @@ class MergingAttentionPoolingHead:
     mlp: torch.nn.Module
 
     def forward(self, hidden_state: Tensor) -> Tensor:
-        run = self._tokenmerge_state.passes.pass_of(hidden_state)
-        size = None if run is None else run.size
-        if run is None or size is None or not run.settings.prop_attn:
+        size = self._tokenmerge_state.passes.pool_weights(hidden_state).attention
+        if size is None:
             # the host class, SiglipMultiheadAttentionPoolingHead, defines forward
             return super().forward(hidden_state)  # type: ignore[misc]
         probe = self.probe.repeat(size.shape[0], 1, 1)
@@ -496,10 +495,9 @@ class MergingVideoMAEEmbeddings:
 
 
 def _sizes_of(state: MergeState, tokens: Tensor) -> Optional[Tensor]:
-    """Sizes (B, N, 1) of (B, N, C) ``tokens`` that a pass of the model left, or None
-    while every token stands for one patch."""
-    run = state.passes.pass_of(tokens)
-    return None if run is None else run.size
+    """The weights (B, N, 1) of a mean over the (B, N, C) ``tokens`` a pass of the model
+    left: their sizes, or None while each counts once (unmerged, or one per patch)."""
+    return state.passes.pool_weights(tokens).mean
 
 
 def _mean_over_patches(x: Tensor, size: Optional[Tensor]) -> Tensor:
