@@ -1,8 +1,11 @@
 import json
+import os
+from pathlib import Path
 
 import pytest
 
 from tokenmerge import schedule
+from tokenmerge.reading import MAX_TEXT_BYTES
 from tokenmerge.schedule import Linear
 
 
@@ -111,3 +114,54 @@ def test_capped_notes_name_every_capped_block_in_ranges_with_plurals():
         "they merge 3/0/1 instead, leaving 7 tokens")
     assert capped_note(9, [9], 3, 1).startswith("r=9 is more than block 0 can merge") and "it merges 1 instead, " \
         "leaving 2 tokens" in capped_note(9, [9], 3, 1)
+
+
+#: Schedule files that cannot be used, and what the one-line error says of each.
+UNUSABLE = {
+    "nested too deeply": "is nested too deeply",
+    "a 5001-digit r": "holds a number too long",
+    "a memory file": "cannot be read (Input/output error)",
+    "unreadable": "cannot be read (Permission denied)",
+    "a FIFO": "is not a regular file",
+    "a device": "is not a regular file",
+    "too large": "is larger than",
+}
+
+
+def unusable_schedule(case, tmp_path):
+    """The path of a schedule file that is ``case`` (a key of :data:`UNUSABLE`), made in
+    ``tmp_path`` where it can be; skips where this system cannot make one."""
+    path = tmp_path / "schedule.json"
+    if case == "nested too deeply":
+        path.write_text("[" * 100_000 + "]" * 100_000)
+    elif case == "a 5001-digit r":
+        path.write_text('{"r": [' + "1" * 5001 + "]}")
+    elif case == "a memory file":
+        path = Path("/proc/self/mem")
+    elif case == "unreadable":
+        path.write_text('{"r": [1]}')
+        os.chmod(path, 0)
+        if os.access(path, os.R_OK):  # root reads anyway; a write-only /proc file stops it
+            path = Path("/proc/sys/vm/compact_memory")
+    elif case == "a FIFO":
+        os.mkfifo(path)
+    elif case == "a device":
+        path = Path("/dev/zero")
+    elif case == "too large":
+        with path.open("wb") as handle:
+            handle.truncate(MAX_TEXT_BYTES + 1)  # (sparse: nothing is written)
+    if not (path.exists() or path.is_fifo()):
+        pytest.skip(f"this system has no {path}")
+    return path
+
+
+@pytest.mark.parametrize("case", list(UNUSABLE))
+def test_a_schedule_file_that_cannot_be_used_is_a_one_line_error_naming_it(case, tmp_path):
+    """Never a traceback (RecursionError, OSError, PermissionError), never a read that
+    blocks on a FIFO or fills memory from a device."""
+    path = unusable_schedule(case, tmp_path)
+    with pytest.raises(ValueError) as error:
+        schedule.load(path)
+    message = str(error.value)
+    assert f"schedule file {path} {UNUSABLE[case]}" in message and "\n" not in message
+    assert message.endswith("give a file tokenmerge tune wrote"), "it says what to do"

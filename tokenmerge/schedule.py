@@ -20,9 +20,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from .merge import max_merges
+from .reading import read_text
 
 
 @dataclass(frozen=True)
@@ -106,8 +107,10 @@ def load(path: str | Path, model: Optional[str] = None, *, allow_other_model: bo
         The :class:`Tuned` schedule, which :func:`tokenmerge.apply` takes as ``r``.
 
     Raises:
-        ValueError: no file name, a missing file, a folder, a file that is not such
-            JSON, or one tuned for another model; one line naming the problem.
+        ValueError: no file name; a file that is missing, a folder, not a regular
+            file, unreadable or larger than
+            :data:`~tokenmerge.reading.MAX_TEXT_BYTES`; one that is not such JSON; or
+            one tuned for another model: one line naming the file and the problem.
     """
     if not str(path).strip():
         raise ValueError("a schedule file name is missing: give the path of a file tokenmerge tune wrote")
@@ -150,16 +153,14 @@ def _architecture(name: str, library: Optional[str]) -> str:
     return name.partition(".")[0] if library == "timm" else name
 
 
+# What the errors about a schedule file tell the user to do.
+_GIVE_A_TUNED_FILE = "give a file tokenmerge tune wrote"
+
+
 def _read(path: Path) -> Tuned:
-    """The schedule file ``path``, checked field by field."""
-    if path.is_dir():
-        raise ValueError(f"schedule file {path} is a folder; give the path of a file tokenmerge tune wrote")
-    if not path.is_file():
-        raise ValueError(f"schedule file {path} does not exist; write one with tokenmerge tune")
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"schedule file {path} is not JSON ({error}); give a file tokenmerge tune wrote") from None
+    """The schedule file ``path``, read as every file a user names is
+    (:func:`tokenmerge.reading.read_text`) and checked field by field."""
+    record = _json(path, read_text(path, "schedule file", _GIVE_A_TUNED_FILE))
     r = record.get("r") if isinstance(record, dict) else None
     if not isinstance(r, list) or not r or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in r):
         raise ValueError(f"schedule file {path} holds no per-block schedule: expected \"r\": [one int >= 0 per "
@@ -171,6 +172,20 @@ def _read(path: Path) -> Tuned:
     if not all(value is None or isinstance(value, str) for value in (model, library)):
         raise ValueError(f"schedule file {path}: \"model\" and \"library\" must be names")
     return Tuned(r, path, method, prop_attn, model, library)
+
+
+def _json(path: Path, text: str) -> Any:
+    """The JSON value of the schedule file ``path`` holding ``text``; a one-line error
+    for text that is not JSON, nests too deeply for the parser or holds a number too
+    long to be read as an int."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"schedule file {path} is not JSON ({error}); {_GIVE_A_TUNED_FILE}") from None
+    except RecursionError:
+        raise ValueError(f"schedule file {path} is nested too deeply to be read; {_GIVE_A_TUNED_FILE}") from None
+    except ValueError:  # (Python refuses to read ints of thousands of digits)
+        raise ValueError(f"schedule file {path} holds a number too long to be an r; {_GIVE_A_TUNED_FILE}") from None
 
 
 def _is_real(value: object) -> bool:

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import make_class_folder
+from tests.test_schedule import UNUSABLE, unusable_schedule
 from tests.tools.test_train import CLASSES, TINY_ARGS, config, read_csv
 from tokenmerge.tools.cli import main
 from tokenmerge.tools.models import load_model
@@ -201,6 +202,23 @@ def unreadable_safetensors(request, ten_classes, tmp_path):
     return path
 
 
+@pytest.mark.parametrize("special", ["a FIFO", "a device"])
+def test_weights_that_are_no_regular_file_are_refused_unread(special, tmp_path, capsys):
+    """Read, a FIFO would wait for a writer and /dev/zero never end."""
+    path = unusable_schedule(special, tmp_path)
+    assert main(["bench", *TINY_ARGS, "--checkpoint", str(path), *FAST]) == 2
+    assert_one_line_error(capsys.readouterr().err, "bench", f"checkpoint {path} is not a regular file")
+
+
+def test_a_class_map_that_is_no_regular_file_is_refused_unread(tmp_path, capsys):
+    (tmp_path / "images").mkdir()
+    root, _ = make_class_folder(tmp_path / "images", ["cat"], 1)
+    fifo = tmp_path / "classes.txt"
+    os.mkfifo(fifo)
+    assert main(["eval", *TINY_ARGS, "--data", str(root), "--class-map", str(fifo)]) == 2
+    assert_one_line_error(capsys.readouterr().err, "eval", f"class map {fifo} is not a regular file")
+
+
 @pytest.mark.parametrize("library, name, kwargs", LOADERS)
 def test_an_unreadable_safetensors_file_is_a_clear_error(library, name, kwargs, unreadable_safetensors, capsys):
     with pytest.raises(ValueError, match="is not a readable safetensors file") as error:
@@ -275,6 +293,13 @@ def test_a_fine_tuned_classifier_loads_with_its_number_of_classes(ten_classes, c
     assert_one_line_error(capsys.readouterr().err, "bench", "give --num-classes 10")
     assert main(["bench", *TINY_ARGS, "--checkpoint", str(path), "--num-classes", "10", "--r", "0", *FAST]) == 0
     assert f"vit_tiny_patch16_224 ({path})" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", list(UNUSABLE))
+def test_a_schedule_file_that_cannot_be_used_is_one_line_naming_it(case, tmp_path, capsys):
+    path = unusable_schedule(case, tmp_path)
+    assert main(["bench", *TINY_ARGS, "--r", f"0,@{path}", *FAST]) == 2
+    assert_one_line_error(capsys.readouterr().err, "bench", f"schedule file {path} {UNUSABLE[case]}")
 
 
 # --- where and how ---------------------------------------------------------------------

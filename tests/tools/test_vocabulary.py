@@ -280,6 +280,16 @@ def test_an_at_sign_without_a_file_name_says_the_name_is_missing(command, args, 
     assert info.value.code == 2 and "a file name is missing after '@'" in err and "schedule file ." not in err
 
 
+@pytest.mark.parametrize("items", [["@a"], ["0", "@a", "2"], ["@a,b", "8"], ["0", "@a,b,c"], ["@a,b", "@a"]])
+def test_a_schedule_file_whose_name_holds_commas_is_one_item_of_a_sweep(items, tmp_path):
+    """An @ item takes in the commas after it as far as that names an existing file."""
+    for name in ("a", "a,b", "a,b,c"):
+        (tmp_path / name).write_text(json.dumps({"r": [len(name), 1]}))
+    items = [item.replace("@", f"@{tmp_path}/") for item in items]
+    args = build_parser(["bench"]).parse_args(["bench", "--r", ",".join(items)])
+    assert [tokenmerge.schedule.describe(r) for r in args.r] == items
+
+
 def test_a_checkpoint_that_does_not_fit_is_named_with_its_whole_reason(tmp_path):
     """No message is cut mid-word: a state dict's long key lists are shortened to their
     first names and a count, and every mismatch is said in full."""

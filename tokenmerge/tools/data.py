@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
+from tokenmerge.reading import read_text
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 CLASS_MAP_HELP = "a class map: a text file with one class name per line, the line number (from 0) being the class index"
 
@@ -96,13 +98,12 @@ def synset_samples(root: str | Path) -> list[tuple[Path, int]]:
 
 def read_class_map(path: str | Path) -> list[str]:
     """The class names of a class map in timm's convention, a ``.txt`` file with one
-    class name per line, in order: the position of a name is its class index."""
+    class name per line, in order: the position of a name is its class index. The
+    file is read as every file a user names is (:func:`tokenmerge.reading.read_text`)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"class map {path} does not exist")
     if path.suffix.lower() != ".txt":
         raise ValueError(f"cannot read class map {path}: expected {CLASS_MAP_HELP} (.txt)")
-    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    names = [line.strip() for line in read_text(path, "class map", f"give {CLASS_MAP_HELP}").splitlines()]
     if not any(names):
         raise ValueError(f"class map {path} is empty: expected {CLASS_MAP_HELP}")
     return names

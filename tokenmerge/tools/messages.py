@@ -4,6 +4,14 @@ from __future__ import annotations
 import re
 
 
+class UnusableFile(Exception):
+    """A file an option names (``--r @FILE``) that cannot be used, found while the
+    options are read: said in one line, like an error of the work (see
+    :func:`tokenmerge.tools.cli.main`), without the usage text argparse gives a
+    mistyped option, which has nothing to do with a file's problem. (Not a
+    ``ValueError``: argparse would turn that into such a usage error.)"""
+
+
 def error_summary(error: BaseException, keys_shown: int = 3) -> str:
     """An exception's message on one line, whole: lines joined with "; ", and a line
     that lists many quoted names (a state dict's missing or unexpected keys) shortened

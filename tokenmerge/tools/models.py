@@ -27,6 +27,7 @@ from torch import Tensor
 
 from tokenmerge.adapters import find_adapter
 from tokenmerge.libraries import LIBRARIES, install_command, library
+from tokenmerge.reading import check_file
 
 from .messages import error_summary
 
@@ -147,8 +148,9 @@ def _require(library_name: str) -> None:
 
 
 def check_checkpoint_path(path: Path, folder: bool = False) -> Path:
-    """``path`` if it is what a checkpoint must be: a file, or with ``folder`` a folder."""
-    if not path.exists():
+    """``path`` if it is what a checkpoint must be: with ``folder`` a folder, otherwise
+    a file, checked as every file a user names is (:func:`tokenmerge.reading.check_file`)."""
+    if folder and not path.exists():
         raise ValueError(f"checkpoint {path} does not exist")
     if folder and not path.is_dir():
         raise ValueError(f"checkpoint {path} is a file; give the folder save_pretrained wrote "
@@ -157,7 +159,7 @@ def check_checkpoint_path(path: Path, folder: bool = False) -> Path:
         inside = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.pt*")) or sorted(path.glob("*.bin"))
         hint = f", such as {inside[0]}" if inside else ""
         raise ValueError(f"checkpoint {path} is a folder; give the weights file in it{hint}")
-    return path
+    return path if folder else check_file(path, "checkpoint", "give the path of a weights file")
 
 
 def read_weights(path: Path) -> dict[str, Tensor]:

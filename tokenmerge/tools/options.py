@@ -12,6 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -19,6 +20,7 @@ import torch
 from tokenmerge import schedule as schedules
 from tokenmerge.libraries import LIBRARIES
 
+from .messages import UnusableFile
 from .settings import compared_by_default, variants
 
 #: The model of the commands that can run without data: bench and visualize.
@@ -37,16 +39,39 @@ CAP_POLICY = ("a block merges at most half of its mergeable tokens; an r beyond 
 
 
 def parse_schedule(text: str) -> schedules.Schedule:
-    """One schedule: ``"13"``, ``"decreasing:13"``, ``"8/8/4/..."``, ``"@FILE"``."""
+    """One schedule: ``"13"``, ``"decreasing:13"``, ``"8/8/4/..."``, ``"@FILE"``; a
+    file that cannot be used is an :class:`~tokenmerge.tools.messages.UnusableFile`."""
     try:
         return schedules.parse(text)
     except ValueError as error:
+        if names_file(text):
+            raise UnusableFile(str(error)) from None
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def names_file(item: str) -> bool:
+    """Whether a schedule's text names a file: ``@`` and a name."""
+    text = item.strip()
+    return text.startswith("@") and text != "@"
+
+
 def parse_sweep(text: str) -> list[schedules.Schedule]:
-    """A comma-separated sweep of schedules: ``"0,8,13,16,decreasing:13"``."""
-    return [parse_schedule(item) for item in text.split(",")]
+    """A comma-separated sweep of schedules: ``"0,8,13,16,decreasing:13"`` (see :func:`sweep_items`)."""
+    return [parse_schedule(item) for item in sweep_items(text)]
+
+
+def sweep_items(text: str) -> list[str]:
+    """The items of a comma-separated sweep. A file name may hold commas: an ``@FILE``
+    item takes in the pieces after it as far as that names an existing file (the
+    furthest such), and is the piece alone where none does."""
+    pieces, items = text.split(","), []
+    while pieces:
+        joined = [",".join(pieces[:count]) for count in range(1, len(pieces) + 1)]
+        count = 1 + max((index for index, item in enumerate(joined)
+                         if names_file(item) and Path(item.strip()[1:]).exists()), default=0)
+        items.append(joined[count - 1])
+        del pieces[:count]
+    return items
 
 
 def parse_methods(text: str) -> list[str]:
@@ -153,7 +178,8 @@ def check_library(args: argparse.Namespace, command: str, supported: Sequence[st
 
 def add_sweep_option(parser: argparse.ArgumentParser, default_help: str) -> None:
     parser.add_argument("--r", "--sweep", "--merge-r", dest="r", type=parse_sweep, metavar="SWEEP",
-                        help=f"comma-separated r schedules, each {SCHEDULE_SYNTAX}; {CAP_POLICY} "
+                        help=f"comma-separated r schedules, each {SCHEDULE_SYNTAX} (a FILE's name may hold commas: "
+                        f"an @ item runs on over commas as far as that names an existing file); {CAP_POLICY} "
                         f"(default: {default_help}); under torchrun write --sweep")
     add_allow_other_model_option(parser)
 

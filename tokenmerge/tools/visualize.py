@@ -38,6 +38,7 @@ import tokenmerge
 from tokenmerge import schedule as schedules
 from tokenmerge.adapters import find_adapter
 from tokenmerge.merge import initial_source
+from tokenmerge.reading import check_file
 from tokenmerge.state import CappedRWarning, MergeState
 
 from . import options
@@ -89,10 +90,9 @@ class Visualization:
 
 
 def open_image(path: str | Path) -> Image.Image:
-    """An image file as RGB, with an error naming the file if it is missing or unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} does not exist or is not a file")
+    """An image file as RGB, with an error naming the file if it is missing or unreadable
+    (the file itself checked as every file a user names is: :func:`tokenmerge.reading.check_file`)."""
+    path = check_file(path, "image", "give the path of an image file")
     try:
         with Image.open(path) as image:
             return image.convert("RGB")

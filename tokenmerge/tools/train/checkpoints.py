@@ -14,6 +14,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from tokenmerge.reading import read_text
+
 from ..messages import error_summary
 from .config import TrainConfig
 
@@ -145,9 +147,10 @@ def resume(
 def read_state(path: Path) -> dict[str, Any]:
     """A checkpoint's ``state.json``, with every key a resume reads; a one-line error
     naming the file otherwise."""
+    text = read_text(path, "checkpoint state", "start again in a new output folder")
     try:
-        state = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        state = json.loads(text)
+    except (ValueError, RecursionError) as error:
         raise ValueError(f"cannot read checkpoint state {path} ({error}); it is truncated or corrupt: start again "
                          "in a new output folder") from None
     missing = [key for key in ("epoch", "step", "config", "history", "optimizer", "sha256")
