@@ -9,6 +9,9 @@ import torch
 from . import schedule
 from .adapters import find_adapter
 from .adapters.base import Adapter, already_patched, model_class
+from .adapters.vlm import Family, find_family
+from .adapters.vlm.base import VisionLanguageState
+from .fixed_count import check_count
 from .schedule import Schedule, Tuned
 from .state import MergeState
 
@@ -17,12 +20,14 @@ ModelT = TypeVar("ModelT", bound=torch.nn.Module)
 
 def apply(
     model: ModelT,
-    r: Schedule,
+    r: Optional[Schedule] = None,
     *,
     prop_attn: Optional[bool] = None,
     trace_source: Optional[bool] = None,
     method: Optional[str] = None,
     dense: Optional[bool] = None,
+    visual_tokens: Optional[int | float] = None,
+    processor: Any = None,
 ) -> ModelT:
     """Patch ``model`` in place to merge tokens, and return it.
 
@@ -54,6 +59,13 @@ def apply(
             takes the features of the token it ended in, for dense tasks
             (segmentation, depth, patch retrieval); default: off. Pooled outputs are
             the same either way, up to rounding.
+        visual_tokens: for a vision-language model, the visual tokens every image
+            (crop, video) hands to the language model: a whole number, or a fraction
+            of the full count (see :mod:`tokenmerge.adapters.vlm`); reduced after the
+            projector with ``method``. ``r`` given too merges in the vision tower first.
+        processor: the vision-language model's processor, patched to emit as many
+            image placeholders as the model then gives tokens; without it, prompts
+            must be built for the reduced counts by hand.
 
     Returns:
         ``model`` itself, patched.
@@ -64,12 +76,21 @@ def apply(
         ValueError: a bad ``r`` or ``method``, before anything changes.
     """
     inner = unwrap(model)
+    family = find_family(inner)
+    if family is not None:
+        apply_vision_language(family, inner, r, visual_tokens, processor, method)
+        return model
+    if visual_tokens is not None or processor is not None:
+        raise TypeError(f"visual_tokens and processor are for vision-language models; {type(inner).__name__} is "
+                        "none: give r alone")
+    if r is None:
+        raise TypeError(f"tokenmerge.apply needs r for {type(inner).__name__}: the tokens each block merges")
     if isinstance(r, Tuned):
         method = r.method if method is None else method
         prop_attn = r.prop_attn if prop_attn is None else prop_attn
     adapter = find_adapter(inner)
     if is_applied(inner):
-        get_state(inner).update(r, method=method, prop_attn=prop_attn, trace_source=trace_source, dense=dense)
+        _state_of(inner).update(r, method=method, prop_attn=prop_attn, trace_source=trace_source, dense=dense)
         return model
     patched = already_patched(inner)
     if patched is not None:
@@ -82,6 +103,34 @@ def apply(
     state.update(method=method, prop_attn=prop_attn, trace_source=trace_source, dense=dense)
     adapter.patch(inner, state)
     return model
+
+
+def apply_vision_language(
+    family: Family, model: torch.nn.Module, r: Optional[Schedule], visual_tokens: Optional[int | float],
+    processor: Any, method: Optional[str],
+) -> None:
+    """:func:`apply` for a vision-language model, every setting checked before anything changes."""
+    from .adapters.vlm import base as vlm
+    from .methods import resolve
+
+    if is_applied(model):
+        raise TypeError(f"tokenmerge is already applied to this {type(model).__name__}; call tokenmerge.remove first")
+    if r is None and visual_tokens is None:
+        raise TypeError(f"tokenmerge.apply needs visual_tokens=K (tokens per image for the language model) or r "
+                        f"(merging in the vision tower) for {family.name} models")
+    method = method or "tome"
+    if resolve(method).needs_class_token:
+        raise ValueError(f"method {method!r} plans with a class token's attention, which the visual tokens of "
+                         f"{family.name} carry none of; use tome, tome-features, random or cut")
+    if visual_tokens is not None:
+        check_count(visual_tokens)
+    if processor is not None:
+        vlm.check_processor(family, processor)
+    if r is not None:
+        inner = vlm.inner_model(family, model)
+        checked_adapter(family.tower(inner))
+        vlm.tower_schedule(family, inner, r)
+    vlm.patch(family, model, vlm.Settings(visual_tokens, method, r), processor)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -183,6 +232,12 @@ def remove(model: ModelT) -> ModelT:
     inner = unwrap(model)
     if not is_applied(inner):
         raise ValueError(f"{type(inner).__name__} has no token merging applied; nothing to remove")
+    family = find_family(inner)
+    if family is not None:
+        from .adapters.vlm.base import unpatch
+
+        unpatch(family, inner)
+        return model
     passes = _state_of(inner).passes
     if passes.in_call():
         raise RuntimeError(
@@ -196,10 +251,10 @@ def remove(model: ModelT) -> ModelT:
 
 def is_applied(model: torch.nn.Module) -> bool:
     """Whether :func:`apply` has patched ``model`` (or the model a wrapper holds)."""
-    return isinstance(getattr(unwrap(model), "_tokenmerge_state", None), MergeState)
+    return isinstance(getattr(unwrap(model), "_tokenmerge_state", None), (MergeState, VisionLanguageState))
 
 
-def get_state(model: torch.nn.Module) -> MergeState:
+def get_state(model: torch.nn.Module) -> MergeState | VisionLanguageState:
     """The settings of a patched model and what the calling thread's last pass computed.
 
     Args:
@@ -208,7 +263,10 @@ def get_state(model: torch.nn.Module) -> MergeState:
     Returns:
         Its :class:`MergeState`: assign ``r``, ``method``, ``prop_attn`` or
         ``trace_source`` to change a setting from the next pass; read ``size``,
-        ``source``, ``sizes`` and ``sources`` for the calling thread's last pass.
+        ``source``, ``sizes`` and ``sources`` for the calling thread's last pass. For
+        a vision-language model, its
+        :class:`~tokenmerge.adapters.vlm.base.VisionLanguageState`: ``counts`` and
+        ``sizes`` of every image of the last pass.
 
     Raises:
         ValueError: nothing is applied to ``model``.
@@ -244,7 +302,7 @@ def token_counts(
     model = unwrap(model)
     adapter = checked_adapter(model)
     if r is None:
-        r = get_state(model).r
+        r = _state_of(model).r
     num_tokens, num_protected = adapter.token_layout(model, img_size)
     return schedule.token_counts(num_tokens, schedule.resolve(r, adapter.depth(model)), num_protected)
 
@@ -274,7 +332,7 @@ def flops_per_image(
 
     model = unwrap(model)
     adapter = checked_adapter(model)
-    state = get_state(model) if is_applied(model) else None
+    state = _state_of(model) if is_applied(model) else None
     if r is None:
         r = state.r if state else 0
     if method is None:

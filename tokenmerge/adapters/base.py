@@ -148,13 +148,16 @@ def patched_class(mixin: type, original: type) -> type:
     key = (mixin, original)
     if key not in _PATCHED:
         metaclass = PatchedClass if type(original) is type else _metaclass_for(type(original))
+        # a mixin that must not rename what it patches (a processor saves its class name) says so
+        keeps_name = getattr(mixin, "_tokenmerge_keeps_name", False)
+        name = original.__name__ if keeps_name else f"TokenMerge{original.__name__}"
         _PATCHED[key] = metaclass(
-            f"TokenMerge{original.__name__}",
+            name,
             (mixin, original),
             {
                 "_tokenmerge_original": original,
                 "__module__": mixin.__module__,
-                "__qualname__": f"TokenMerge{original.__name__}",
+                "__qualname__": name,
                 "__prepare_scriptable__": _refuse_script,
             },
         )

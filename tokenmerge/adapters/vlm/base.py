@@ -1,0 +1,373 @@
+"""Vision-language models: fewer visual tokens where the language model receives them.
+
+A vision-language model (VLM) runs its vision tower over an image, projects the tokens
+of one tower layer into the language model's width, and scatters them into the prompt
+in place of the image's placeholder tokens, one placeholder per token. What costs most
+is what follows: the language model's prefill over every visual token, and their keys
+and values in its cache for every later step. tokenmerge reduces those tokens in two
+places, both behind :func:`tokenmerge.apply`:
+
+* ``visual_tokens=K``: every image's projected tokens are reduced to exactly ``K`` (or
+  that fraction of them), after the projector, so that projectors that need the whole
+  patch grid (pooling, pixel shuffle) run as they are (:func:`tokenmerge.fixed_count.reduce_to`);
+* ``r=...``: the tower merges as a ViT does, up to the layer the model reads, where the
+  tower hands a list of tokens to a projector of single tokens (LLaVA-1.5, PaliGemma).
+
+The processor then emits as many placeholders per image as the model gives tokens
+(:class:`ReducingProcessor`), on every path through it (``processor(...)``,
+``apply_chat_template``, batches, several images per prompt); a prompt built for the
+full count is refused before the language model runs.
+
+One :class:`Family` per model family says where its tower, feature layer and keys
+are; the reduction step (:meth:`ReducingModel.get_image_features`) is written once.
+"""
+from __future__ import annotations
+
+import re
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ... import fixed_count
+from ...schedule import Schedule, resolve, token_counts
+from ..base import is_swapped, restore_class, swap_class
+
+
+class Family(ABC):
+    """What tokenmerge needs to know of one VLM family in transformers.
+
+    A family names its classes and says where the tokens the projector reads come
+    from (:meth:`tower_features`) and what to match them on (:meth:`keys`); the rest
+    is shared.
+    """
+
+    #: The family's name in messages and docs, such as ``"LLaVA-1.5"``.
+    name: ClassVar[str]
+    #: The class names of the family's inner model (``LlavaModel``) and the classes
+    #: around it (``LlavaForConditionalGeneration``), which hold it as ``model``.
+    model_classes: ClassVar[tuple[str, ...]]
+    outer_classes: ClassVar[tuple[str, ...]]
+    #: The class names of its processors.
+    processor_classes: ClassVar[tuple[str, ...]]
+
+    # The inner model is typed Any: a family reads its parts by name, as transformers defines them.
+    def tower(self, inner: Any) -> Any:
+        """The vision tower."""
+        return inner.vision_tower
+
+    def layers(self, inner: Any) -> Sequence[Any]:
+        """The tower's layers, in order: the blocks tokenmerge's adapter for it merges in."""
+        from .. import find_adapter
+
+        tower = self.tower(inner)
+        return find_adapter(tower).blocks(tower)
+
+    @abstractmethod
+    def tower_features(self, inner: Any, outputs: Any) -> tuple[Tensor, int]:
+        """The (images, N, C) tower tokens the projector reads, from the tower's outputs
+        that ``get_image_features`` returns, and the number of tower layers that made them."""
+
+    def keys(self, inner: Any, features: Tensor, layers_run: int) -> Tensor:
+        """What the reduction matches on, one (images, M, D) row per projected token:
+        ToMe's attention keys averaged over heads, those the tower's next layer computes
+        from the features (or, after its last layer, those the last layer would)."""
+        layers = self.layers(inner)
+        layer = layers[min(layers_run, len(layers) - 1)]
+        attention = layer.self_attn
+        keys = attention.k_proj(layer.layer_norm1(features))
+        return keys.view(*keys.shape[:2], attention.num_heads, -1).mean(dim=2)
+
+    def feature_layers(self, inner: Any) -> int:
+        """How many tower layers make the tokens the model reads (the rest of the tower
+        runs but reaches nothing): the layers tower merging may merge in."""
+        return len(self.layers(inner))
+
+    def dropped_prefix(self, inner: Any) -> int:
+        """Tokens of the tower's output the model drops before the projector (a class token)."""
+        return 0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a patched VLM reduces: ``visual_tokens`` per image after the projector (None:
+    all), with ``method``; and the tower's own ``r`` (None: the tower does not merge)."""
+
+    visual_tokens: Optional[int | float]
+    method: str
+    r: Optional[Schedule]
+
+
+@dataclass(frozen=True)
+class ImageTokens:
+    """One image (or crop, or video frame group) of a pass: the tokens the projector
+    gave (``full``), those the language model received (``kept``), and how many projected
+    tokens each received token stands for (``size``, (kept,))."""
+
+    full: int
+    kept: int
+    size: Tensor
+
+
+class VisionLanguageState:
+    """The settings of a VLM tokenmerge reduces, and what the calling thread's last pass gave.
+
+    Attributes:
+        family: the model family's name.
+        settings: the :class:`Settings`.
+        tower_tokens: tokens per image leaving the tower's feature layer, after tower
+            merging (None where the tower does not merge).
+    """
+
+    def __init__(self, family: Family, settings: Settings, tower_tokens: Optional[int]):
+        self.family, self.settings, self.tower_tokens = family, settings, tower_tokens
+        self._local = threading.local()
+
+    @property
+    def visual_tokens(self) -> Optional[int | float]:
+        return self.settings.visual_tokens
+
+    @property
+    def method(self) -> str:
+        return self.settings.method
+
+    @property
+    def r(self) -> Optional[Schedule]:
+        return self.settings.r
+
+    @property
+    def images(self) -> list[ImageTokens]:
+        """Every image of the calling thread's last pass, in the order the model read them."""
+        return getattr(self._local, "images", [])
+
+    @property
+    def counts(self) -> list[tuple[int, int]]:
+        """(tokens from the projector, tokens the language model received) per image of the last pass."""
+        return [(image.full, image.kept) for image in self.images]
+
+    @property
+    def sizes(self) -> list[Tensor]:
+        """For every image of the last pass, how many projected tokens each received token stands for."""
+        return [image.size for image in self.images]
+
+    def kept(self, full: int) -> int:
+        """The tokens the language model receives of an image the projector gives ``full`` tokens of."""
+        if self.settings.visual_tokens is None:
+            return full
+        return fixed_count.target_count(full, self.settings.visual_tokens)
+
+    def record(self, images: list[ImageTokens]) -> None:
+        self._local.images = images
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"family": self.family, "settings": self.settings, "tower_tokens": self.tower_tokens}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["family"], state["settings"], state["tower_tokens"])  # type: ignore[misc]
+
+    def __repr__(self) -> str:
+        settings = self.settings
+        return (f"VisionLanguageState(family={self.family.name!r}, visual_tokens={settings.visual_tokens!r}, "
+                f"method={settings.method!r}, r={settings.r!r})")
+
+
+# --- the model -------------------------------------------------------------------------
+
+
+class ReducingModel:
+    """Mixin for a family's inner model (``LlavaModel``, ...): the visual tokens of every
+    image reduced where ``get_image_features`` hands them on, and prompts whose
+    placeholders do not match refused before the language model runs."""
+
+    _tokenmerge_state: VisionLanguageState
+    _tokenmerge_family: Family
+    config: Any
+
+    def get_image_features(self, pixel_values: Tensor, *args: Any, **kwargs: Any) -> Any:
+        # the host class, the family's inner model, defines get_image_features
+        outputs = super().get_image_features(pixel_values, *args, **kwargs)  # type: ignore[misc]
+        state = self._tokenmerge_state
+        if state.settings.visual_tokens is None:
+            state.record([ImageTokens(len(tokens), len(tokens), torch.ones(len(tokens)))
+                          for tokens in _per_image(outputs.pooler_output)])
+            return outputs
+        features, layers_run = self._tokenmerge_family.tower_features(self, outputs)
+        keys = self._tokenmerge_family.keys(self, features, layers_run)
+        outputs.pooler_output = self._tokenmerge_reduce(outputs.pooler_output, keys)
+        return outputs
+
+    def _tokenmerge_reduce(self, projected: Tensor | Sequence[Tensor], keys: Tensor) -> Any:
+        """``projected`` (a (images, N, C) tensor, or one (N, C) tensor per image, as the
+        family gives them) with every image reduced to its kept count, in the same form."""
+        state = self._tokenmerge_state
+        rows = _per_image(projected)
+        full = rows[0].shape[0] if rows else 0
+        if any(row.shape[0] != full for row in rows) or keys.shape[:2] != (len(rows), full):
+            raise RuntimeError(f"tokenmerge found {keys.shape[1]} keys for images of {[len(row) for row in rows]} "
+                               f"tokens in {state.family.name}; the family's description does not fit this model")
+        kept = state.kept(full)
+        if not rows or kept == full:
+            state.record([ImageTokens(full, full, torch.ones(full)) for _ in rows])
+            return projected
+        stacked = torch.stack(list(rows)) if not isinstance(projected, Tensor) else projected
+        reduced = fixed_count.reduce_to(stacked, keys.to(stacked.dtype), kept, state.settings.method)
+        size = reduced.size.squeeze(-1)
+        state.record([ImageTokens(full, kept, size[i]) for i in range(len(rows))])
+        if isinstance(projected, Tensor):
+            return reduced.tokens
+        return type(projected)(reduced.tokens.unbind(0)) if isinstance(projected, tuple) else list(
+            reduced.tokens.unbind(0))
+
+    def get_placeholder_mask(self, input_ids: Optional[Tensor], *args: Any, **kwargs: Any) -> Any:
+        if input_ids is not None:
+            self._tokenmerge_check_placeholders(input_ids)
+        # the host class, the family's inner model, defines get_placeholder_mask
+        return super().get_placeholder_mask(input_ids, *args, **kwargs)  # type: ignore[misc]
+
+    def _tokenmerge_check_placeholders(self, input_ids: Tensor) -> None:
+        """Refuse prompts whose image placeholders are not the tokens the images gave."""
+        state = self._tokenmerge_state
+        images = state.images
+        received = sum(image.kept for image in images)
+        placeholders = int((input_ids == image_token_id(self.config)).sum())
+        if not images or placeholders == received:
+            return
+        counts = sorted({image.kept for image in images})
+        raise ValueError(
+            f"tokenmerge reduced the {len(images)} image(s) of this call to {received} visual tokens "
+            f"({' or '.join(map(str, counts))} each), but the prompts hold {placeholders} image placeholders, as the "
+            "unreduced model expects; pass the processor to tokenmerge.apply(model, ..., processor=processor) and "
+            "build the prompts with it"
+        )
+
+
+def _per_image(projected: Tensor | Sequence[Tensor]) -> Sequence[Tensor]:
+    """The (N, C) tokens of every image in what ``get_image_features`` returned."""
+    return projected.unbind(0) if isinstance(projected, Tensor) else projected
+
+
+def image_token_id(config: Any) -> int:
+    """The id of the placeholder token the model scatters visual tokens into."""
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    raise TypeError(f"tokenmerge found no image token id in {type(config).__name__}")
+
+
+# --- the processor ---------------------------------------------------------------------
+
+
+class ReducingProcessor:
+    """Mixin for a family's processor: every image's placeholders are as many as the
+    tokens the patched model gives it. The class keeps its name, so that a processor
+    saved while patched saves as the family's own."""
+
+    _tokenmerge_keeps_name = True
+    _tokenmerge_state: VisionLanguageState
+    _tokenmerge_placeholder: str
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
+        # the host class, the family's processor, defines replace_image_token
+        text = super().replace_image_token(image_inputs, image_idx, **kwargs)  # type: ignore[misc]
+        return self._tokenmerge_rewrite(text)
+
+    def _tokenmerge_rewrite(self, text: str) -> str:
+        """``text`` with every run of placeholders as long as the model's tokens of it."""
+        token = re.escape(self._tokenmerge_placeholder)
+        return re.sub(f"(?:{token})+", lambda run: self._tokenmerge_run(run.group(0)), text)
+
+    def _tokenmerge_run(self, run: str) -> str:
+        full = len(run) // len(self._tokenmerge_placeholder)
+        return self._tokenmerge_placeholder * processor_count(self._tokenmerge_state, full)
+
+
+def processor_count(state: VisionLanguageState, full: int) -> int:
+    """Placeholders for an image the unpatched processor gives ``full`` placeholders:
+    the tower's merged count where the tower merges, then the kept share of that."""
+    if state.tower_tokens is not None:
+        full = state.tower_tokens
+    return state.kept(full)
+
+
+def placeholder_text(model_config: Any, processor: Any) -> str:
+    """The placeholder token as text, as the processor's tokenizer writes it."""
+    return processor.tokenizer.convert_ids_to_tokens(image_token_id(model_config))
+
+
+# --- patching --------------------------------------------------------------------------
+
+
+def inner_model(family: Family, model: nn.Module) -> Any:
+    """The family's inner model: ``model`` itself, or the one it holds as ``model``."""
+    return model if type(model).__name__ in family.model_classes else model.model
+
+
+def check_processor(family: Family, processor: Any) -> None:
+    name = type(processor).__name__
+    if name not in family.processor_classes:
+        raise TypeError(f"tokenmerge: processor={name} is not a processor of {family.name} models "
+                        f"({', '.join(family.processor_classes)}); pass the model's own processor")
+    if is_swapped(processor):
+        raise TypeError(f"tokenmerge is already applied to this {name}; pass a processor of its own to each model, "
+                        "or remove tokenmerge from the model it was given to first")
+
+
+def tower_schedule(family: Family, inner: Any, r: Schedule) -> tuple[list[int], int]:
+    """The per-block r of the tower (0 after the layers the model reads: their merges
+    would reach nothing) and the tokens per image that then reach the projector."""
+    from .. import find_adapter
+
+    tower = family.tower(inner)
+    adapter = find_adapter(tower)
+    depth = adapter.depth(tower)
+    used = family.feature_layers(inner)
+    per_block = [value if block < used else 0 for block, value in enumerate(resolve(r, depth))]
+    num_tokens, num_protected = adapter.token_layout(tower)
+    counts = token_counts(num_tokens, per_block, num_protected)
+    return per_block, counts[used - 1] - family.dropped_prefix(inner)
+
+
+def patch(family: Family, model: nn.Module, settings: Settings, processor: Any) -> VisionLanguageState:
+    """Patch ``model`` (and ``processor``) as ``settings`` say; returns the state."""
+    from ... import api
+
+    inner = inner_model(family, model)
+    tower_tokens = None
+    if settings.r is not None:
+        per_block, tower_tokens = tower_schedule(family, inner, settings.r)
+        api.apply(family.tower(inner), r=per_block, method=settings.method)
+    state = VisionLanguageState(family, settings, tower_tokens)
+    inner.__dict__["_tokenmerge_family"] = family
+    inner.__dict__["_tokenmerge_state"] = state
+    swap_class(inner, ReducingModel)
+    model.__dict__["_tokenmerge_state"] = state
+    if processor is not None:
+        processor.__dict__["_tokenmerge_state"] = state
+        processor.__dict__["_tokenmerge_placeholder"] = placeholder_text(inner.config, processor)
+        swap_class(processor, ReducingProcessor)
+        model.__dict__["_tokenmerge_processor"] = processor
+    return state
+
+
+def unpatch(family: Family, model: nn.Module) -> None:
+    """Undo :func:`patch`: the model, its tower and the processor given as they were."""
+    from ... import api
+
+    inner = inner_model(family, model)
+    tower = family.tower(inner)
+    if api.is_applied(tower):
+        api.remove(tower)
+    restore_class(inner)
+    for name in ("_tokenmerge_family", "_tokenmerge_state"):
+        inner.__dict__.pop(name, None)
+    model.__dict__.pop("_tokenmerge_state", None)
+    processor = model.__dict__.pop("_tokenmerge_processor", None)
+    if processor is not None:
+        restore_class(processor)
+        for name in ("_tokenmerge_state", "_tokenmerge_placeholder"):
+            processor.__dict__.pop(name, None)
