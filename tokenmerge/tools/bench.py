@@ -30,11 +30,12 @@ from tokenmerge.state import CappedRWarning
 
 from . import options
 from .cli import COMMANDS
+from .files import check_output_path
 from .messages import error_summary, model_title
 from .models import load_model, sample_shape, takes_images, unwrap
 from .onnx_files import export_onnx, onnx_session, require_onnx, session_runner
 from .progress import ProgressBar
-from .reports import check_output_path, describe_environment, environment, format_table, run_record, write_rows
+from .reports import describe_environment, environment, format_table, run_record, write_rows
 from .settings import (
     UNPATCHED,
     Setting,

@@ -41,18 +41,11 @@ from . import options
 from .accuracy import correct_predictions, disagreements, kl_divergence_sum
 from .data import NO_LABEL, Batch, TolerantImageFiles, Unreadable, balanced_subset, folder_samples, read_class_map
 from .distributed import combine, first_process, gather_objects, process_group, rank, shard_loader, world_size
+from .files import check_figure_path, check_output_path, write_figure
 from .messages import model_title
 from .models import ImageModel, load_model, require_images, unwrap, with_zero_shot_head
 from .progress import ProgressBar
-from .reports import (
-    check_figure_path,
-    check_output_path,
-    describe_environment,
-    environment,
-    format_table,
-    run_record,
-    write_rows,
-)
+from .reports import describe_environment, environment, format_table, run_record, write_rows
 from .settings import UNPATCHED, Setting, cap_notes, configure, setting_runner, unique
 from .timing import MIN_TIMED_ROUNDS, speed_warnings, spread_percent, time_interleaved, timed
 
@@ -449,7 +442,7 @@ def report(
     if args.plot:
         processes = "1 process" if env["processes"] == 1 else f"{env['processes']} processes"
         title = f"{args.model}: {result.rows[0].images} images, {env['device']}, {processes} x {env['threads']} threads"
-        draw(result.rows, title).savefig(args.plot, dpi=150)
+        write_figure(args.plot, draw(result.rows, title), dpi=150)
         print(f"wrote {args.plot}")
 
 

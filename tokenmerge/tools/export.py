@@ -11,10 +11,10 @@ from tokenmerge import schedule as schedules
 
 from . import options
 from .cli import COMMANDS
+from .files import check_output_path
 from .messages import model_title
 from .models import describe_preprocessing, load_model, sample_shape, unwrap
 from .onnx_files import export_onnx, graph_signature, onnx_difference, require_onnx
-from .reports import check_output_path
 from .settings import Setting, cap_notes, check_schedule_files, configure, largest_r, tuned_variant, variant
 
 

@@ -26,6 +26,8 @@ import torch
 from tokenmerge.libraries import install_command
 from tokenmerge.state import CappedRWarning
 
+from .files import write_atomically
+
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 
 
@@ -39,14 +41,15 @@ def require_onnx() -> None:
 def export_onnx(model: torch.nn.Module, path: str | Path, example: torch.Tensor, dynamic_batch: bool = True) -> Path:
     """Write ``model`` (a function of images, patched or not) to the ONNX file ``path``,
     traced with the images ``example`` (B, 3, H, W), the batch dimension dynamic
-    unless ``dynamic_batch`` is False; returns the path.
+    unless ``dynamic_batch`` is False, whole or not at all (see
+    :func:`tokenmerge.tools.files.write_atomically`); returns the path written (a
+    symlink's target).
 
     The model runs once on ``example`` first, so that one that cannot run (a method
     that needs a class token, on a model without one) fails with its own error, not
     inside the exporter. A dynamic batch is traced with at least two images: traced
     with one, the exporter fixes the graph at batch 1."""
     require_onnx()
-    path = Path(path)
     shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
     if dynamic_batch:
         example = at_least_two(example)
@@ -56,8 +59,7 @@ def export_onnx(model: torch.nn.Module, path: str | Path, example: torch.Tensor,
             model.eval()(example)
         program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=shapes,
                                     input_names=["images"], output_names=["output"], verbose=False)
-    program.save(str(path))
-    return path
+    return write_atomically(path, lambda file: program.save(str(file)))
 
 
 def at_least_two(example: torch.Tensor) -> torch.Tensor:

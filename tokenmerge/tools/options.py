@@ -1,6 +1,6 @@
 """The one vocabulary of the command-line tools: every option means the same thing,
 with the same syntax, in every command that has it, and is checked before any work
-(:func:`check_runtime`, :func:`tokenmerge.tools.reports.check_output_path`, the model
+(:func:`check_runtime`, :func:`tokenmerge.tools.files.check_output_path`, the model
 loaders), so that a mistake costs a one-line error, not a finished run.
 
 Options that ``torchrun`` would read as an abbreviation of its own (``--r``) have an

@@ -1,9 +1,8 @@
-"""What the tools print and write: the environment, tables, result files that say
-what was run, and figures; output paths are checked before any work."""
+"""What the tools print and write: the environment, tables, and result files that say
+what was run (written, and their paths checked, as :mod:`tokenmerge.tools.files` says)."""
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import platform
 from collections.abc import Sequence
@@ -16,8 +15,7 @@ import torch
 from tokenmerge import __version__
 from tokenmerge import schedule as schedules
 
-TABLE_SUFFIXES = (".json", ".csv")
-FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
+from .files import write_csv, write_text
 
 
 def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
@@ -71,65 +69,19 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
     return "\n".join(lines)
 
 
-def check_output_path(
-    path: str | Path | None, suffixes: Sequence[str] = TABLE_SUFFIXES, option: str = "--output"
-) -> None:
-    """Fail before a long run, not after it, on a file that cannot be written: a
-    folder, a wrong suffix, a folder that cannot be made or written, a read-only
-    file. A missing folder is made, as for a training run's output folder. Whether
-    the file can be written is tried, not read from permission bits, which do not
-    stop root and say nothing of file systems such as /proc."""
-    if path is None:
-        return
-    path = Path(path)
-    if path.is_dir():
-        example = path / f"results{suffixes[0]}"
-        raise ValueError(f"{option} {path} is a folder; give a file name inside it, such as {example}")
-    if path.suffix.lower() not in suffixes:
-        either = ", ".join(suffixes[:-1]) + f" or {suffixes[-1]}" if len(suffixes) > 1 else suffixes[0]
-        raise ValueError(f"{option} {path}: use a {either} file name")
-    folder = path.resolve().parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"{option} {path}: its folder {folder} cannot be made ({error.strerror})") from None
-    try:
-        try_writing(path)
-    except OSError as error:
-        raise ValueError(f"{option} {path} cannot be written ({error.strerror}); choose another file") from None
-
-
-def try_writing(path: Path) -> None:
-    """Open ``path`` for writing, leaving an existing file as it is (opened to append,
-    nothing written) and removing one that this created."""
-    existed = path.exists()
-    with path.open("a"):
-        pass
-    if not existed:
-        path.unlink()
-
-
-def check_figure_path(path: str | Path | None, option: str = "--plot") -> None:
-    check_output_path(path, FIGURE_SUFFIXES, option)
-
-
 def write_rows(
     path: str | Path, rows: Sequence[dict[str, Any]], run: dict[str, Any], env: dict[str, Any]
 ) -> None:
-    """Write result rows with what was run and where: JSON as ``{"run", "environment",
-    "rows"}``, CSV with the run's options and the environment as columns of every row
-    (prefixed ``run_`` and ``env_``), chosen by the suffix."""
-    path = Path(path)
-    if path.suffix.lower() == ".json":
-        path.write_text(json.dumps({"run": run, "environment": env, "rows": list(rows)}, indent=2) + "\n")
+    """Write result rows with what was run and where, atomically: JSON as ``{"run",
+    "environment", "rows"}``, CSV with the run's options and the environment as columns
+    of every row (prefixed ``run_`` and ``env_``), chosen by the suffix."""
+    if Path(path).suffix.lower() == ".json":
+        write_text(path, json.dumps({"run": run, "environment": env, "rows": list(rows)}, indent=2) + "\n")
         return
     context = {f"run_{key}": _csv_value(value) for key, value in run.items()}
     context |= {f"env_{key}": value for key, value in env.items()}
     table = [{key: _csv_value(value) for key, value in row.items()} | context for row in rows]
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(table[0]) if table else list(context))
-        writer.writeheader()
-        writer.writerows(table)
+    write_csv(path, list(table[0]) if table else list(context), table)
 
 
 def _csv_value(value: Any) -> Any:

@@ -42,8 +42,9 @@ from tokenmerge.adapters import find_adapter
 from . import options
 from .cli import COMMANDS
 from .data import TolerantImageFiles, balanced_subset, collate_readable, folder_samples
+from .files import check_output_path, write_text
 from .models import load_model, require_images, unwrap
-from .reports import check_output_path, environment
+from .reports import environment
 from .settings import merging, variant, variants
 from .timing import speed_warnings
 from .tuning.search import Space
@@ -176,7 +177,7 @@ def run(args: argparse.Namespace) -> None:
     result = tune(model, space, calibration_images(args, found, model.transform).to(device), target_of(args), names,
                   args.budget_minutes, args.batch_size, args.runs, args.seed)
     record = result.record(args.model, args.library, args.checkpoint, args.data, environment(device))
-    Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
+    write_text(args.output, json.dumps(record, indent=2) + "\n")
     print(f"{args.model}: {result.describe()}; wrote {args.output}", flush=True)
     tuned = "the tuned schedule"
     for warning in speed_warnings({tuned: result.measured_speedup}, {tuned: result.measured_spread_percent}):

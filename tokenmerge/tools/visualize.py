@@ -43,8 +43,8 @@ from tokenmerge.state import CappedRWarning, MergeState
 
 from . import options
 from .cli import COMMANDS
+from .files import check_figure_path, write_figure
 from .models import load_model
-from .reports import check_figure_path
 from .settings import Setting, cap_notes, check_schedule_files, largest_r
 
 ImageInput = Union[str, Path, Image.Image]
@@ -351,7 +351,7 @@ def save_figure(
 ) -> None:
     """Write :func:`draw_figure` to a .png, .pdf or .svg file."""
     check_figure_path(path, option="the figure file")
-    draw_figure(result, names, title).savefig(path, dpi=dpi)
+    write_figure(path, draw_figure(result, names, title), dpi)
 
 
 def parse_blocks(text: str) -> list[int]:

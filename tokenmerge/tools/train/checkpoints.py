@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from tokenmerge.reading import read_text
 
+from ..files import write_atomically
 from ..messages import error_summary
 from .config import TrainConfig
 
@@ -60,14 +61,18 @@ def optimizer_from_parts(tensors: dict[str, torch.Tensor], rest: dict[str, Any],
 
 
 def publish(source: Path, target: Path) -> None:
-    """Make ``target`` the file ``source`` atomically: a hard link where possible, a copy otherwise."""
-    temporary = target.with_name(f".{target.name}.partial")
-    temporary.unlink(missing_ok=True)
+    """Make ``target`` the file ``source`` atomically (see
+    :func:`tokenmerge.tools.files.write_atomically`): a hard link where possible, a
+    copy otherwise."""
+    write_atomically(target, lambda file: link_or_copy(source, file))
+
+
+def link_or_copy(source: Path, file: Path) -> None:
+    """``file``, new, as a hard link to ``source``, or a copy where links cannot be made."""
     try:
-        os.link(source, temporary)
+        os.link(source, file)
     except OSError:
-        shutil.copyfile(source, temporary)
-    os.replace(temporary, target)
+        shutil.copyfile(source, file)
 
 
 def save_checkpoint(

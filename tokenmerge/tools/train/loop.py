@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import random
-import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Iterator
@@ -29,6 +28,7 @@ from tokenmerge.state import CappedRWarning
 
 from ..data import Batch, TolerantImageFiles, Unreadable
 from ..distributed import combine, gather_objects, process_group, rank, shard_loader, world_size
+from ..files import check_writable_folder, write_figure, write_text
 from ..models import create_timm_model
 from ..options import default_workers, note
 from ..progress import ProgressBar
@@ -96,16 +96,14 @@ def method_text(config: TrainConfig) -> str:
 
 
 def check_output_folder(output: Path) -> None:
-    """The output folder must be a folder this process can write, or creatable:
-    tried by creating (and removing) a file in it or in the folder it would be made
-    in, since permission bits do not stop root and say nothing of file systems such
-    as /proc."""
+    """The output folder must be a folder this process can write, or creatable: tried
+    in it or in the folder it would be made in (see
+    :func:`tokenmerge.tools.files.check_writable_folder`)."""
     if output.exists() and not output.is_dir():
         raise ValueError(f"output {output} is a file, not a folder")
     existing = next(folder for folder in (output, *output.parents) if folder.exists())
     try:
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".tokenmerge-check-"):
-            pass
+        check_writable_folder(existing)
     except OSError as error:
         raise ValueError(f"output {output} cannot be written ({existing}: {error.strerror}); "
                          "choose another folder") from None
@@ -243,7 +241,7 @@ def finish_epoch(run: Run, epoch: int, progress: Progress, steps: list[dict[str,
     write_metrics(output, progress.history)
     title = (f"{config.model}: {method_text(config)}r={schedules.describe(config.r)} training, "
              f"r={schedules.describe(config.eval_r)} validation")
-    draw_metrics(progress.history, title).savefig(output / "metrics.png", dpi=120)
+    write_figure(output / "metrics.png", draw_metrics(progress.history, title), dpi=120)
 
 
 def describe_epoch(row: dict[str, Any], config: TrainConfig) -> str:
@@ -305,11 +303,8 @@ def announce(config: TrainConfig, splits: Splits, progress: Progress) -> None:
 def prepare_output(config: TrainConfig, splits: Splits, progress: Progress) -> None:
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "classes.txt").write_text("\n".join(splits.classes) + "\n")
-    if progress.epoch:
-        keep_steps(output, progress.step)
-    else:
-        (output / "steps.csv").unlink(missing_ok=True)
+    write_text(output / "classes.txt", "\n".join(splits.classes) + "\n")
+    keep_steps(output, progress.step)
 
 
 def train(config: TrainConfig) -> list[dict[str, Any]]:

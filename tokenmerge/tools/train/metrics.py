@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 from typing import Any
+
+from ..files import write_csv
 
 METRIC_COLUMNS = [
     ("epoch", "epoch", "d"),
@@ -22,32 +23,25 @@ STEP_FIELDS = ["epoch", "step", "loss", "lr"]
 
 def write_metrics(output: Path, history: list[dict[str, Any]]) -> None:
     """``metrics.csv`` with a row per finished epoch, replaced atomically."""
-    temporary = output / ".metrics.csv.partial"
-    with temporary.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=[key for key, _, _ in METRIC_COLUMNS], restval="")
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(temporary, output / "metrics.csv")
+    write_csv(output / "metrics.csv", [key for key, _, _ in METRIC_COLUMNS], history)
 
 
 def keep_steps(output: Path, last_step: int) -> None:
-    """Cut ``steps.csv`` back to the steps of finished epochs (an interrupted epoch's
-    rows are written again when it is trained again)."""
+    """``steps.csv`` cut back to the steps of finished epochs (none for a new run),
+    replaced atomically: an interrupted epoch's rows are written again when it is
+    trained again."""
     path = output / "steps.csv"
-    if not path.is_file():
-        return
-    with path.open(newline="") as handle:
-        rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= last_step]
-    write_steps(path, rows, mode="w")
+    rows = []
+    if last_step and path.is_file():
+        with path.open(newline="") as handle:
+            rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= last_step]
+    write_csv(path, STEP_FIELDS, rows)
 
 
-def write_steps(path: Path, rows: list[dict[str, Any]], mode: str = "a") -> None:
-    new = mode == "w" or not path.is_file()
-    with path.open(mode if not new else "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=STEP_FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+def write_steps(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Add the rows of an epoch's steps to ``steps.csv`` (begun by :func:`keep_steps`)."""
+    with path.open("a", newline="") as handle:
+        csv.DictWriter(handle, fieldnames=STEP_FIELDS).writerows(rows)
 
 
 def draw_metrics(history: list[dict[str, Any]], title: str):
