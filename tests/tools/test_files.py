@@ -1,5 +1,6 @@
 """The files the commands write: whole or not at all, through a symlink to its target
-(the link kept), with the mode of the file they replace. Tiny models throughout."""
+(the link kept), with the mode of the file they replace; and never over what the same
+run reads, however the path is spelled. Tiny models throughout."""
 import importlib.util
 import json
 import os
@@ -8,6 +9,7 @@ import stat
 import pytest
 
 from tests.conftest import make_class_folder
+from tests.tools.test_safety import assert_one_line_error
 from tokenmerge.tools.cli import main
 from tokenmerge.tools.files import check_output_path, write_atomically
 
@@ -65,6 +67,53 @@ def test_an_existing_result_is_replaced_keeping_its_mode(command, suffix, images
     os.chmod(output, 0o640)
     assert main(command_writing(command, images, output)) == 0, capsys.readouterr().err
     assert output.read_bytes() != b"old" and stat.S_IMODE(output.stat().st_mode) == 0o640
+
+
+@pytest.fixture
+def schedule_file(tmp_path):
+    """A schedule file for the tiny 2-block model, and its bytes."""
+    path = tmp_path / "schedule.json"
+    path.write_text(json.dumps({"r": [2, 1], "method": "tome", "prop_attn": True}))
+    return path
+
+
+@pytest.mark.parametrize("command, spelling", [("eval", "same"), ("eval", "dotted"), ("eval", "link"),
+                                               ("bench", "same")])
+def test_an_output_that_is_the_schedule_file_read_is_refused_before_any_work(
+        command, spelling, schedule_file, images, capsys):
+    """``--r @FILE`` and ``--output FILE`` naming one file, however spelled: the
+    schedule would be overwritten by the results."""
+    before = schedule_file.read_bytes()
+    output = {"same": schedule_file, "dotted": images / ".." / schedule_file.name,
+              "link": schedule_file.parent / "link.json"}[spelling]
+    if spelling == "link":
+        output.symlink_to(schedule_file)
+    assert main([*command_writing(command, images, output), "--r", f"0,@{schedule_file}"]) == 2
+    captured = capsys.readouterr()
+    assert_one_line_error(captured.err, command, f"--output would write {output}", f"--r {schedule_file}",
+                          "an input of this run", "give --output another path")
+    assert captured.out == "", "nothing ran"
+    assert schedule_file.read_bytes() == before and (spelling != "link" or output.is_symlink())
+
+
+def test_an_image_given_to_visualize_is_not_its_output(images, capsys):
+    picture = images / "cat" / "0.png"
+    before = picture.read_bytes()
+    assert main(["visualize", str(picture), *TINY, "--output", str(picture)]) == 2
+    assert_one_line_error(capsys.readouterr().err, "visualize", f"--output would write {picture}", f"IMAGE {picture}")
+    assert picture.read_bytes() == before
+
+
+@pytest.mark.parametrize("command, option, name", [("eval", "--output", "eval.json"), ("eval", "--plot", "plot.png"),
+                                                   ("tune", "--output", "schedule.json")])
+def test_a_result_inside_the_folder_a_run_reads_is_refused(command, option, name, images, capsys):
+    """A figure written among the images would be read as one of them by the next run."""
+    inside = images / "cat" / name
+    args = command_writing(command, images, images.parent / "elsewhere.json")
+    assert main([*args, option, str(inside)]) == 2
+    assert_one_line_error(capsys.readouterr().err, command, f"{option} would write {inside} inside --data {images}",
+                          f"give {option} a path outside it")
+    assert not inside.exists()
 
 
 # --- the writer and the checks, alone ----------------------------------------------------

@@ -180,6 +180,44 @@ def test_a_loss_that_is_not_finite_stops_the_run_keeping_finished_epochs(data, t
     assert all(torch.equal(latest[key], kept[key]) and torch.isfinite(kept[key]).all() for key in kept)
 
 
+@pytest.mark.parametrize("name", ["model.safetensors", "classes.txt"])
+def test_an_input_the_output_folder_would_overwrite_is_refused_before_any_work(name, data, tmp_path, capsys):
+    """``--checkpoint OUTPUT/model.safetensors`` would be replaced after the first epoch."""
+    output = tmp_path / "out"
+    output.mkdir()
+    weights = output / name
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=len(CLASSES), **TIMM_KWARGS)
+    save_file({key: value.contiguous() for key, value in model.state_dict().items()}, weights)
+    before = weights.read_bytes()
+    assert main(["train", *TINY_ARGS, "--data", str(data), "--checkpoint", str(weights), "--output", str(output),
+                 *RUN_ARGS]) == 2
+    captured = capsys.readouterr()
+    assert_one_line_error(captured.err, "train", f"--output would write {weights}", f"--checkpoint {weights}",
+                          "an input of this run", "give --output another path")
+    assert captured.out == "" and weights.read_bytes() == before and os.listdir(output) == [name]
+
+
+def test_an_input_in_a_checkpoint_folder_of_the_output_is_refused(tmp_path):
+    """Checkpoint folders are replaced, and older ones deleted, as a run goes on."""
+    weights = tmp_path / "out" / "epoch-1" / "model.safetensors"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"")
+    with pytest.raises(ValueError, match=f"--output would replace {weights.parent}, which holds --checkpoint "
+                                         f"{weights}, an input of this run"):
+        train(TrainConfig(model="vit_tiny_patch16_224", data=str(tmp_path), output=str(tmp_path / "out"),
+                          checkpoint=str(weights)))
+
+
+def test_an_input_in_the_output_folder_that_the_run_does_not_write_is_read(data, tmp_path):
+    """A schedule kept beside the run it is used for is no output of the run."""
+    output = tmp_path / "out"
+    output.mkdir()
+    schedule = output / "schedule.json"
+    schedule.write_text(json.dumps({"r": [2, 2]}))
+    history = train(config(data, output, r=f"@{schedule}", epochs=1, max_steps_per_epoch=1))
+    assert [row["epoch"] for row in history] == [1] and json.loads(schedule.read_text()) == {"r": [2, 2]}
+
+
 # --- model files -----------------------------------------------------------------------
 
 

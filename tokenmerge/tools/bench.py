@@ -30,7 +30,7 @@ from tokenmerge.state import CappedRWarning
 
 from . import options
 from .cli import COMMANDS
-from .files import check_output_path
+from .files import Place, check_apart, check_output_path
 from .messages import error_summary, model_title
 from .models import load_model, sample_shape, takes_images, unwrap
 from .onnx_files import export_onnx, onnx_session, require_onnx, session_runner
@@ -341,6 +341,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> None:
     check_output_path(args.output)
+    check_apart(args, [Place("--output", args.output)])
     device = options.check_runtime(args)
     check_bench_runtime(args.runtime, args.compile, device, options.DTYPES[args.dtype], args.amp)
     model = load_model(args.library, args.model, args.checkpoint, num_classes=args.num_classes,

@@ -41,7 +41,7 @@ from . import options
 from .accuracy import correct_predictions, disagreements, kl_divergence_sum
 from .data import NO_LABEL, Batch, TolerantImageFiles, Unreadable, balanced_subset, folder_samples, read_class_map
 from .distributed import combine, first_process, gather_objects, process_group, rank, shard_loader, world_size
-from .files import check_figure_path, check_output_path, write_figure
+from .files import Place, check_apart, check_figure_path, check_output_path, write_figure
 from .messages import model_title
 from .models import ImageModel, load_model, require_images, unwrap, with_zero_shot_head
 from .progress import ProgressBar
@@ -457,6 +457,7 @@ def run_settings(
     and report them on the first process."""
     check_output_path(args.output)
     check_figure_path(args.plot)
+    check_apart(args, [Place("--output", args.output), Place("--plot", args.plot)])
     device = options.check_runtime(args)
     samples, found = load_samples(args)
     model = classifier(args, progress=first_process())

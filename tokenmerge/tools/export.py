@@ -11,7 +11,7 @@ from tokenmerge import schedule as schedules
 
 from . import options
 from .cli import COMMANDS
-from .files import check_output_path
+from .files import Place, check_apart, check_output_path
 from .messages import model_title
 from .models import describe_preprocessing, load_model, sample_shape, unwrap
 from .onnx_files import export_onnx, graph_signature, onnx_difference, require_onnx
@@ -42,6 +42,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> None:
     check_output_path(args.output, (".onnx",))
+    check_apart(args, [Place("--output", args.output)])
     options.check_runtime(args)
     require_onnx()
     model = load_model(args.library, args.model, args.checkpoint, num_classes=args.num_classes,

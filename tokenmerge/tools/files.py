@@ -1,10 +1,11 @@
-"""The files the commands write.
+"""The files the commands write, and what they must not write over.
 
 Every file a command writes (a result table, a figure, a schedule file, an ONNX file,
 a training run's files) goes through :func:`write_atomically`: whole or not at all,
 through a symlink to its target (the link kept), with the mode of the file it
 replaces. Its path is checked before any work (:func:`check_output_path`) without
-opening, creating or deleting anything of the user's.
+opening, creating or deleting anything of the user's, and an output that is an input
+of the same run, or lies in a folder the run reads, is refused (:func:`check_apart`).
 """
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
+
+from tokenmerge import schedule as schedules
 
 TABLE_SUFFIXES = (".json", ".csv")
 FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
@@ -72,6 +76,62 @@ def check_writable_folder(folder: Path) -> None:
     descriptor, name = tempfile.mkstemp(dir=folder, prefix=".tokenmerge-check-")
     os.close(descriptor)
     os.unlink(name)
+
+
+@dataclass(frozen=True)
+class Place:
+    """A path a run reads or writes, and the option that names it (``--r``, ``IMAGE``);
+    None for an output option not given."""
+
+    option: str
+    path: Optional[str | Path]
+
+
+def check_apart(args: Any, outputs: Iterable[Place], more_inputs: Iterable[Place] = ()) -> None:
+    """Refuse, before any work, an output that is an input of the same run (see
+    :func:`inputs_of`, and ``more_inputs``, such as the images a command is given), lies
+    inside a folder the run reads (``--data``) or holds an input (a training run's
+    checkpoint folder): writing it would destroy or change what the run reads. Paths
+    are compared by their real paths, so that a symlink or another spelling of a path
+    hides nothing."""
+    inputs = [(place, destination(place.path)) for place in [*inputs_of(args), *more_inputs]]
+    for output in (output for output in outputs if output.path is not None):
+        written = destination(output.path)
+        for source, read in inputs:
+            if written == read:
+                raise ValueError(f"{output.option} would write {output.path}, which is {source.option} {source.path}, "
+                                 f"an input of this run; give {output.option} another path")
+            if read in written.parents:
+                raise ValueError(f"{output.option} would write {output.path} inside {source.option} {source.path}, "
+                                 f"which this run reads; give {output.option} a path outside it")
+            if written in read.parents:
+                raise ValueError(f"{output.option} would replace {output.path}, which holds {source.option} "
+                                 f"{source.path}, an input of this run; give {output.option} another path")
+
+
+def inputs_of(args: Any) -> list[Place]:
+    """What a command's options (or a training configuration's fields, of the same
+    names) name to read: the schedule files of ``--r`` and ``--eval-r``,
+    ``--checkpoint`` (a folder with all it holds), a transformers ``--model`` folder,
+    ``--class-map``, and the image folders of ``--data``: those of its train and
+    validation splits for a training run (which has ``val_split``), the whole folder
+    otherwise."""
+    places = [Place(f"--{name.replace('_', '-')}", schedule.path) for name in ("r", "eval_r")
+              for schedule in _schedules(getattr(args, name, None)) if isinstance(schedule, schedules.Tuned)]
+    places += [Place(f"--{name.replace('_', '-')}", getattr(args, name))
+               for name in ("checkpoint", "class_map") if getattr(args, name, None)]
+    if getattr(args, "library", None) == "transformers" and Path(args.model).is_dir():
+        places.append(Place("--model", args.model))
+    if getattr(args, "data", None):
+        data = Path(args.data)
+        splits = [data / "train", data / args.val_split] if hasattr(args, "val_split") else [data]
+        places += [Place("--data", folder) for folder in splits]
+    return places
+
+
+def _schedules(value: Any) -> list[Any]:
+    """The schedules of an ``--r``: a sweep (a list of them), or one (or None) as a list."""
+    return value if isinstance(value, list) and not isinstance(value, schedules.Tuned) else [value]
 
 
 # --- writing -----------------------------------------------------------------------

@@ -42,7 +42,7 @@ from tokenmerge.adapters import find_adapter
 from . import options
 from .cli import COMMANDS
 from .data import TolerantImageFiles, balanced_subset, collate_readable, folder_samples
-from .files import check_output_path, write_text
+from .files import Place, check_apart, check_output_path, write_text
 from .models import load_model, require_images, unwrap
 from .reports import environment
 from .settings import merging, variant, variants
@@ -165,6 +165,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> None:
     check_output_path(args.output, (".json",))
+    check_apart(args, [Place("--output", args.output)])
     device = options.check_runtime(args)
     found = folder_samples(args.data, labels=False)  # a missing or empty folder fails before the model loads
     model = load_model(args.library, args.model, args.checkpoint, num_classes=args.num_classes,

@@ -43,7 +43,7 @@ from tokenmerge.state import CappedRWarning, MergeState
 
 from . import options
 from .cli import COMMANDS
-from .files import check_figure_path, write_figure
+from .files import Place, check_apart, check_figure_path, write_figure
 from .models import load_model
 from .settings import Setting, cap_notes, check_schedule_files, largest_r
 
@@ -390,6 +390,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> None:
     options.check_library(args, "visualize", ["timm"])
     check_figure_path(args.output, option="--output")
+    check_apart(args, [Place("--output", args.output)], [Place("IMAGE", image) for image in args.images])
     device = options.check_runtime(args)
     images = [open_image(path) for path in args.images]
     model = load_model(args.library, args.model, args.checkpoint, num_classes=args.num_classes,

@@ -28,7 +28,7 @@ from tokenmerge.state import CappedRWarning
 
 from ..data import Batch, TolerantImageFiles, Unreadable
 from ..distributed import combine, gather_objects, process_group, rank, shard_loader, world_size
-from ..files import check_writable_folder, write_figure, write_text
+from ..files import Place, check_apart, check_writable_folder, write_figure, write_text
 from ..models import create_timm_model
 from ..options import default_workers, note
 from ..progress import ProgressBar
@@ -107,6 +107,18 @@ def check_output_folder(output: Path) -> None:
     except OSError as error:
         raise ValueError(f"output {output} cannot be written ({existing}: {error.strerror}); "
                          "choose another folder") from None
+
+
+#: The files a run writes in its output folder, beside its checkpoint folders.
+OUTPUT_FILES = ("model.safetensors", "classes.txt", "metrics.csv", "metrics.png", "steps.csv")
+
+
+def run_outputs(output: Path) -> list[Place]:
+    """What a run writes in its output folder: its files, and the checkpoint folders
+    there now (which it may replace or delete); its own checkpoints are no input of
+    any option, so that a run still resumes from them."""
+    folders = sorted(output.glob(f"{CHECKPOINT_PREFIX}*")) + sorted(output.glob(f".{CHECKPOINT_PREFIX}*.partial"))
+    return [Place("--output", path) for path in [output / name for name in OUTPUT_FILES] + folders]
 
 
 def seed_epoch(seed: int, epoch: int) -> None:
@@ -314,6 +326,7 @@ def train(config: TrainConfig) -> list[dict[str, Any]]:
     check_config(config)
     check_timm_names(config.opt, config.sched)
     check_output_folder(Path(config.output))
+    check_apart(config, run_outputs(Path(config.output)))
     splits = read_splits(config.data, config.val_split)
     with process_group(config.device) as device, warnings.catch_warnings():
         warnings.simplefilter("ignore", CappedRWarning)  # (a capped r is said once, in a note)
