@@ -27,16 +27,7 @@ import torch
 from torch import Tensor
 
 from .cache import shape_cache
-from .merge import Matching
-
-
-@dataclass(frozen=True)
-class Rows:
-    """Row numbers of one merge step, for the batch flattened to (B * N, C)."""
-
-    output: Tensor  # (B * (N - r),) input row of every output token before merged ones are added in
-    merged: Tensor  # (B * r,) input row of every merged A token
-    destination: Tensor  # (B * r,) output row that every merged A token is added into
+from .merge import Matching, Rows
 
 
 def rows(matching: Matching) -> Rows:

@@ -10,15 +10,23 @@ merged A token has been folded into the B token it matched.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .cache import shape_cache
 
-if TYPE_CHECKING:
-    from .kernels import Rows
+
+@dataclass(frozen=True)
+class Rows:
+    """Row numbers of one merge step, for the batch flattened to (B * N, C): what the
+    tuned merge of :mod:`tokenmerge.kernels` computes from a :class:`Matching` and
+    keeps on it."""
+
+    output: Tensor  # (B * (N - r),) input row of every output token before merged ones are added in
+    merged: Tensor  # (B * r,) input row of every merged A token
+    destination: Tensor  # (B * r,) output row that every merged A token is added into
 
 
 class Matching:
