@@ -8,7 +8,10 @@
 Every name here is imported on first use (from :mod:`tokenmerge.api`,
 :mod:`tokenmerge.schedule` and :mod:`tokenmerge.state`): ``import tokenmerge`` alone
 imports neither torch nor any model library, so that the command line answers
-``--help`` and ``--version`` at once.
+``--help`` and ``--version`` at once. ``tokenmerge.tools`` and ``tokenmerge.visualize``
+(the module :mod:`tokenmerge.tools.visualize`, for notebooks) are named here on the
+same terms: the tools are imported only when a user asks for them, and no module of
+the core imports them.
 """
 from __future__ import annotations
 
@@ -17,8 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from . import schedule
-    from . import tools as tools
-    from . import visualize as visualize
     from .api import apply, compile, flops_per_image, get_state, is_applied, remove, token_counts
     from .schedule import Linear
     from .schedule import load as load_schedule
@@ -39,7 +40,7 @@ _LAZY = {
     "MergeState": ("tokenmerge.state", "MergeState"),
     "CappedRWarning": ("tokenmerge.state", "CappedRWarning"),
     "schedule": ("tokenmerge.schedule", None),
-    "visualize": ("tokenmerge.visualize", None),
+    "visualize": ("tokenmerge.tools.visualize", None),
     "tools": ("tokenmerge.tools", None),
 }
 
