@@ -128,6 +128,7 @@ def apply_vision_language(
         vlm.check_processor(family, processor)
     if r is not None:
         inner = vlm.inner_model(family, model)
+        family.feature_layers(inner)  # a family whose tower cannot merge says so first
         checked_adapter(family.tower(inner))
         vlm.tower_schedule(family, inner, r)
     vlm.patch(family, model, vlm.Settings(visual_tokens, method, r), processor)

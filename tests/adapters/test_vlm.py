@@ -10,7 +10,7 @@ import torch
 
 import tokenmerge
 from tests.adapters.vlm_models import FAMILIES, GRID, make, pictures, transformers
-from tokenmerge.fixed_count import reduce_to
+from tokenmerge.fixed_count import reduce_to, target_count
 
 NEW_TOKENS = 4
 
@@ -41,6 +41,15 @@ def logits(model, batch):
         return model(**batch).logits
 
 
+def unreduced_counts(model, processor, family, images_per_prompt):
+    """(full, full) for every image of ``inputs(...)``, read from a pass of the model patched to keep all."""
+    tokenmerge.apply(model, visual_tokens=1.0)
+    generate(model, inputs(family, processor, images_per_prompt))
+    counts = tokenmerge.get_state(model).counts
+    tokenmerge.remove(model)
+    return counts
+
+
 def placeholders(model, batch):
     return (batch["input_ids"] == model.config.image_token_id).sum(dim=1).tolist()
 
@@ -55,7 +64,8 @@ def test_nothing_reduced_gives_the_unpatched_ids_and_logits(family, setting):
     model, processor = make(family)
     batch = inputs(family, processor, (1, 2))
     expected_ids, expected_logits = generate(model, batch), logits(model, batch)
-    kwargs = {"full_count": dict(visual_tokens=family.full), "whole_fraction": dict(visual_tokens=1.0),
+    every = 1000 if family.dynamic else family.full  # more than any image has, or exactly all
+    kwargs = {"full_count": dict(visual_tokens=every), "whole_fraction": dict(visual_tokens=1.0),
               "tower_r0": dict(r=0)}[setting]
     tokenmerge.apply(model, processor=processor, **kwargs)
     again = inputs(family, processor, (1, 2))
@@ -71,7 +81,7 @@ def test_remove_restores_the_model_and_the_processor(family):
     batch = inputs(family, processor, (2,))
     expected = generate(model, batch)
     tokenmerge.apply(model, visual_tokens=0.5, processor=processor)
-    assert placeholders(model, inputs(family, processor, (2,))) == [family.full]
+    assert placeholders(model, inputs(family, processor, (2,))) < placeholders(model, batch)
     tokenmerge.remove(model)
     assert {name: type(module) for name, module in model.named_modules()} == classes
     assert type(processor) is processor_class and "_tokenmerge_state" not in vars(processor)
@@ -82,19 +92,25 @@ def test_remove_restores_the_model_and_the_processor(family):
 # --- reduced -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("visual_tokens, kept", [(5, 5), (0.25, None)])
-def test_every_image_reaches_the_language_model_as_exactly_k_tokens(family, visual_tokens, kept):
-    kept = kept or round(visual_tokens * family.full)
+@pytest.mark.parametrize("visual_tokens", [5, 0.25])
+def test_every_image_reaches_the_language_model_as_exactly_k_tokens(family, visual_tokens):
     model, processor = make(family)
+    fulls = [full for full, _ in unreduced_counts(model, processor, family, (1, 3))]
+    kept = [target_count(full, visual_tokens) for full in fulls]
+    if not family.dynamic:
+        expected = visual_tokens if isinstance(visual_tokens, int) else round(visual_tokens * family.full)
+        assert fulls == [family.full] * 4 and kept == [expected] * 4
+    else:
+        assert len(set(fulls)) > 1  # images of different sizes give different counts
     tokenmerge.apply(model, visual_tokens=visual_tokens, processor=processor)
     batch = inputs(family, processor, (1, 3))
-    assert placeholders(model, batch) == [kept, 3 * kept]
+    assert placeholders(model, batch) == [kept[0], sum(kept[1:])]
     out = generate(model, batch)
     assert out.shape == (2, batch["input_ids"].shape[1] + NEW_TOKENS)
     state = tokenmerge.get_state(model)
-    assert state.counts == [(family.full, kept)] * 4
-    for size in state.sizes:
-        assert size.shape == (kept,) and size.sum() == family.full and (size >= 1).all()
+    assert state.counts == list(zip(fulls, kept))
+    for size, full, count in zip(state.sizes, fulls, kept):
+        assert size.shape == (count,) and size.sum() == full and (size >= 1).all()
 
 
 def test_chat_template_gives_the_reduced_placeholders(family):
@@ -135,7 +151,7 @@ def test_other_methods_reduce_to_the_same_count(family, method):
     tokenmerge.apply(model, visual_tokens=6, processor=processor, method=method)
     batch = inputs(family, processor, (2,))
     generate(model, batch)
-    assert tokenmerge.get_state(model).counts == [(family.full, 6)] * 2
+    assert [kept for _, kept in tokenmerge.get_state(model).counts] == [6, 6]
 
 
 def test_tower_merging_reaches_the_language_model_with_the_processor_counts(family):
@@ -244,3 +260,51 @@ def test_reduce_to_merges_exact_twins_first_and_keeps_them_as_one_token_of_size_
 def test_reduce_to_a_row_alone_gives_what_it_gives_in_a_batch():
     tokens, keys = torch.randn(4, 100, 16), torch.randn(4, 100, 8)
     assert torch.equal(reduce_to(tokens[2:3], keys[2:3], 30).tokens[0], reduce_to(tokens, keys, 30).tokens[2])
+
+
+# --- Qwen2.5-VL: M-RoPE positions and videos --------------------------------------------
+
+QWEN = next(family for family in FAMILIES if family.id == "qwen2_5_vl")
+
+
+def image_positions(model, batch):
+    """The (3, tokens) M-RoPE positions of the image placeholders of a one-prompt batch."""
+    keys = ("mm_token_type_ids", "image_grid_thw", "attention_mask")
+    positions, _ = model.model.get_rope_index(batch["input_ids"], **{key: batch[key] for key in keys})
+    return positions[:, 0, batch["input_ids"][0] == model.config.image_token_id]
+
+
+def test_qwen_kept_tokens_keep_the_m_rope_positions_of_their_own_grid_cells():
+    model, processor = make(QWEN)
+    picture = pictures(1)
+    full = processor(images=[picture], text=[QWEN.prompt(1)], return_tensors="pt")
+    every = image_positions(model, full)
+    tokenmerge.apply(model, visual_tokens=7, processor=processor)
+    reduced = processor(images=[picture], text=[QWEN.prompt(1)], return_tensors="pt")
+    logits(model, reduced)
+    (image,) = tokenmerge.get_state(model).images
+    assert image.full == every.shape[1] and len(set(image.cells.tolist())) == 7
+    assert torch.equal(image_positions(model, reduced), every[:, image.cells])
+
+
+def test_qwen_generate_runs_the_tower_once_per_call():
+    model, processor = make(QWEN)
+    tokenmerge.apply(model, visual_tokens=7, processor=processor)
+    calls = []
+    model.model.visual.register_forward_hook(lambda *args: calls.append(1))
+    generate(model, inputs(QWEN, processor, (1, 2)))
+    assert len(calls) == 1
+
+
+def test_qwen_videos_reach_the_language_model_as_k_tokens():
+    model, processor = make(QWEN)
+    video = (torch.rand(4, 32, 32, 3) * 255).to(torch.uint8).numpy()
+    prompt = ["USER: <|vision_start|><|video_pad|><|vision_end|> what is this ? ASSISTANT:"]
+    full = processor(videos=[video], text=prompt, return_tensors="pt")
+    count = int((full["input_ids"] == model.config.video_token_id).sum())
+    tokenmerge.apply(model, visual_tokens=6, processor=processor)
+    batch = processor(videos=[video], text=prompt, return_tensors="pt")
+    assert int((batch["input_ids"] == model.config.video_token_id).sum()) == 6
+    generate(model, batch)
+    (reduced,) = tokenmerge.get_state(model).videos
+    assert (reduced.full, reduced.kept) == (count, 6) and reduced.size.sum() == count

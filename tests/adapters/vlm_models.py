@@ -34,6 +34,7 @@ class Family:
     prompt: Callable[[int], str]
     full: int
     tower_merges: bool = True
+    dynamic: bool = False  # images keep their own resolution: the first one gives ``full`` tokens, others fewer
 
 
 def word_tokenizer(special: list[str], extra: dict[str, str]) -> transformers.PreTrainedTokenizerFast:
@@ -106,12 +107,39 @@ def gemma3() -> tuple[torch.nn.Module, object]:
     return transformers.Gemma3ForConditionalGeneration(config).eval(), processor
 
 
+def qwen2_5_vl() -> tuple[torch.nn.Module, object]:
+    special = {"vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>",
+               "image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
+    tokenizer = word_tokenizer(list(special.values()), special)
+    # dynamic resolution: every picture keeps (about) its own size, between 16x16 and 48x48 pixels
+    pixels = dict(patch_size=PATCH, temporal_patch_size=2, merge_size=2, min_pixels=16 * 16, max_pixels=48 * 48)
+    processor = transformers.Qwen2_5_VLProcessor(
+        image_processor=transformers.Qwen2VLImageProcessor(**pixels), tokenizer=tokenizer,
+        video_processor=transformers.Qwen2VLVideoProcessor(**pixels),
+        chat_template=CHAT_TEMPLATE.replace("{{ image }}", "<|vision_start|><|image_pad|><|vision_end|>"))
+    vision = dict(depth=2, hidden_size=WIDTH, num_heads=2, intermediate_size=64, out_hidden_size=WIDTH,
+                  patch_size=PATCH, spatial_merge_size=2, temporal_patch_size=2, window_size=4 * PATCH,
+                  fullatt_block_indexes=[1])
+    text = dict(hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=len(tokenizer),
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
+    config = transformers.Qwen2_5_VLConfig(
+        vision_config=vision, text_config=text, image_token_id=tokenizer.image_token_id,
+        video_token_id=tokenizer.video_token_id, vision_start_token_id=tokenizer.vision_start_token_id)
+    return transformers.Qwen2_5_VLForConditionalGeneration(config).eval(), processor
+
+
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|> "
+
 FAMILIES = [
     Family("llava", llava, lambda n: "USER: " + "<image> " * n + "what is this ? ASSISTANT:", GRID),
     # PaliGemma's processor puts the placeholders before the prompt itself
     Family("paligemma", paligemma, lambda n: "<image>" * n + "what is this ?", GRID),
     Family("gemma3", gemma3, lambda n: "USER: " + "<start_of_image> " * n + "what is this ? ASSISTANT:",
            GEMMA3_TOKENS, tower_merges=False),
+    # the first picture (40x48 px) gives 10x12 patches, 30 tokens after the 2x2 merger; the others are smaller
+    Family("qwen2_5_vl", qwen2_5_vl, lambda n: "USER: " + QWEN_IMAGE * n + "what is this ? ASSISTANT:", 30,
+           tower_merges=False, dynamic=True),
 ]
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from .base import Family
 
 #: The family modules, in the order they are looked up.
-FAMILY_MODULES = ("llava", "paligemma", "gemma3")
+FAMILY_MODULES = ("llava", "paligemma", "gemma3", "qwen")
 
 #: What marks a transformers model as a vision-language model: a method that gives the
 #: visual tokens, and a config naming the token they take the place of.

@@ -23,10 +23,11 @@ are; the reduction step (:meth:`ReducingModel.get_image_features`) is written on
 """
 from __future__ import annotations
 
+import inspect
 import re
 import threading
-from abc import ABC, abstractmethod
-from collections.abc import Sequence
+import types
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
@@ -38,7 +39,7 @@ from ...schedule import Schedule, resolve, token_counts
 from ..base import is_swapped, restore_class, swap_class
 
 
-class Family(ABC):
+class Family:
     """What tokenmerge needs to know of one VLM family in transformers.
 
     A family names its classes and says where the tokens the projector reads come
@@ -67,10 +68,17 @@ class Family(ABC):
         tower = self.tower(inner)
         return find_adapter(tower).blocks(tower)
 
-    @abstractmethod
     def tower_features(self, inner: Any, outputs: Any) -> tuple[Tensor, int]:
         """The (images, N, C) tower tokens the projector reads, from the tower's outputs
-        that ``get_image_features`` returns, and the number of tower layers that made them."""
+        that ``get_image_features`` returns, and the number of tower layers that made them:
+        the tower's last hidden state, unless the family reads another layer."""
+        return outputs.last_hidden_state, len(self.layers(inner))
+
+    def keys_per_image(self, inner: Any, outputs: Any) -> Sequence[Tensor]:
+        """What the reduction matches every image's projected tokens on, one (N, D)
+        tensor per image, from the outputs ``get_image_features`` returns."""
+        features, layers_run = self.tower_features(inner, outputs)
+        return self.keys(inner, features, layers_run).unbind(0)
 
     def keys(self, inner: Any, features: Tensor, layers_run: int) -> Tensor:
         """What the reduction matches on, one (images, M, D) row per projected token:
@@ -91,6 +99,11 @@ class Family(ABC):
         """Tokens of the tower's output the model drops before the projector (a class token)."""
         return 0
 
+    def model_mixin(self) -> type:
+        """The mixin the inner model's class takes: :class:`ReducingModel`, or one built
+        on it for what the family does more with the tokens (positions, videos)."""
+        return ReducingModel
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -104,13 +117,15 @@ class Settings:
 
 @dataclass(frozen=True)
 class ImageTokens:
-    """One image (or crop, or video frame group) of a pass: the tokens the projector
-    gave (``full``), those the language model received (``kept``), and how many projected
-    tokens each received token stands for (``size``, (kept,))."""
+    """One image (or crop, or video) of a pass: the tokens the projector gave (``full``),
+    those the language model received (``kept``), how many projected tokens each
+    received token stands for (``size``, (kept,)), and the index among the projected
+    tokens of the one each was built on (``cells``, (kept,)): its place in the grid."""
 
     full: int
     kept: int
     size: Tensor
+    cells: Tensor
 
 
 class VisionLanguageState:
@@ -126,6 +141,8 @@ class VisionLanguageState:
     def __init__(self, family: Family, settings: Settings, tower_tokens: Optional[int]):
         self.family, self.settings, self.tower_tokens = family, settings, tower_tokens
         self._local = threading.local()
+        #: Per thread, what a family's position step needs while it runs (Qwen's grid cells).
+        self.placing = threading.local()
 
     @property
     def visual_tokens(self) -> Optional[int | float]:
@@ -142,7 +159,15 @@ class VisionLanguageState:
     @property
     def images(self) -> list[ImageTokens]:
         """Every image of the calling thread's last pass, in the order the model read them."""
-        return getattr(self._local, "images", [])
+        return self.images_of("image")
+
+    @property
+    def videos(self) -> list[ImageTokens]:
+        """Every video of the calling thread's last pass, in the order the model read them."""
+        return self.images_of("video")
+
+    def images_of(self, modality: str) -> list[ImageTokens]:
+        return getattr(self._local, modality, [])
 
     @property
     def counts(self) -> list[tuple[int, int]]:
@@ -160,8 +185,9 @@ class VisionLanguageState:
             return full
         return fixed_count.target_count(full, self.settings.visual_tokens)
 
-    def record(self, images: list[ImageTokens]) -> None:
-        self._local.images = images
+    def record(self, modality: str, images: list[ImageTokens]) -> None:
+        """Note what the images (or videos) of a pass kept, for the calling thread."""
+        setattr(self._local, modality, images)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"family": self.family, "settings": self.settings, "tower_tokens": self.tower_tokens}
@@ -185,78 +211,121 @@ class ReducingModel:
 
     _tokenmerge_state: VisionLanguageState
     _tokenmerge_family: Family
+    _tokenmerge_original: type
     config: Any
+
+    #: Methods whose callers read the parameters they may pass from the signature
+    #: (``generate`` does), so the patched class shows the host's.
+    SIGNED = ("get_image_features", "get_video_features")
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Give the patched class (mixin, host) this mixin's methods under the host's signatures."""
+        super().__init_subclass__(**kwargs)
+        host = cls.__dict__.get("_tokenmerge_original")
+        for name in cls.SIGNED if host is not None else ():
+            mine, theirs = getattr(cls, name, None), getattr(host, name, None)
+            if mine is not None and theirs is not None:
+                setattr(cls, name, with_signature(mine, theirs))
 
     def get_image_features(self, pixel_values: Tensor, *args: Any, **kwargs: Any) -> Any:
         # the host class, the family's inner model, defines get_image_features
         outputs = super().get_image_features(pixel_values, *args, **kwargs)  # type: ignore[misc]
-        state = self._tokenmerge_state
+        return self._tokenmerge_reduce_outputs(outputs, "image")
+
+    def _tokenmerge_reduce_outputs(self, outputs: Any, modality: str) -> Any:
+        """The tower's ``outputs`` with the visual tokens in ``pooler_output`` reduced,
+        and what each image kept recorded in the state."""
+        state, family = self._tokenmerge_state, self._tokenmerge_family
         if state.settings.visual_tokens is None:
-            state.record([ImageTokens(len(tokens), len(tokens), torch.ones(len(tokens)))
-                          for tokens in _per_image(outputs.pooler_output)])
+            state.record(modality, [unreduced(len(tokens)) for tokens in per_image(outputs.pooler_output)])
             return outputs
-        features, layers_run = self._tokenmerge_family.tower_features(self, outputs)
-        keys = self._tokenmerge_family.keys(self, features, layers_run)
-        outputs.pooler_output = self._tokenmerge_reduce(outputs.pooler_output, keys)
+        keys = family.keys_per_image(self, outputs)
+        outputs.pooler_output = self._tokenmerge_reduce(outputs.pooler_output, keys, modality)
         return outputs
 
-    def _tokenmerge_reduce(self, projected: Tensor | Sequence[Tensor], keys: Tensor) -> Any:
+    def _tokenmerge_reduce(self, projected: Tensor | Sequence[Tensor], keys: Sequence[Tensor], modality: str) -> Any:
         """``projected`` (a (images, N, C) tensor, or one (N, C) tensor per image, as the
-        family gives them) with every image reduced to its kept count, in the same form."""
+        family gives them) with every image reduced to its kept count, in the same form.
+        Images of one size are reduced together (each row on its own, so the same
+        alone and in a batch)."""
         state = self._tokenmerge_state
-        rows = _per_image(projected)
-        full = rows[0].shape[0] if rows else 0
-        if any(row.shape[0] != full for row in rows) or keys.shape[:2] != (len(rows), full):
-            raise RuntimeError(f"tokenmerge found {keys.shape[1]} keys for images of {[len(row) for row in rows]} "
-                               f"tokens in {state.family.name}; the family's description does not fit this model")
-        kept = state.kept(full)
-        if not rows or kept == full:
-            state.record([ImageTokens(full, full, torch.ones(full)) for _ in rows])
-            return projected
-        stacked = torch.stack(list(rows)) if not isinstance(projected, Tensor) else projected
-        reduced = fixed_count.reduce_to(stacked, keys.to(stacked.dtype), kept, state.settings.method)
-        size = reduced.size.squeeze(-1)
-        state.record([ImageTokens(full, kept, size[i]) for i in range(len(rows))])
+        rows = list(per_image(projected))
+        if [len(key) for key in keys] != [len(row) for row in rows]:
+            raise RuntimeError(f"tokenmerge found keys for {[len(key) for key in keys]} tokens for images of "
+                               f"{[len(row) for row in rows]} in {state.family.name}; the family's description does "
+                               "not fit this model")
+        images: list[Optional[ImageTokens]] = [None] * len(rows)
+        for full in sorted({len(row) for row in rows}):
+            group = [index for index, row in enumerate(rows) if len(row) == full]
+            kept = state.kept(full)
+            if kept == full:
+                for index in group:
+                    images[index] = unreduced(full)
+                continue
+            stacked = torch.stack([rows[index] for index in group])
+            grouped_keys = torch.stack([keys[index] for index in group]).to(stacked.dtype)
+            cells = torch.arange(full, device=stacked.device).expand(len(group), full).unsqueeze(-1)
+            reduced = fixed_count.reduce_to(stacked, grouped_keys, kept, state.settings.method, sides={"cell": cells})
+            for row, index in enumerate(group):
+                rows[index] = reduced.tokens[row]
+                images[index] = ImageTokens(full, kept, reduced.size[row, :, 0], reduced.sides["cell"][row, :, 0])
+        state.record(modality, [image for image in images if image is not None])
         if isinstance(projected, Tensor):
-            return reduced.tokens
-        return type(projected)(reduced.tokens.unbind(0)) if isinstance(projected, tuple) else list(
-            reduced.tokens.unbind(0))
+            return torch.stack(rows) if rows else projected
+        return tuple(rows) if isinstance(projected, tuple) else rows
 
     def get_placeholder_mask(self, input_ids: Optional[Tensor], *args: Any, **kwargs: Any) -> Any:
         if input_ids is not None:
-            self._tokenmerge_check_placeholders(input_ids)
+            features = dict(zip(("inputs_embeds", "image_features", "video_features"), (None, *args[1:])))
+            features.update((key, value) for key, value in kwargs.items() if key.endswith("_features"))
+            for modality in ("image", "video"):
+                if features.get(f"{modality}_features") is not None:
+                    self._tokenmerge_check_placeholders(input_ids, modality, features[f"{modality}_features"])
         # the host class, the family's inner model, defines get_placeholder_mask
         return super().get_placeholder_mask(input_ids, *args, **kwargs)  # type: ignore[misc]
 
-    def _tokenmerge_check_placeholders(self, input_ids: Tensor) -> None:
-        """Refuse prompts whose image placeholders are not the tokens the images gave."""
-        state = self._tokenmerge_state
-        images = state.images
-        received = sum(image.kept for image in images)
-        placeholders = int((input_ids == image_token_id(self.config)).sum())
-        if not images or placeholders == received:
+    def _tokenmerge_check_placeholders(self, input_ids: Tensor, modality: str, features: Tensor) -> None:
+        """Refuse prompts whose placeholders of ``modality`` are not the visual tokens given."""
+        given = features.shape[0] if features.dim() == 2 else features.shape[0] * features.shape[1]
+        placeholders = int((input_ids == placeholder_id(self.config, modality)).sum())
+        if placeholders == given:
             return
-        counts = sorted({image.kept for image in images})
+        kept = sorted({image.kept for image in self._tokenmerge_state.images_of(modality)})
         raise ValueError(
-            f"tokenmerge reduced the {len(images)} image(s) of this call to {received} visual tokens "
-            f"({' or '.join(map(str, counts))} each), but the prompts hold {placeholders} image placeholders, as the "
-            "unreduced model expects; pass the processor to tokenmerge.apply(model, ..., processor=processor) and "
-            "build the prompts with it"
+            f"tokenmerge reduced the {modality}s of this call to {given} visual tokens "
+            f"({' or '.join(map(str, kept))} each), but the prompts hold {placeholders} {modality} placeholders, as "
+            "the unreduced model expects; pass the processor to tokenmerge.apply(model, ..., processor=processor) "
+            "and build the prompts with it"
         )
 
 
-def _per_image(projected: Tensor | Sequence[Tensor]) -> Sequence[Tensor]:
+def with_signature(function: Callable, model: Callable) -> Callable:
+    """A copy of ``function`` (its closure too, so ``super()`` works) that ``inspect``
+    sees with the signature of ``model``."""
+    copy = types.FunctionType(function.__code__, function.__globals__, function.__name__, function.__defaults__,
+                              function.__closure__)
+    copy.__kwdefaults__, copy.__qualname__ = function.__kwdefaults__, function.__qualname__
+    copy.__signature__ = inspect.signature(model)  # type: ignore[attr-defined]
+    return copy
+
+
+def unreduced(full: int) -> ImageTokens:
+    """An image whose tokens all reach the language model, each standing for itself."""
+    return ImageTokens(full, full, torch.ones(full), torch.arange(full))
+
+
+def per_image(projected: Tensor | Sequence[Tensor]) -> Sequence[Tensor]:
     """The (N, C) tokens of every image in what ``get_image_features`` returned."""
     return projected.unbind(0) if isinstance(projected, Tensor) else projected
 
 
-def image_token_id(config: Any) -> int:
-    """The id of the placeholder token the model scatters visual tokens into."""
-    for name in ("image_token_id", "image_token_index"):
+def placeholder_id(config: Any, modality: str = "image") -> int:
+    """The id of the placeholder token the model scatters visual tokens of ``modality`` into."""
+    for name in (f"{modality}_token_id", f"{modality}_token_index"):
         value = getattr(config, name, None)
         if value is not None:
             return int(value)
-    raise TypeError(f"tokenmerge found no image token id in {type(config).__name__}")
+    raise TypeError(f"tokenmerge found no {modality} token id in {type(config).__name__}")
 
 
 # --- the processor ---------------------------------------------------------------------
@@ -269,21 +338,26 @@ class ReducingProcessor:
 
     _tokenmerge_keeps_name = True
     _tokenmerge_state: VisionLanguageState
-    _tokenmerge_placeholder: str
+    _tokenmerge_placeholders: dict[str, str]
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
         # the host class, the family's processor, defines replace_image_token
         text = super().replace_image_token(image_inputs, image_idx, **kwargs)  # type: ignore[misc]
-        return self._tokenmerge_rewrite(text)
+        return self._tokenmerge_rewrite(text, "image")
 
-    def _tokenmerge_rewrite(self, text: str) -> str:
-        """``text`` with every run of placeholders as long as the model's tokens of it."""
-        token = re.escape(self._tokenmerge_placeholder)
-        return re.sub(f"(?:{token})+", lambda run: self._tokenmerge_run(run.group(0)), text)
+    def replace_video_token(self, video_inputs: dict, video_idx: int, **kwargs: Any) -> str:
+        # the host class, the family's processor, defines replace_video_token
+        text = super().replace_video_token(video_inputs, video_idx, **kwargs)  # type: ignore[misc]
+        return self._tokenmerge_rewrite(text, "video")
 
-    def _tokenmerge_run(self, run: str) -> str:
-        full = len(run) // len(self._tokenmerge_placeholder)
-        return self._tokenmerge_placeholder * processor_count(self._tokenmerge_state, full)
+    def _tokenmerge_rewrite(self, text: str, modality: str) -> str:
+        """``text`` with every run of placeholders of ``modality`` as long as the model's tokens of it."""
+        placeholder = self._tokenmerge_placeholders[modality]
+
+        def shortened(run: re.Match) -> str:
+            return placeholder * processor_count(self._tokenmerge_state, len(run.group(0)) // len(placeholder))
+
+        return re.sub(f"(?:{re.escape(placeholder)})+", shortened, text)
 
 
 def processor_count(state: VisionLanguageState, full: int) -> int:
@@ -294,9 +368,13 @@ def processor_count(state: VisionLanguageState, full: int) -> int:
     return state.kept(full)
 
 
-def placeholder_text(model_config: Any, processor: Any) -> str:
-    """The placeholder token as text, as the processor's tokenizer writes it."""
-    return processor.tokenizer.convert_ids_to_tokens(image_token_id(model_config))
+def placeholder_texts(model_config: Any, processor: Any) -> dict[str, str]:
+    """The placeholder tokens, as the processor's tokenizer writes them, of every
+    modality the model has one for."""
+    texts = {"image": processor.tokenizer.convert_ids_to_tokens(placeholder_id(model_config))}
+    if getattr(model_config, "video_token_id", None) is not None:
+        texts["video"] = processor.tokenizer.convert_ids_to_tokens(placeholder_id(model_config, "video"))
+    return texts
 
 
 # --- patching --------------------------------------------------------------------------
@@ -344,11 +422,11 @@ def patch(family: Family, model: nn.Module, settings: Settings, processor: Any) 
     state = VisionLanguageState(family, settings, tower_tokens)
     inner.__dict__["_tokenmerge_family"] = family
     inner.__dict__["_tokenmerge_state"] = state
-    swap_class(inner, ReducingModel)
+    swap_class(inner, family.model_mixin())
     model.__dict__["_tokenmerge_state"] = state
     if processor is not None:
         processor.__dict__["_tokenmerge_state"] = state
-        processor.__dict__["_tokenmerge_placeholder"] = placeholder_text(inner.config, processor)
+        processor.__dict__["_tokenmerge_placeholders"] = placeholder_texts(inner.config, processor)
         swap_class(processor, ReducingProcessor)
         model.__dict__["_tokenmerge_processor"] = processor
     return state
@@ -369,5 +447,5 @@ def unpatch(family: Family, model: nn.Module) -> None:
     processor = model.__dict__.pop("_tokenmerge_processor", None)
     if processor is not None:
         restore_class(processor)
-        for name in ("_tokenmerge_state", "_tokenmerge_placeholder"):
+        for name in ("_tokenmerge_state", "_tokenmerge_placeholders"):
             processor.__dict__.pop(name, None)

@@ -17,9 +17,6 @@ class Gemma3(Family):
     outer_classes = ("Gemma3ForConditionalGeneration",)
     processor_classes = ("Gemma3Processor",)
 
-    def tower_features(self, inner: Any, outputs: Any) -> tuple[Tensor, int]:
-        return outputs.last_hidden_state, len(self.layers(inner))
-
     def keys(self, inner: Any, features: Tensor, layers_run: int) -> Tensor:
         keys = super().keys(inner, features, layers_run)
         projector = inner.multi_modal_projector

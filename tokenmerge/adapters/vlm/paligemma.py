@@ -3,10 +3,6 @@ whose ``last_hidden_state`` reaches the language model through a projector of si
 tokens; the processor gives every image ``image_seq_length`` placeholders."""
 from __future__ import annotations
 
-from typing import Any
-
-from torch import Tensor
-
 from .base import Family
 
 
@@ -15,9 +11,6 @@ class PaliGemma(Family):
     model_classes = ("PaliGemmaModel",)
     outer_classes = ("PaliGemmaForConditionalGeneration",)
     processor_classes = ("PaliGemmaProcessor",)
-
-    def tower_features(self, inner: Any, outputs: Any) -> tuple[Tensor, int]:
-        return outputs.last_hidden_state, len(self.layers(inner))
 
 
 FAMILY = PaliGemma()
