@@ -46,6 +46,7 @@ RUN_APART = {
     "runs/ft/model.safetensors": "test_the_fine_tuned_recipe_keeps_the_classifier",
     "fast = tokenmerge.compile(model)": "test_the_compile_recipe_compiles_the_patched_model",
     'tokenmerge.load_schedule("vit-tiny-1.5x.json")': "test_the_tuned_schedule_recipe_applies_the_file",
+    'folder = "llava-1.5-7b-hf"': "test_the_vision_language_recipe_reduces_a_saved_llava",
 }
 
 
@@ -149,6 +150,22 @@ def test_the_tuned_schedule_recipe_applies_the_file(tmp_path):
     run(the_one('tokenmerge.load_schedule("vit-tiny-1.5x.json")').code, tmp_path, names)
     state = tokenmerge.get_state(names["model"])
     assert list(state.r) == r and state.method == "tome-attended"
+
+
+def test_the_vision_language_recipe_reduces_a_saved_llava(tmp_path):
+    """The recipe on a tiny random LLaVA saved as the folder it names (64 tokens per image,
+    so it keeps 16 of them instead of 144 of 576), with a photo of its own."""
+    pytest.importorskip("transformers")
+    from tests.adapters.vlm_models import FAMILIES, make, pictures
+
+    model, processor = make(FAMILIES[0])
+    model.save_pretrained(tmp_path / "llava-1.5-7b-hf")
+    processor.save_pretrained(tmp_path / "llava-1.5-7b-hf")
+    pictures(1)[0].save(tmp_path / "photo.jpg")
+    example = the_one('folder = "llava-1.5-7b-hf"')
+    assert example.prints == "[(576, 144)]"
+    printed = run(example.code.replace("visual_tokens=144", "visual_tokens=16"), tmp_path, {})
+    assert printed.strip() == "[(64, 16)]"
 
 
 #: A command's output as the pages record it: the command line, its table, its warnings.
