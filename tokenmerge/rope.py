@@ -16,8 +16,13 @@ so that every reduction method carries them along:
 Before any merge both give the table itself, so that a model that merges nothing
 computes exactly what it computes unpatched. ``benchmarks/rope_rules.py`` compares the
 two (the documentation's Results, "Rotary position rules", gives what it measured).
+
+A block mixin of a rotary family is a :class:`RotaryBlock`, which holds the rule: set
+``rope_rule`` on one family's mixin for that family, or on :class:`RotaryBlock` for all.
 """
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -70,6 +75,21 @@ def rope_for_tokens(run: Pass, block: int, table: Tensor, tokens: Tensor, num_pr
         positions = identity_positions(num_tokens, table.device).expand(batch, -1)
         run.set_side(block, POSITION_SIDE, positions)
     return table if unmerged else rows_at(table, positions[:, num_prefix:] - num_prefix)
+
+
+class RotaryBlock:
+    """Mixin for a block whose patch tokens take rotary embeddings: they follow the
+    merges by ``rope_rule``, which this class sets once for every rotary family."""
+
+    #: How a merged token's rotary position is chosen: "destination" or "mean".
+    rope_rule: ClassVar[str] = DEFAULT_RULE
+
+    _tokenmerge_index: int
+
+    def tokenmerge_rope_rows(self, run: Pass, table: Tensor, tokens: Tensor, num_prefix: int) -> Tensor:
+        """The rotary table for the (B, N, C) ``tokens`` entering this block, by this
+        block's rule (:func:`rope_for_tokens`)."""
+        return rope_for_tokens(run, self._tokenmerge_index, table, tokens, num_prefix, self.rope_rule)
 
 
 def rows_at(table: Tensor, index: Tensor) -> Tensor:

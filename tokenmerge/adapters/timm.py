@@ -13,7 +13,7 @@ position of the token it was merged into (``MergingEvaBlock.rope_rule``).
 from __future__ import annotations
 
 from functools import partial
-from typing import ClassVar, Optional, Union, cast
+from typing import Optional, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -265,13 +265,10 @@ def eva_project(attn: Union[EvaAttention, AttentionRope], x: Tensor, table: Opti
     return Projected(q, k, v, gate)
 
 
-class MergingEvaBlock(MergingBlock):
+class MergingEvaBlock(rope.RotaryBlock, MergingBlock):
     """timm ``EvaBlock`` that merges tokens between its attention and MLP branches; the
     rotary embeddings of its patch tokens follow the merges by ``rope_rule``
-    (:mod:`tokenmerge.rope`)."""
-
-    #: How a merged token's rotary position is chosen: "destination" or "mean".
-    rope_rule: ClassVar[str] = rope.DEFAULT_RULE
+    (:class:`tokenmerge.rope.RotaryBlock`)."""
 
     # What the mixin reads of the timm ``EvaBlock`` it is mixed into.
     attn: Union[EvaAttention, AttentionRope]
@@ -294,8 +291,7 @@ class MergingEvaBlock(MergingBlock):
         """The rotary table for the (B, N, C) tokens ``x`` entering this block."""
         if table is None:
             return None
-        return rope.rope_for_tokens(run, self._tokenmerge_index, table, x, self.attn.num_prefix_tokens,
-                                    self.rope_rule)
+        return self.tokenmerge_rope_rows(run, table, x, self.attn.num_prefix_tokens)
 
     def tokenmerge_project(self, x: Tensor, run: Pass, rope: Optional[Tensor] = None) -> Projected:
         return eva_project(self.attn, self.norm1(x), self.tokenmerge_rope(x, run, rope))

@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import ClassVar, Optional, Protocol, TypedDict, cast
+from typing import Optional, Protocol, TypedDict, cast
 
 import torch
 import transformers
@@ -147,20 +147,16 @@ class MergingDinov2Layer(MergingLayer):
         return self.drop_path(self.layer_scale2(self.mlp(self.norm2(x))))
 
 
-class MergingDINOv3Layer(MergingDinov2Layer):
+class MergingDINOv3Layer(rope.RotaryBlock, MergingDinov2Layer):
     """DINOv3 layers: DINOv2's, with rotary embeddings on the patch tokens (the layer's
     ``position_embeddings``, cosines and sines) that follow the merges by ``rope_rule``
-    (:mod:`tokenmerge.rope`)."""
-
-    #: How a merged token's rotary position is chosen: "destination" or "mean".
-    rope_rule: ClassVar[str] = rope.DEFAULT_RULE
+    (:class:`tokenmerge.rope.RotaryBlock`)."""
 
     def tokenmerge_rope(self, x: Tensor, run: Pass, position_embeddings: tuple[Tensor, Tensor]) -> list[Tensor]:
         """The rotary cosines and sines for the (B, N, C) tokens ``x`` entering this layer,
         picked as one table so that both follow the same positions."""
         table = torch.cat(position_embeddings, dim=-1)
-        rows = rope.rope_for_tokens(run, self._tokenmerge_index, table, x, run.num_protected, self.rope_rule)
-        return list(rows.chunk(2, dim=-1))
+        return list(self.tokenmerge_rope_rows(run, table, x, run.num_protected).chunk(2, dim=-1))
 
     def tokenmerge_project(self, x: Tensor, run: Pass, *, mask, layer_kwargs) -> Projected:
         cos, sin = self.tokenmerge_rope(x, run, layer_kwargs["position_embeddings"])
@@ -232,6 +228,26 @@ def attend(
     return attention(projected.extra, mask, tokenmerge_projected=projected, tokenmerge_size=size, **kwargs)[0]
 
 
+@dataclass(frozen=True)
+class AttentionParts:
+    """The names one family's attention class gives the parts :class:`MergingAttention`
+    and the FLOP count read: the families compute attention alike and name its parts
+    differently."""
+
+    scaling: str = "scaling"  # the factor of the attention logits
+    dropout: str = "attention_dropout"  # the dropout probability of the attention weights
+    output: str = "o_proj"  # the output projection; "" where the layer applies it
+    query: str = "q_proj"  # the query projection
+    head_dim: str = "head_dim"  # the size of one head
+
+
+VIT_PARTS = AttentionParts()  # ViT, DeiT, DINOv2 (with or without registers) and AST
+CLIP_PARTS = AttentionParts(scaling="scale", dropout="dropout", output="out_proj")  # CLIP and SigLIP
+DINOV3_PARTS = AttentionParts(dropout="dropout")
+# VideoMAE's self-attention, whose output projection its layer applies (in VideoMAESelfOutput)
+VIDEOMAE_PARTS = AttentionParts(dropout="dropout_prob", output="", query="query", head_dim="attention_head_size")
+
+
 class MergingAttention:
     """Attention that, in a layer that merges, attends with the queries, keys and
     values the layer projected and planned from (``tokenmerge_projected``) and weighs
@@ -242,7 +258,8 @@ class MergingAttention:
 
     The layer hands these to the module's own forward, rather than calling the
     attention function itself, because transformers records attention weights with
-    hooks on the attention module."""
+    hooks on the attention module. One mixin serves every family: the parts it reads
+    are found by the names of the family's :class:`AttentionParts`."""
 
     # What the mixin reads of the attention class it is mixed into.
     config: PretrainedConfig
@@ -261,76 +278,47 @@ class MergingAttention:
             return super().forward(hidden_states, *args, **kwargs)  # type: ignore[misc]
         attention_mask, kwargs = _split_mask(args, kwargs)
         _check_implementation(self.config._attn_implementation)
-        if attention_mask is not None and not _mask_is_transformers_own():
-            raise NotImplementedError(
-                "tokenmerge does not support an attention_mask while merging: it masks the token grid that "
-                "merging changes; pass no attention_mask, or set r=0"
-            )
-        scaling, dropout, output_projection = self._tokenmerge_parts()
-        query, key, value, _ = tokenmerge_projected
-        mask, head_dim = None, value.shape[-1]
-        if tokenmerge_size is not None:
-            if proportional.default_formulation(query.device) == "channel":
-                query, key, value = proportional.with_size_channel(query, key, value, tokenmerge_size, scale=scaling)
-            else:
-                mask = proportional.log_size_bias(tokenmerge_size, query.dtype)
+        _refuse_callers_mask(attention_mask)
+        parts = _attention_parts(self)
+        scaling = getattr(self, parts.scaling)
+        query, key, value, mask = _weighted_by_size(tokenmerge_projected, tokenmerge_size, scaling)
+        dropout = getattr(self, parts.dropout) if self.training else 0.0
         out, weights = _attention_function(self)(
-            self, query, key, value, mask, dropout=dropout if self.training else 0.0, scaling=scaling, **kwargs
+            self, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs
         )
-        out = output_projection(out[..., :head_dim].reshape(*hidden_states.shape[:-1], -1).contiguous())
-        return out, weights
-
-    def _tokenmerge_parts(self) -> tuple[float, float, Callable[[Tensor], Tensor]]:
-        """The attention's scaling of the logits, its dropout probability and its output projection."""
-        raise NotImplementedError
+        # the size channel, if any, widened the values: their first channels are the attended ones
+        head_dim = tokenmerge_projected.v.shape[-1]
+        out = out[..., :head_dim].reshape(*hidden_states.shape[:-1], -1).contiguous()
+        return (getattr(self, parts.output)(out) if parts.output else out), weights
 
 
-class MergingViTAttention(MergingAttention):
-    """ViT, DeiT, DINOv2 and AST attention."""
-
-    scaling: float
-    attention_dropout: float
-    o_proj: torch.nn.Module
-
-    def _tokenmerge_parts(self) -> tuple[float, float, Callable[[Tensor], Tensor]]:
-        return self.scaling, self.attention_dropout, self.o_proj
+def _attention_parts(attention: MergingAttention) -> AttentionParts:
+    """The :class:`AttentionParts` of a patched attention module's family."""
+    return ATTENTION_PARTS[original_class(attention)]
 
 
-class MergingCLIPAttention(MergingAttention):
-    """CLIP and SigLIP attention."""
-
-    scale: float
-    dropout: float
-    out_proj: torch.nn.Module
-
-    def _tokenmerge_parts(self) -> tuple[float, float, Callable[[Tensor], Tensor]]:
-        return self.scale, self.dropout, self.out_proj
+def _refuse_callers_mask(attention_mask: Optional[Tensor]) -> None:
+    """Refuse an attention mask of the caller's own while merging (:class:`MergingAttention`)."""
+    if attention_mask is not None and not _mask_is_transformers_own():
+        raise NotImplementedError(
+            "tokenmerge does not support an attention_mask while merging: it masks the token grid that "
+            "merging changes; pass no attention_mask, or set r=0"
+        )
 
 
-class MergingDINOv3Attention(MergingAttention):
-    """DINOv3 attention."""
-
-    scaling: float
-    dropout: float
-    o_proj: torch.nn.Module
-
-    def _tokenmerge_parts(self) -> tuple[float, float, Callable[[Tensor], Tensor]]:
-        return self.scaling, self.dropout, self.o_proj
-
-
-class MergingVideoMAEAttention(MergingAttention):
-    """VideoMAE self-attention, whose output projection its layer applies."""
-
-    scaling: float
-    dropout_prob: float
-
-    def _tokenmerge_parts(self) -> tuple[float, float, Callable[[Tensor], Tensor]]:
-        return self.scaling, self.dropout_prob, _unprojected
-
-
-def _unprojected(x: Tensor) -> Tensor:
-    """No output projection: the attention's output as it is."""
-    return x
+def _weighted_by_size(
+    projected: Projected, size: Optional[Tensor], scaling: float
+) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """The queries, keys, values and additive mask with which attention counts key j
+    ``size[j]`` times: a size channel or a log-size bias, the formulation
+    :mod:`tokenmerge.attention` picks for the device; as projected, unmasked, for None."""
+    query, key, value, _ = projected
+    if size is None:
+        return query, key, value, None
+    if proportional.default_formulation(query.device) == "channel":
+        query, key, value = proportional.with_size_channel(query, key, value, size, scale=scaling)
+        return query, key, value, None
+    return query, key, value, proportional.log_size_bias(size, query.dtype)
 
 
 # Whether the caller of the tower being exported passed an attention mask, noted by
@@ -515,15 +503,13 @@ class Tower:
     layer_mixin: type[MergingLayer]
     attention: str  # attribute path, from the layer, of its attention module
     attention_class: type
-    attention_mixin: type
+    attention_parts: AttentionParts  # what the attention class calls the parts its mixin reads
     patch_projection: str  # attribute path, from the embeddings, of the patch convolution
     class_tokens: int  # class and distillation tokens; register tokens are counted from the embeddings
     heads: tuple[str, ...] = ()  # linear heads of the tower itself (may be None)
     attention_pooling_head: bool = False  # a probe that attends to the tokens (SigLIP's ``head``, if used)
     final: tuple[str, ...] = ("layernorm",)  # attributes of which the first not None makes last_hidden_state
     mlp: tuple[str, ...] = ("mlp",)  # the layer's modules of the MLP branch; the rest is the attention branch
-    query: str = "q_proj"  # the attention's query projection
-    head_dim: str = "head_dim"  # the attention's attribute holding the head size
     embeddings_mixin: Optional[type] = None  # for the embeddings, which refuse what they cannot merge
     mean_pooling: str = ""  # config flag for pooling by mean; without it the first token is pooled, and protected
     spectrogram: bool = False  # inputs are (time, frequency) spectrograms, which the patch convolution transposes
@@ -542,13 +528,13 @@ class AttentionFields(TypedDict, total=False):
     """The fields of :class:`Tower` that follow from its attention class."""
 
     attention: str
-    attention_mixin: type
+    attention_parts: AttentionParts
     patch_projection: str
 
 
-VIT_ATTENTION = AttentionFields(attention="attention", attention_mixin=MergingViTAttention,
+VIT_ATTENTION = AttentionFields(attention="attention", attention_parts=VIT_PARTS,
                                 patch_projection="patch_embeddings.projection")
-CLIP_ATTENTION = AttentionFields(attention="self_attn", attention_mixin=MergingCLIPAttention,
+CLIP_ATTENTION = AttentionFields(attention="self_attn", attention_parts=CLIP_PARTS,
                                  patch_projection="patch_embedding")
 
 TOWERS = {
@@ -570,17 +556,20 @@ TOWERS = {
         attention_class=dinov2_registers.Dinov2WithRegistersAttention, class_tokens=1, **VIT_ATTENTION),
     dinov3.DINOv3ViTModel: Tower(
         layers="model.layer", layer=dinov3.DINOv3ViTLayer, layer_mixin=MergingDINOv3Layer, attention="attention",
-        attention_class=dinov3.DINOv3ViTAttention, attention_mixin=MergingDINOv3Attention,
+        attention_class=dinov3.DINOv3ViTAttention, attention_parts=DINOV3_PARTS,
         patch_projection="patch_embeddings", class_tokens=1, final=("norm",)),
     videomae.VideoMAEModel: Tower(
         layers="encoder.layer", layer=videomae.VideoMAELayer, layer_mixin=MergingVideoMAELayer,
         attention="attention.attention", attention_class=videomae.VideoMAESelfAttention,
-        attention_mixin=MergingVideoMAEAttention, patch_projection="patch_embeddings.projection", class_tokens=0,
-        final=("layernorm", "encoder"), mlp=("intermediate", "output"), query="query",
-        head_dim="attention_head_size", embeddings_mixin=MergingVideoMAEEmbeddings, mean_pooling="use_mean_pooling"),
+        attention_parts=VIDEOMAE_PARTS, patch_projection="patch_embeddings.projection", class_tokens=0,
+        final=("layernorm", "encoder"), mlp=("intermediate", "output"), embeddings_mixin=MergingVideoMAEEmbeddings,
+        mean_pooling="use_mean_pooling"),
     ast.ASTModel: Tower(layers="layers", layer=ast.ASTLayer, layer_mixin=MergingViTLayer,
                         attention_class=ast.ASTAttention, class_tokens=2, spectrogram=True, **VIT_ATTENTION),
 }
+
+#: The parts of every supported attention class, for :class:`MergingAttention`.
+ATTENTION_PARTS: dict[type, AttentionParts] = {spec.attention_class: spec.attention_parts for spec in TOWERS.values()}
 
 MODELS: dict[type, Model] = {
     **{tower: Model() for tower in TOWERS},
@@ -726,7 +715,7 @@ class TransformersAdapter(Adapter):
     def mixins(self, model: torch.nn.Module) -> list[tuple[torch.nn.Module, type]]:
         tower = _tower(model)
         spec = TOWERS[type(tower)]
-        found = [(attention, spec.attention_mixin) for attention in _attentions(tower)]
+        found: list[tuple[torch.nn.Module, type]] = [(attention, MergingAttention) for attention in _attentions(tower)]
         if spec.embeddings_mixin is not None:
             found.append((tower.get_submodule("embeddings"), spec.embeddings_mixin))
         return found + _pooling(model)
@@ -764,8 +753,9 @@ class TransformersAdapter(Adapter):
             head=head,
             attention_linear=tuple(linear_flops_per_token(layer) - mlp for layer, mlp in zip(layers, mlp_linear)),
             mlp_linear=tuple(mlp_linear),
-            attention_width=tuple(getattr(attention, spec.query).out_features for attention in attentions),
-            key_size=tuple(getattr(attention, spec.head_dim) for attention in attentions),
+            attention_width=tuple(getattr(attention, spec.attention_parts.query).out_features
+                                  for attention in attentions),
+            key_size=tuple(getattr(attention, spec.attention_parts.head_dim) for attention in attentions),
             head_per_token=head_per_token,
         )
 
