@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import tokenmerge
-from tests.adapters.vlm_models import FAMILIES, GRID, make, pictures, transformers
+from tests.adapters.vlm_families import ALL as FAMILIES
+from tests.adapters.vlm_models import GRID, make, pictures, transformers
 from tokenmerge.fixed_count import reduce_to, target_count
 
 NEW_TOKENS = 4
@@ -111,6 +112,14 @@ def test_every_image_reaches_the_language_model_as_exactly_k_tokens(family, visu
     assert state.counts == list(zip(fulls, kept))
     for size, full, count in zip(state.sizes, fulls, kept):
         assert size.shape == (count,) and size.sum() == full and (size >= 1).all()
+
+
+def test_kept_tokens_reach_the_language_model_in_grid_order(family):
+    model, processor = make(family)
+    tokenmerge.apply(model, visual_tokens=0.25, processor=processor)
+    generate(model, inputs(family, processor, (2,)))
+    for image in tokenmerge.get_state(model).images:
+        assert image.kept < image.full and (image.cells.diff() > 0).all()
 
 
 def test_chat_template_gives_the_reduced_placeholders(family):

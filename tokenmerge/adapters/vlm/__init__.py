@@ -6,14 +6,15 @@ A family module defines ``FAMILY``, a :class:`~tokenmerge.adapters.vlm.base.Fami
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from typing import Optional
 
 from torch import nn
 
 from .base import Family
 
-#: The family modules, in the order they are looked up.
-FAMILY_MODULES = ("llava", "paligemma", "gemma3", "qwen")
+#: The family modules: every module of this package but :mod:`.base`.
+FAMILY_MODULES = tuple(sorted(info.name for info in pkgutil.iter_modules(__path__) if info.name != "base"))
 
 #: What marks a transformers model as a vision-language model: a method that gives the
 #: visual tokens, and a config naming the token they take the place of.

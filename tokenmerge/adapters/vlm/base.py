@@ -266,9 +266,11 @@ class ReducingModel:
             grouped_keys = torch.stack([keys[index] for index in group]).to(stacked.dtype)
             cells = torch.arange(full, device=stacked.device).expand(len(group), full).unsqueeze(-1)
             reduced = fixed_count.reduce_to(stacked, grouped_keys, kept, state.settings.method, sides={"cell": cells})
+            tokens, size, kept_cells = in_grid_order(reduced.tokens, reduced.size[..., 0],
+                                                     reduced.sides["cell"][..., 0])
             for row, index in enumerate(group):
-                rows[index] = reduced.tokens[row]
-                images[index] = ImageTokens(full, kept, reduced.size[row, :, 0], reduced.sides["cell"][row, :, 0])
+                rows[index] = tokens[row]
+                images[index] = ImageTokens(full, kept, size[row], kept_cells[row])
         state.record(modality, [image for image in images if image is not None])
         if isinstance(projected, Tensor):
             return torch.stack(rows) if rows else projected
@@ -307,6 +309,14 @@ def with_signature(function: Callable, model: Callable) -> Callable:
     copy.__kwdefaults__, copy.__qualname__ = function.__kwdefaults__, function.__qualname__
     copy.__signature__ = inspect.signature(model)  # type: ignore[attr-defined]
     return copy
+
+
+def in_grid_order(tokens: Tensor, size: Tensor, cells: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The (images, K, C) reduced ``tokens``, their (images, K) ``size`` and ``cells``,
+    reordered by cell: the language model reads the kept tokens in the order of the
+    grid it was trained on (merging leaves them in its own order: unmerged, then merged)."""
+    order = cells.argsort(dim=1)
+    return tokens.gather(1, order.unsqueeze(-1).expand_as(tokens)), size.gather(1, order), cells.gather(1, order)
 
 
 def unreduced(full: int) -> ImageTokens:
