@@ -6,6 +6,7 @@ from tokenmerge.attention import (
     attention_with_channel,
     attention_with_mask,
     default_formulation,
+    mask_with_key_bias,
     proportional_attention,
 )
 
@@ -153,3 +154,32 @@ def test_an_unknown_formulation_is_refused():
     q, k, v, size = qkv_and_size(8)
     with pytest.raises(ValueError, match="channel"):
         proportional_attention(q, k, v, size, formulation="flex")
+
+
+# --- a key bias on a language model's mask ------------------------------------------------
+
+
+@pytest.mark.parametrize("given", ["none", "bool", "float"])
+def test_a_key_biased_by_log_k_in_a_causal_mask_acts_like_k_copies(given):
+    """Causal attention of 5 queries over 5 keys, key 1 biased by log 3, equals causal
+    attention over the same sequence with key 1 written 3 times, whatever form the mask
+    takes (None: causal; a boolean one; a float one)."""
+    q, k, v = torch.randn(3, 2, 2, 5, 8, dtype=torch.float64).unbind(0)
+    causal = torch.ones(5, 5, dtype=torch.bool).tril().view(1, 1, 5, 5)
+    mask = {"none": None, "bool": causal,
+            "float": torch.zeros(1, 1, 5, 5, dtype=torch.float64).masked_fill(~causal, float("-inf"))}[given]
+    bias = torch.zeros(2, 5, dtype=torch.float64)
+    bias[:, 1] = torch.tensor(3.0).log()
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_with_key_bias(mask, bias, 5, torch.float64))
+    repeat = torch.tensor([0, 1, 1, 1, 2, 3, 4])
+    long_causal = torch.ones(7, 7, dtype=torch.bool).tril()[[0, 3, 4, 5, 6]]  # query i: its prefix, all copies
+    expected = F.scaled_dot_product_attention(q, k[:, :, repeat], v[:, :, repeat], attn_mask=long_causal)
+    torch.testing.assert_close(out, expected)
+
+
+def test_a_decoding_query_sees_every_key_and_a_masked_key_stays_masked():
+    bias = torch.tensor([[0.0, 2.0, 0.0]])
+    assert mask_with_key_bias(None, bias, 1, torch.float32).tolist() == [[[[0.0, 2.0, 0.0]]]]
+    padded = torch.tensor([[[[False, True, True]]]])
+    masked = mask_with_key_bias(padded, bias, 1, torch.float32)
+    assert masked[0, 0, 0, 0] == torch.finfo(torch.float32).min and masked[0, 0, 0, 1:].tolist() == [2.0, 0.0]

@@ -45,7 +45,10 @@ def apply(
             read by :func:`load_schedule` (with the method and attention it was tuned
             with, unless given).
         prop_attn: proportional attention, keys weighted by the number of patches they
-            stand for (default: on).
+            stand for (default: on). For a vision-language model, the language model's
+            attention to every visual token weighted by the number of the unpatched
+            model's visual tokens it stands for (default: off, as long as it is not
+            measured on real weights; ``eager`` and ``sdpa`` attention).
         trace_source: record which input patches each output token covers (see
             :func:`get_state`; default: off).
         method: what blocks do to reduce tokens: ``"tome"`` merges (the default); the
@@ -78,7 +81,10 @@ def apply(
     inner = unwrap(model)
     family = find_family(inner)
     if family is not None:
-        apply_vision_language(family, inner, r, visual_tokens, processor, method)
+        if trace_source or dense:
+            raise TypeError(f"trace_source and dense are for vision transformers; {family.name} models give the "
+                            "language model visual tokens, whose sizes get_state(model).sizes reports")
+        apply_vision_language(family, inner, r, visual_tokens, processor, method, bool(prop_attn))
         return model
     if visual_tokens is not None or processor is not None:
         raise TypeError(f"visual_tokens and processor are for vision-language models; {type(inner).__name__} is "
@@ -107,10 +113,11 @@ def apply(
 
 def apply_vision_language(
     family: Family, model: torch.nn.Module, r: Optional[Schedule], visual_tokens: Optional[int | float],
-    processor: Any, method: Optional[str],
+    processor: Any, method: Optional[str], prop_attn: bool = False,
 ) -> None:
     """:func:`apply` for a vision-language model, every setting checked before anything changes."""
     from .adapters.vlm import base as vlm
+    from .adapters.vlm.key_bias import attention_layers, check_implementation
     from .methods import resolve
 
     if is_applied(model):
@@ -126,12 +133,16 @@ def apply_vision_language(
         check_count(visual_tokens)
     if processor is not None:
         vlm.check_processor(family, processor)
+    if prop_attn:
+        language_model = family.language_model(vlm.inner_model(family, model))
+        attention_layers(language_model)
+        check_implementation(language_model.config)
     if r is not None:
         inner = vlm.inner_model(family, model)
         family.feature_layers(inner)  # a family whose tower cannot merge says so first
         checked_adapter(family.tower(inner))
         vlm.tower_schedule(family, inner, r)
-    vlm.patch(family, model, vlm.Settings(visual_tokens, method, r), processor)
+    vlm.patch(family, model, vlm.Settings(visual_tokens, method, r, prop_attn), processor)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -54,6 +54,27 @@ def log_size_bias(size: Tensor, dtype) -> Tensor:
     return bias if bias.dtype == dtype else bias.to(dtype)
 
 
+def mask_with_key_bias(mask: Tensor | None, bias: Tensor, queries: int, dtype: torch.dtype) -> Tensor:
+    """An additive (B, 1, Q, K) float attention mask: ``mask`` plus ``bias`` (B, K) on
+    every key, for attention implementations that add their mask to the logits
+    (transformers' ``eager`` and ``sdpa``).
+
+    ``mask`` is what such an implementation is given: a float mask (added as it is), a
+    boolean one (True: attend), or None for causal attention of the ``queries`` last
+    positions over K keys. Masked entries take ``dtype``'s lowest value, not -inf, so that
+    a row with no key to attend to (left padding) stays finite, as transformers' own masks do.
+    """
+    keys = bias.shape[-1]
+    lowest = torch.finfo(dtype).min
+    if mask is None:
+        positions = torch.arange(keys, device=bias.device)
+        allowed = positions[None, :] <= positions[keys - queries:, None]
+        mask = allowed.view(1, 1, queries, keys)
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, lowest)
+    return mask.to(dtype) + bias.to(dtype)[:, None, None, :]
+
+
 def attention_with_mask(
     q: Tensor, k: Tensor, v: Tensor, size: Tensor, *, dropout_p: float = 0.0, scale: float | None = None
 ) -> Tensor:

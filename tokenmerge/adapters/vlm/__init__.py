@@ -1,7 +1,8 @@
 """Vision-language models of transformers, one module per family (see
 :mod:`tokenmerge.adapters.vlm.base` for what is shared).
 
-A family module defines ``FAMILY``, a :class:`~tokenmerge.adapters.vlm.base.Family`.
+A family module defines ``FAMILY``, a :class:`~tokenmerge.adapters.vlm.base.Family`, or
+``FAMILIES``, several families that share its code.
 """
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from torch import nn
 
 from .base import Family
 
-#: The family modules: every module of this package but :mod:`.base`.
-FAMILY_MODULES = tuple(sorted(info.name for info in pkgutil.iter_modules(__path__) if info.name != "base"))
+#: The modules every family shares.
+SHARED_MODULES = ("base", "key_bias")
+#: The family modules: every module of this package but those.
+FAMILY_MODULES = tuple(sorted(info.name for info in pkgutil.iter_modules(__path__) if info.name not in SHARED_MODULES))
 
 #: What marks a transformers model as a vision-language model: a method that gives the
 #: visual tokens, and a config naming the token they take the place of.
@@ -23,7 +26,11 @@ IMAGE_TOKEN_IDS = ("image_token_id", "image_token_index")
 
 
 def families() -> list[Family]:
-    return [importlib.import_module(f"{__name__}.{name}").FAMILY for name in FAMILY_MODULES]
+    found: list[Family] = []
+    for name in FAMILY_MODULES:
+        module = importlib.import_module(f"{__name__}.{name}")
+        found.extend(getattr(module, "FAMILIES", None) or [module.FAMILY])
+    return found
 
 
 def find_family(model: nn.Module) -> Optional[Family]:

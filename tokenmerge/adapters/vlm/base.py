@@ -36,7 +36,10 @@ from torch import Tensor, nn
 
 from ... import fixed_count
 from ...schedule import Schedule, resolve, token_counts
+from ...state import MergeState
 from ..base import is_swapped, restore_class, swap_class
+from . import key_bias
+from .key_bias import KeyBias
 
 
 class Family:
@@ -85,10 +88,13 @@ class Family:
         ToMe's attention keys averaged over heads, those the tower's next layer computes
         from the features (or, after its last layer, those the last layer would)."""
         layers = self.layers(inner)
-        layer = layers[min(layers_run, len(layers) - 1)]
+        return self.layer_keys(layers[min(layers_run, len(layers) - 1)], features)
+
+    def layer_keys(self, layer: Any, features: Tensor) -> Tensor:
+        """The (images, N, D) keys ``layer`` computes from its input ``features``, averaged
+        over heads: a CLIP or SigLIP layer's, unless the family's tower names its parts otherwise."""
         attention = layer.self_attn
-        keys = attention.k_proj(layer.layer_norm1(features))
-        return keys.view(*keys.shape[:2], attention.num_heads, -1).mean(dim=2)
+        return head_mean(attention.k_proj(layer.layer_norm1(features)), attention.num_heads)
 
     def feature_layers(self, inner: Any) -> int:
         """How many tower layers make the tokens the model reads (the rest of the tower
@@ -99,20 +105,32 @@ class Family:
         """Tokens of the tower's output the model drops before the projector (a class token)."""
         return 0
 
+    def language_model(self, inner: Any) -> Any:
+        """The language model the visual tokens reach."""
+        return inner.language_model
+
     def model_mixin(self) -> type:
         """The mixin the inner model's class takes: :class:`ReducingModel`, or one built
         on it for what the family does more with the tokens (positions, videos)."""
         return ReducingModel
 
+    def processor_mixin(self) -> type:
+        """The mixin the processor's class takes: :class:`ReducingProcessor`, or one built
+        on it where the processor writes placeholders differently."""
+        return ReducingProcessor
+
 
 @dataclass(frozen=True)
 class Settings:
     """What a patched VLM reduces: ``visual_tokens`` per image after the projector (None:
-    all), with ``method``; and the tower's own ``r`` (None: the tower does not merge)."""
+    all), with ``method``; the tower's own ``r`` (None: the tower does not merge); and
+    whether the language model attends to every visual token in proportion to its size
+    (``prop_attn``, :mod:`~tokenmerge.adapters.vlm.key_bias`)."""
 
     visual_tokens: Optional[int | float]
     method: str
     r: Optional[Schedule]
+    prop_attn: bool = False
 
 
 @dataclass(frozen=True)
@@ -120,7 +138,8 @@ class ImageTokens:
     """One image (or crop, or video) of a pass: the tokens the projector gave (``full``),
     those the language model received (``kept``), how many projected tokens each
     received token stands for (``size``, (kept,)), and the index among the projected
-    tokens of the one each was built on (``cells``, (kept,)): its place in the grid."""
+    tokens of the one each was built on (``cells``, (kept,)): its place in the grid. Sizes
+    count the tokens the unpatched model gives (with merging in the tower, its patches)."""
 
     full: int
     kept: int
@@ -143,6 +162,8 @@ class VisionLanguageState:
         self._local = threading.local()
         #: Per thread, what a family's position step needs while it runs (Qwen's grid cells).
         self.placing = threading.local()
+        #: The log-size bias of the language model's keys, with ``prop_attn``.
+        self.key_bias = KeyBias()
 
     @property
     def visual_tokens(self) -> Optional[int | float]:
@@ -155,6 +176,10 @@ class VisionLanguageState:
     @property
     def r(self) -> Optional[Schedule]:
         return self.settings.r
+
+    @property
+    def prop_attn(self) -> bool:
+        return self.settings.prop_attn
 
     @property
     def images(self) -> list[ImageTokens]:
@@ -176,7 +201,8 @@ class VisionLanguageState:
 
     @property
     def sizes(self) -> list[Tensor]:
-        """For every image of the last pass, how many projected tokens each received token stands for."""
+        """For every image of the last pass, how many of the unpatched model's visual tokens
+        each received token stands for (:class:`ImageTokens`)."""
         return [image.size for image in self.images]
 
     def kept(self, full: int) -> int:
@@ -198,7 +224,7 @@ class VisionLanguageState:
     def __repr__(self) -> str:
         settings = self.settings
         return (f"VisionLanguageState(family={self.family.name!r}, visual_tokens={settings.visual_tokens!r}, "
-                f"method={settings.method!r}, r={settings.r!r})")
+                f"method={settings.method!r}, r={settings.r!r}, prop_attn={settings.prop_attn!r})")
 
 
 # --- the model -------------------------------------------------------------------------
@@ -227,6 +253,17 @@ class ReducingModel:
             if mine is not None and theirs is not None:
                 setattr(cls, name, with_signature(mine, theirs))
 
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        key_bias = self._tokenmerge_state.key_bias
+        if not self._tokenmerge_state.prop_attn:
+            # the host class, the family's inner model, defines forward
+            return super().forward(*args, **kwargs)  # type: ignore[misc]
+        key_bias.begin()
+        try:
+            return super().forward(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            key_bias.end()
+
     def get_image_features(self, pixel_values: Tensor, *args: Any, **kwargs: Any) -> Any:
         # the host class, the family's inner model, defines get_image_features
         outputs = super().get_image_features(pixel_values, *args, **kwargs)  # type: ignore[misc]
@@ -236,36 +273,60 @@ class ReducingModel:
         """The tower's ``outputs`` with the visual tokens in ``pooler_output`` reduced,
         and what each image kept recorded in the state."""
         state, family = self._tokenmerge_state, self._tokenmerge_family
+        sizes = self._tokenmerge_tower_sizes(len(per_image(outputs.pooler_output)))
         if state.settings.visual_tokens is None:
-            state.record(modality, [unreduced(len(tokens)) for tokens in per_image(outputs.pooler_output)])
+            state.record(modality, [unreduced(len(tokens), size)
+                                    for tokens, size in zip(per_image(outputs.pooler_output), sizes)])
             return outputs
         keys = family.keys_per_image(self, outputs)
-        outputs.pooler_output = self._tokenmerge_reduce(outputs.pooler_output, keys, modality)
+        outputs.pooler_output = self._tokenmerge_reduce(outputs.pooler_output, keys, modality, sizes=sizes)
         return outputs
 
-    def _tokenmerge_reduce(self, projected: Tensor | Sequence[Tensor], keys: Sequence[Tensor], modality: str) -> Any:
+    def _tokenmerge_tower_sizes(self, images: int) -> list[Optional[Tensor]]:
+        """Per image, the patches each token leaving a merging tower stands for (None
+        for every image where the tower does not merge)."""
+        from ... import api
+
+        family, state = self._tokenmerge_family, self._tokenmerge_state
+        if state.tower_tokens is None:
+            return [None] * images
+        tower_state = api.get_state(family.tower(self))
+        assert isinstance(tower_state, MergeState)  # the tower is a ViT tokenmerge merges in
+        size = tower_state.sizes.get(family.feature_layers(self))
+        if size is None:
+            return [None] * images
+        return list(size[:, family.dropped_prefix(self):, 0].unbind(0))
+
+    def _tokenmerge_reduce(self, projected: Tensor | Sequence[Tensor], keys: Sequence[Tensor], modality: str,
+                           counts: Optional[Sequence[int]] = None,
+                           sizes: Optional[Sequence[Optional[Tensor]]] = None) -> Any:
         """``projected`` (a (images, N, C) tensor, or one (N, C) tensor per image, as the
-        family gives them) with every image reduced to its kept count, in the same form.
-        Images of one size are reduced together (each row on its own, so the same
-        alone and in a batch)."""
+        family gives them) with every image reduced to its kept count (or to its entry of
+        ``counts``, where the family decides), in the same form; ``sizes`` (one (N,) tensor
+        per image, or None) are the patches the tokens already stand for (a merging tower).
+        Images of one size and count are reduced together (each row on its own, so the
+        same alone and in a batch)."""
         state = self._tokenmerge_state
         rows = list(per_image(projected))
+        sizes = list(sizes) if sizes is not None else [None] * len(rows)
         if [len(key) for key in keys] != [len(row) for row in rows]:
             raise RuntimeError(f"tokenmerge found keys for {[len(key) for key in keys]} tokens for images of "
                                f"{[len(row) for row in rows]} in {state.family.name}; the family's description does "
                                "not fit this model")
+        targets = list(counts) if counts is not None else [state.kept(len(row)) for row in rows]
         images: list[Optional[ImageTokens]] = [None] * len(rows)
-        for full in sorted({len(row) for row in rows}):
-            group = [index for index, row in enumerate(rows) if len(row) == full]
-            kept = state.kept(full)
+        for full, kept in sorted({(len(row), target) for row, target in zip(rows, targets)}):
+            group = [index for index, row in enumerate(rows) if (len(row), targets[index]) == (full, kept)]
             if kept == full:
                 for index in group:
-                    images[index] = unreduced(full)
+                    images[index] = unreduced(full, sizes[index])
                 continue
             stacked = torch.stack([rows[index] for index in group])
             grouped_keys = torch.stack([keys[index] for index in group]).to(stacked.dtype)
             cells = torch.arange(full, device=stacked.device).expand(len(group), full).unsqueeze(-1)
-            reduced = fixed_count.reduce_to(stacked, grouped_keys, kept, state.settings.method, sides={"cell": cells})
+            size = torch.stack([ones_or(sizes[index], full, stacked.device) for index in group]).unsqueeze(-1)
+            reduced = fixed_count.reduce_to(stacked, grouped_keys, kept, state.settings.method, size=size,
+                                            sides={"cell": cells})
             tokens, size, kept_cells = in_grid_order(reduced.tokens, reduced.size[..., 0],
                                                      reduced.sides["cell"][..., 0])
             for row, index in enumerate(group):
@@ -289,8 +350,12 @@ class ReducingModel:
     def _tokenmerge_check_placeholders(self, input_ids: Tensor, modality: str, features: Tensor) -> None:
         """Refuse prompts whose placeholders of ``modality`` are not the visual tokens given."""
         given = features.shape[0] if features.dim() == 2 else features.shape[0] * features.shape[1]
-        placeholders = int((input_ids == placeholder_id(self.config, modality)).sum())
+        mask = input_ids == placeholder_id(self.config, modality)
+        placeholders = int(mask.sum())
         if placeholders == given:
+            if self._tokenmerge_state.prop_attn:
+                images = self._tokenmerge_state.images_of(modality)
+                self._tokenmerge_state.key_bias.note(mask, torch.cat([image.size for image in images]))
             return
         kept = sorted({image.kept for image in self._tokenmerge_state.images_of(modality)})
         raise ValueError(
@@ -319,9 +384,27 @@ def in_grid_order(tokens: Tensor, size: Tensor, cells: Tensor) -> tuple[Tensor, 
     return tokens.gather(1, order.unsqueeze(-1).expand_as(tokens)), size.gather(1, order), cells.gather(1, order)
 
 
-def unreduced(full: int) -> ImageTokens:
-    """An image whose tokens all reach the language model, each standing for itself."""
-    return ImageTokens(full, full, torch.ones(full), torch.arange(full))
+def unreduced(full: int, size: Optional[Tensor] = None) -> ImageTokens:
+    """An image whose tokens all reach the language model, each standing for itself
+    (or for ``size`` patches, where the tower merged)."""
+    return ImageTokens(full, full, ones_or(size, full, torch.device("cpu")), torch.arange(full))
+
+
+def ones_or(size: Optional[Tensor], count: int, device: torch.device) -> Tensor:
+    """``size`` as float32, or ``count`` ones on ``device`` for tokens that stand for themselves."""
+    return torch.ones(count, device=device) if size is None else size.float()
+
+
+def head_mean(keys: Tensor, num_heads: int) -> Tensor:
+    """(images, N, heads * d) attention keys averaged over their heads, as ToMe matches on them."""
+    return keys.view(*keys.shape[:2], num_heads, -1).mean(dim=2)
+
+
+def cell_means(shuffled: Tensor, cells: int) -> Tensor:
+    """Keys pixel-shuffled as a projector shuffles its tokens, (..., M, cells * D), every
+    projected token's ``cells`` grid cells side by side on channels, as (..., M, D): the
+    mean over the cells each projected token is made of."""
+    return shuffled.unflatten(-1, (cells, -1)).mean(dim=-2)
 
 
 def per_image(projected: Tensor | Sequence[Tensor]) -> Sequence[Tensor]:
@@ -361,13 +444,18 @@ class ReducingProcessor:
         return self._tokenmerge_rewrite(text, "video")
 
     def _tokenmerge_rewrite(self, text: str, modality: str) -> str:
-        """``text`` with every run of placeholders of ``modality`` as long as the model's tokens of it."""
-        placeholder = self._tokenmerge_placeholders[modality]
+        """``text`` with every run of placeholders of ``modality`` as long as the model's tokens
+        of it (a model with no video token of its own reads a video's frames as images)."""
+        placeholder = self._tokenmerge_placeholders.get(modality, self._tokenmerge_placeholders["image"])
 
         def shortened(run: re.Match) -> str:
-            return placeholder * processor_count(self._tokenmerge_state, len(run.group(0)) // len(placeholder))
+            return placeholder * self._tokenmerge_count(len(run.group(0)) // len(placeholder))
 
         return re.sub(f"(?:{re.escape(placeholder)})+", shortened, text)
+
+    def _tokenmerge_count(self, placeholders: int) -> int:
+        """The placeholders a run of ``placeholders`` unreduced ones becomes: one image's."""
+        return processor_count(self._tokenmerge_state, placeholders)
 
 
 def processor_count(state: VisionLanguageState, full: int) -> int:
@@ -433,11 +521,15 @@ def patch(family: Family, model: nn.Module, settings: Settings, processor: Any) 
     inner.__dict__["_tokenmerge_family"] = family
     inner.__dict__["_tokenmerge_state"] = state
     swap_class(inner, family.model_mixin())
+    if settings.prop_attn:
+        for attention in key_bias.attention_layers(family.language_model(inner)):
+            attention.__dict__["_tokenmerge_key_bias"] = state.key_bias
+            swap_class(attention, key_bias.KeyBiasedAttention)
     model.__dict__["_tokenmerge_state"] = state
     if processor is not None:
         processor.__dict__["_tokenmerge_state"] = state
         processor.__dict__["_tokenmerge_placeholders"] = placeholder_texts(inner.config, processor)
-        swap_class(processor, ReducingProcessor)
+        swap_class(processor, family.processor_mixin())
         model.__dict__["_tokenmerge_processor"] = processor
     return state
 
@@ -450,6 +542,10 @@ def unpatch(family: Family, model: nn.Module) -> None:
     tower = family.tower(inner)
     if api.is_applied(tower):
         api.remove(tower)
+    for attention in family.language_model(inner).modules():
+        if is_swapped(attention):
+            restore_class(attention)
+            attention.__dict__.pop("_tokenmerge_key_bias", None)
     restore_class(inner)
     for name in ("_tokenmerge_family", "_tokenmerge_state"):
         inner.__dict__.pop(name, None)
