@@ -226,14 +226,15 @@ def test_a_deep_copy_of_a_patched_model_reduces_the_same():
 
 
 def test_other_vision_language_models_are_refused_by_name():
-    config = transformers.LlavaNextConfig(
-        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2, image_size=32, patch_size=4),
-        text_config=dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, vocab_size=64))
-    model = transformers.LlavaNextForConditionalGeneration(config)
-    with pytest.raises(TypeError, match="LlavaNextForConditionalGeneration yet; supported"):
+    config = transformers.Mistral3Config(
+        vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, head_dim=16, image_size=32, patch_size=4),
+        text_config=dict(model_type="mistral", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, vocab_size=64))
+    model = transformers.Mistral3ForConditionalGeneration(config)
+    with pytest.raises(TypeError, match="Mistral3ForConditionalGeneration yet; supported") as error:
         tokenmerge.apply(model, visual_tokens=8)
+    assert "\n" not in str(error.value) and not tokenmerge.is_applied(model)
 
 
 def test_visual_tokens_are_refused_for_a_vision_transformer():
