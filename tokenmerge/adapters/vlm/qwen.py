@@ -17,11 +17,9 @@ from torch import Tensor
 from .base import Family, ReducingModel, per_image
 
 
-class Qwen25VL(Family):
-    name = "Qwen2.5-VL"
-    model_classes = ("Qwen2_5_VLModel",)
-    outer_classes = ("Qwen2_5_VLForConditionalGeneration",)
-    processor_classes = ("Qwen2_5_VLProcessor",)
+class QwenFamily(Family):
+    """What the Qwen VL families share: the tower ``visual``, tokens matched on the merged
+    tokens themselves, no merging in the tower, :class:`ReducingQwenModel`."""
 
     def tower(self, inner: Any) -> Any:
         return inner.visual
@@ -30,11 +28,18 @@ class Qwen25VL(Family):
         return per_image(outputs.pooler_output)
 
     def feature_layers(self, inner: Any) -> int:
-        raise TypeError("tokenmerge cannot merge inside Qwen2.5-VL's vision tower: its patch merger needs every "
+        raise TypeError(f"tokenmerge cannot merge inside {self.name}'s vision tower: its patch merger needs every "
                         "2x2 group of the grid; use visual_tokens=K, which reduces the tokens after it")
 
     def model_mixin(self) -> type:
         return ReducingQwenModel
+
+
+class Qwen25VL(QwenFamily):
+    name = "Qwen2.5-VL"
+    model_classes = ("Qwen2_5_VLModel",)
+    outer_classes = ("Qwen2_5_VLForConditionalGeneration",)
+    processor_classes = ("Qwen2_5_VLProcessor",)
 
 
 class ReducingQwenModel(ReducingModel):
@@ -53,10 +58,19 @@ class ReducingQwenModel(ReducingModel):
         computed = getattr(self._tokenmerge_state.placing, "computed", {})
         if modality in computed and computed[modality][0] is pixels:
             return computed.pop(modality)[1]
-        if modality == "image":
-            return super().get_image_features(pixels, *args, **kwargs)
-        # the host class, Qwen2_5_VLModel, defines get_video_features
-        return self._tokenmerge_reduce_outputs(super().get_video_features(pixels, *args, **kwargs), modality)  # type: ignore[misc]
+        outputs = self._tokenmerge_encode(modality, pixels, args, kwargs)  # the host has read the grids there
+        return self._tokenmerge_reduce_grids(outputs, modality, args[0] if args else kwargs[f"{modality}_grid_thw"])
+
+    def _tokenmerge_encode(self, modality: str, pixels: Tensor, args: tuple, kwargs: dict) -> Any:
+        """The host's own, unreduced outputs for ``pixels`` of ``modality``."""
+        host = super(ReducingModel, self)  # the host class, the family's inner model, past every mixin
+        encode = host.get_image_features if modality == "image" else host.get_video_features  # type: ignore[attr-defined]
+        return encode(pixels, *args, **kwargs)
+
+    def _tokenmerge_reduce_grids(self, outputs: Any, modality: str, grids: Tensor) -> Any:
+        """``outputs`` of images (or videos) of the (t, h, w) patch ``grids`` reduced:
+        Qwen2.5-VL reduces every image and video as a whole, whatever its grid."""
+        return self._tokenmerge_reduce_outputs(outputs, modality)
 
     def get_rope_index(self, input_ids: Tensor, *args: Any, **kwargs: Any) -> Any:
         state = self._tokenmerge_state
@@ -69,27 +83,33 @@ class ReducingQwenModel(ReducingModel):
                 outputs = encode(kwargs[pixels], kwargs.get(grids), return_dict=True)
                 self._tokenmerge_check_placeholders(input_ids, modality, torch.cat(list(outputs.pooler_output)))
                 context.computed[modality] = (kwargs[pixels], outputs)
-        context.video_grids = kwargs.get("video_grid_thw")
-        context.cells = {modality: iter([image.cells for image in state.images_of(modality)])
+        context.image_grids = kwargs.get("image_grid_thw")
+        context.cells = {modality: iter(self._tokenmerge_placed_cells(modality, kwargs.get(f"{modality}_grid_thw")))
                          for modality in ("image", "video")}
         try:
-            # the host class, Qwen2_5_VLModel, defines get_rope_index
+            # the host class, the family's inner model, defines get_rope_index
             return super().get_rope_index(input_ids, *args, **kwargs)  # type: ignore[misc]
         finally:
             context.cells = None
 
     def get_vision_position_ids(self, start_position: int, grid_thw: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        # the host class, Qwen2_5_VLModel, defines get_vision_position_ids
+        # the host class, the family's inner model, defines get_vision_position_ids
         positions = super().get_vision_position_ids(start_position, grid_thw, *args, **kwargs)  # type: ignore[misc]
         context = self._tokenmerge_state.placing
         cells: Optional[dict[str, Iterator[Tensor]]] = getattr(context, "cells", None)
         if cells is None:
             return positions
-        modality = "video" if _part_of(grid_thw, context.video_grids) else "image"
+        # an image's grid is a row of image_grid_thw; a video's may be a row of a copy (Qwen3-VL's frames)
+        modality = "image" if _part_of(grid_thw, context.image_grids) else "video"
         kept = next(cells[modality], None)
         if kept is None:
             return positions
         return positions[:, kept.to(positions.device)]
+
+    def _tokenmerge_placed_cells(self, modality: str, grids: Optional[Tensor]) -> list[Tensor]:
+        """The kept cells of every grid :meth:`get_rope_index` places, in turn, of the last
+        pass's images (or videos) of the (t, h, w) patch ``grids``: one grid per image or video."""
+        return [image.cells for image in self._tokenmerge_state.images_of(modality)]
 
 
 def _part_of(row: Tensor, grids: Optional[Tensor]) -> bool:
