@@ -1,5 +1,5 @@
-"""The ``tokenmerge`` command: ``bench``, ``eval``, ``compare``, ``tune``, ``visualize``, ``train`` and
-``export``.
+"""The ``tokenmerge`` command: ``bench``, ``eval``, ``compare``, ``tune``, ``visualize``, ``train``,
+``export`` and ``agree``.
 
 Each command lives in its own module, which provides ``add_parser(subparsers)``; the
 parser it adds sets ``run`` to the function that carries it out. Only the module of
@@ -34,6 +34,8 @@ COMMANDS = {
     "train": ("train",
               "fine-tune a timm model with token merging on an image folder, on one process or under torchrun"),
     "export": ("export", "write a model with token merging to an ONNX file, checked in ONNX Runtime"),
+    "agree": ("agree", "how often a vision-language model with fewer visual tokens answers as the full one, and how "
+              "much sooner"),
 }
 #: What a user's mistake raises; any other exception is a bug in tokenmerge.
 USER_ERRORS = (ValueError, OSError, ImportError)
