@@ -74,3 +74,36 @@ def test_the_speed_script_prints_its_table_on_a_tiny_run():
     assert done.returncode == 0, done.stderr
     assert "| batch | setting | img/s | IQR % | speed-up | limit img/s | of limit |\n" in done.stdout
     assert "| 1 | r=16 |" in done.stdout
+
+
+def test_the_vlm_script_prints_every_setting_at_tiny_widths(monkeypatch, capsys):
+    """``vlm.py --quick``: LLaVA-1.5 and Qwen2.5-VL at tiny widths but the real token
+    counts (576 and 256 visual tokens), every setting a row with the counts the
+    processor gave it, ratios to the unpatched model, and Qwen2.5-VL's refusal of ``r``."""
+    pytest.importorskip("transformers")
+    script = BENCHMARKS / "vlm.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--quick", "--runs", "2", "--warmup", "1", "--threads", "1"])
+    monkeypatch.setattr(sys, "path", [str(script.parent), *sys.path])
+    runpy.run_path(str(script), run_name="__main__")
+    printed = capsys.readouterr().out
+    lines = printed.splitlines()
+    header = lines.index("| model | setting | visual tokens | prompt tokens | TTFT ms | TTFT ratio | IQR | "
+                         "prefill ms | prefill ratio | IQR | reduction ms | of prefill | KV cache MiB | KV ratio |")
+    rows = [line.strip("|").split(" | ") for line in lines[header + 2:] if line.startswith("| ")]
+    cells = [(row[0].strip(), row[1], int(row[2]), int(row[3]), row[5], row[13].strip()) for row in rows]
+    # 50 text tokens around the image (Qwen2.5-VL's also has its vision start and end tokens); LLaVA's tower
+    # merges in the 2 of its 3 layers the model reads (CLIP's class token dropped after)
+    assert [(model, setting, visual, prompt) for model, setting, visual, prompt, *_ in cells] == [
+        ("LLaVA-1.5-7B", "unpatched", 576, 626), ("LLaVA-1.5-7B", "visual_tokens=576 (all)", 576, 626),
+        ("LLaVA-1.5-7B", "visual_tokens=144", 144, 194), ("LLaVA-1.5-7B", "visual_tokens=64", 64, 114),
+        ("LLaVA-1.5-7B", "r=8", 560, 610), ("LLaVA-1.5-7B", "r=16", 544, 594),
+        ("Qwen2.5-VL-7B", "unpatched", 256, 308), ("Qwen2.5-VL-7B", "visual_tokens=256 (all)", 256, 308),
+        ("Qwen2.5-VL-7B", "visual_tokens=144", 144, 196), ("Qwen2.5-VL-7B", "visual_tokens=64", 64, 116),
+    ]
+    for model, setting, _, prompt, ttft_ratio, kv_ratio in cells:
+        base = 626 if model.startswith("LLaVA") else 308
+        assert kv_ratio == f"{prompt / base:.3f}"  # the cache holds every prompt token
+        assert setting != "unpatched" or ttft_ratio == "1.000"
+    assert printed.count("r=8: refused: tokenmerge cannot merge inside Qwen2.5-VL's vision tower") == 1
+    assert "- LLaVA-1.5-7B: decoder of 2 of 4 layers built and timed, scaled to 4" in lines
+    assert any(line.startswith("- target TTFT at 144 of 576 visual tokens <= 0.40") for line in lines)
