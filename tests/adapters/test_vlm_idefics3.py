@@ -7,7 +7,7 @@ from torch.nn import functional
 
 import tokenmerge
 from tests.adapters.vlm_families.idefics3 import TOKENS_PER_CROP, build_idefics3, build_smolvlm, prompt
-from tests.adapters.vlm_models import pictures
+from tests.adapters.vlm_models import assert_unreduced_is_unpatched, logits_and_ids, pictures
 from tokenmerge.adapters.vlm.base import head_mean
 from tokenmerge.adapters.vlm.idefics3 import FAMILY as IDEFICS3
 
@@ -27,9 +27,6 @@ def placeholders(model, batch):
     return (batch["input_ids"] == model.config.image_token_id).sum(dim=1).tolist()
 
 
-def run(model, batch):
-    with torch.no_grad():
-        return model(**batch).logits, model.generate(**batch, max_new_tokens=3, do_sample=False)
 
 
 @BUILDERS
@@ -39,7 +36,7 @@ def test_split_pictures_give_every_crop_k_tokens(build):
     tokenmerge.apply(model, visual_tokens=5, processor=processor)
     batch = split_batch(processor)
     assert placeholders(model, batch) == [CROPS * 5, 2 * CROPS * 5]
-    run(model, batch)
+    logits_and_ids(model, batch)
     state = tokenmerge.get_state(model)
     assert state.counts == [(TOKENS_PER_CROP, 5)] * (3 * CROPS)
     assert all(size.sum() == TOKENS_PER_CROP for size in state.sizes)
@@ -48,14 +45,7 @@ def test_split_pictures_give_every_crop_k_tokens(build):
 @BUILDERS
 def test_split_pictures_unreduced_give_the_unpatched_ids_and_logits(build):
     model, processor = build(splitting=True)
-    batch = split_batch(processor)
-    expected_logits, expected_ids = run(model, batch)
-    tokenmerge.apply(model, visual_tokens=TOKENS_PER_CROP, processor=processor)
-    again = split_batch(processor)
-    assert torch.equal(again["input_ids"], batch["input_ids"])
-    logits, ids = run(model, again)
-    assert torch.equal(ids, expected_ids)
-    torch.testing.assert_close(logits, expected_logits, atol=1e-6, rtol=0)
+    assert_unreduced_is_unpatched(model, processor, split_batch, TOKENS_PER_CROP)
 
 
 def test_a_prompt_of_one_picture_gives_the_same_alone_as_beside_one_of_two():
@@ -89,5 +79,5 @@ def test_smolvlm_video_frames_reach_the_language_model_as_k_tokens_each():
     tokenmerge.apply(model, visual_tokens=5, processor=processor)
     batch = processor(videos=[video], text=text, return_tensors="pt")
     assert placeholders(model, batch) == [4 * 5]
-    run(model, batch)
+    logits_and_ids(model, batch)
     assert tokenmerge.get_state(model).counts == [(TOKENS_PER_CROP, 5)] * 4

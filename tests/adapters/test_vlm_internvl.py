@@ -7,7 +7,7 @@ from torch.nn import functional
 
 import tokenmerge
 from tests.adapters.vlm_families.internvl import TOKENS_PER_CROP, build_internvl, prompt
-from tests.adapters.vlm_models import pictures
+from tests.adapters.vlm_models import assert_unreduced_is_unpatched, logits_and_ids, pictures
 from tokenmerge.adapters.vlm.base import head_mean
 from tokenmerge.adapters.vlm.internvl import FAMILY as INTERNVL
 
@@ -22,9 +22,6 @@ def placeholders(model, batch):
     return (batch["input_ids"] == model.config.image_token_id).sum(dim=1).tolist()
 
 
-def run(model, batch):
-    with torch.no_grad():
-        return model(**batch).logits, model.generate(**batch, max_new_tokens=3, do_sample=False)
 
 
 def test_every_crop_of_a_picture_reaches_the_language_model_as_k_tokens():
@@ -39,20 +36,13 @@ def test_every_crop_of_a_picture_reaches_the_language_model_as_k_tokens():
     tokens = processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][0])
     start = tokens.index("<img>")
     assert tokens[start + 1:tokens.index("</img>")] == ["<IMG_CONTEXT>"] * placeholders(model, batch)[0]
-    run(model, batch)
+    logits_and_ids(model, batch)
     assert tokenmerge.get_state(model).counts == [(TOKENS_PER_CROP, 5)] * crops
 
 
 def test_crops_unreduced_give_the_unpatched_ids_and_logits():
     model, processor = build_internvl(crops=True)
-    batch = crops_batch(processor)
-    expected_logits, expected_ids = run(model, batch)
-    tokenmerge.apply(model, visual_tokens=TOKENS_PER_CROP, processor=processor)
-    again = crops_batch(processor)
-    assert torch.equal(again["input_ids"], batch["input_ids"])
-    logits, ids = run(model, again)
-    assert torch.equal(ids, expected_ids)
-    torch.testing.assert_close(logits, expected_logits, atol=1e-6, rtol=0)
+    assert_unreduced_is_unpatched(model, processor, crops_batch, TOKENS_PER_CROP)
 
 
 def test_keys_are_the_towers_keys_averaged_over_the_cells_of_each_token():
@@ -77,9 +67,9 @@ def test_an_earlier_feature_layer_is_matched_on_the_keys_of_the_layer_after_it()
         features, layers_run = INTERNVL.tower_features(model.model, outputs)
     assert len(outputs.hidden_states) == 4  # the embeddings, then every layer's output
     assert layers_run == 2 and torch.equal(features, outputs.hidden_states[2][:, 1:])
-    expected_logits, expected_ids = run(model, batch)
+    expected_logits, expected_ids = logits_and_ids(model, batch)
     tokenmerge.apply(model, visual_tokens=TOKENS_PER_CROP, processor=processor)
-    logits, ids = run(model, processor(images=[pictures(1)], text=[prompt(1)], return_tensors="pt"))
+    logits, ids = logits_and_ids(model, processor(images=[pictures(1)], text=[prompt(1)], return_tensors="pt"))
     assert torch.equal(ids, expected_ids)
     torch.testing.assert_close(logits, expected_logits, atol=1e-6, rtol=0)
 
@@ -92,5 +82,5 @@ def test_video_frames_reach_the_language_model_as_k_tokens_each():
     tokenmerge.apply(model, visual_tokens=5, processor=processor)
     batch = processor(videos=[video], text=text, return_tensors="pt")
     assert placeholders(model, batch) == [4 * 5]
-    run(model, batch)
+    logits_and_ids(model, batch)
     assert tokenmerge.get_state(model).counts == [(TOKENS_PER_CROP, 5)] * 4

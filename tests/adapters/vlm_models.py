@@ -152,3 +152,24 @@ def pictures(count: int, seed: int = 0) -> list[Image.Image]:
 def make(family: Family) -> tuple[torch.nn.Module, object]:
     torch.manual_seed(0)
     return family.build()
+
+
+def logits_and_ids(model, batch, new_tokens: int = 3):
+    """The logits of one pass over ``batch`` and ``new_tokens`` greedy tokens generated from it."""
+    with torch.no_grad():
+        return model(**batch).logits, model.generate(**batch, max_new_tokens=new_tokens, do_sample=False)
+
+
+def assert_unreduced_is_unpatched(model, processor, batch_of: Callable[[object], dict], full: int) -> None:
+    """With every image (crop) keeping its ``full`` tokens, the processor gives the same
+    prompts and the model the unpatched ids, and logits within 1e-6."""
+    batch = batch_of(processor)
+    expected_logits, expected_ids = logits_and_ids(model, batch)
+    import tokenmerge
+
+    tokenmerge.apply(model, visual_tokens=full, processor=processor)
+    again = batch_of(processor)
+    assert torch.equal(again["input_ids"], batch["input_ids"])
+    logits, ids = logits_and_ids(model, again)
+    assert torch.equal(ids, expected_ids)
+    torch.testing.assert_close(logits, expected_logits, atol=1e-6, rtol=0)

@@ -6,7 +6,6 @@ import csv
 import json
 
 import pytest
-import torch
 
 from tests.adapters.vlm_models import FAMILIES, make, pictures
 from tokenmerge.tools.agree import FULL, Answer, summarize, warnings_of
@@ -15,17 +14,21 @@ from tokenmerge.tools.cli import main
 BY_ID = {family.id: family for family in FAMILIES}
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """A saved tiny LLaVA (64 visual tokens per image) and a folder of three photos."""
-    folder = tmp_path_factory.mktemp("vlm")
-    model, processor = make(BY_ID["llava"])
+def save(family_id, folder, images):
+    """A tiny model of the family saved in ``folder / "model"``, and ``images`` pictures in ``folder / "images"``."""
+    model, processor = make(BY_ID[family_id])
     model.save_pretrained(folder / "model")
     processor.save_pretrained(folder / "model")
     (folder / "images").mkdir()
-    for index, picture in enumerate(pictures(3)):
+    for index, picture in enumerate(pictures(images)):
         picture.save(folder / "images" / f"{index}.png")
     return folder
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A saved tiny LLaVA (64 visual tokens per image) and a folder of three photos."""
+    return save("llava", tmp_path_factory.mktemp("vlm"), 3)
 
 
 def run_agree(capsys, *args):
@@ -119,15 +122,9 @@ def test_speed_ups_are_medians_of_per_sample_ratios_and_agreement_counts_answers
 
 
 def test_the_qwen_family_answers_at_its_own_resolution(capsys, tmp_path):
-    model, processor = make(BY_ID["qwen2_5_vl"])
-    model.save_pretrained(tmp_path / "model")
-    processor.save_pretrained(tmp_path / "model")
-    (tmp_path / "images").mkdir()
-    for index, picture in enumerate(pictures(2)):
-        picture.save(tmp_path / "images" / f"{index}.png")
+    save("qwen2_5_vl", tmp_path, 2)
     status, out, err = run_agree(capsys, tmp_path / "model", "--images", tmp_path / "images", "--visual-tokens",
                                  "1.0,6")
     assert status == 0, err
     rows = table_rows(out)
     assert rows["visual_tokens=1.0"][2] == "100.0" and rows["visual_tokens=6"][1] == "6.0"
-    assert torch.get_num_threads() >= 1
