@@ -10,7 +10,7 @@ import tokenmerge
 from tokenmerge.libraries import LIBRARIES
 
 TOOLS = Path(tokenmerge.__file__).parent / "tools"
-COMMANDS = {"bench", "evaluate", "compare", "tune", "visualize", "train", "export", "agree"}
+COMMANDS = {"bench", "evaluate", "compare", "tune", "visualize", "train", "export", "agree", "fidelity"}
 
 
 def imported_tools(path: Path) -> set[str]:

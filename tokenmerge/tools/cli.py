@@ -1,5 +1,5 @@
 """The ``tokenmerge`` command: ``bench``, ``eval``, ``compare``, ``tune``, ``visualize``, ``train``,
-``export`` and ``agree``.
+``export``, ``agree`` and ``fidelity``.
 
 Each command lives in its own module, which provides ``add_parser(subparsers)``; the
 parser it adds sets ``run`` to the function that carries it out. Only the module of
@@ -36,6 +36,8 @@ COMMANDS = {
     "export": ("export", "write a model with token merging to an ONNX file, checked in ONNX Runtime"),
     "agree": ("agree", "how often a vision-language model with fewer visual tokens answers as the full one, and how "
               "much sooner"),
+    "fidelity": ("fidelity", "how close a diffusion pipeline's images stay with token merging, from the same seeds, "
+                 "and how much sooner they come"),
 }
 #: What a user's mistake raises; any other exception is a bug in tokenmerge.
 USER_ERRORS = (ValueError, OSError, ImportError)
