@@ -9,13 +9,17 @@ import torch
 from . import schedule
 from .adapters import find_adapter
 from .adapters.base import Adapter, already_patched, model_class
+from .adapters.diffusion import denoiser_of
+from .adapters.diffusion import find_family as find_diffusion_family
+from .adapters.diffusion.base import DiffusionState
 from .adapters.vlm import Family, find_family
 from .adapters.vlm.base import VisionLanguageState
 from .fixed_count import check_count
 from .schedule import Schedule, Tuned
 from .state import MergeState
 
-ModelT = TypeVar("ModelT", bound=torch.nn.Module)
+ModelT = TypeVar("ModelT")
+
 
 
 def apply(
@@ -28,6 +32,16 @@ def apply(
     dense: Optional[bool] = None,
     visual_tokens: Optional[int | float] = None,
     processor: Any = None,
+    ratio: Optional[float] = None,
+    max_downsample: Optional[int] = None,
+    sx: Optional[int] = None,
+    sy: Optional[int] = None,
+    use_rand: Optional[bool] = None,
+    merge_attn: Optional[bool] = None,
+    merge_crossattn: Optional[bool] = None,
+    merge_mlp: Optional[bool] = None,
+    seed: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
 ) -> ModelT:
     """Patch ``model`` in place to merge tokens, and return it.
 
@@ -69,6 +83,14 @@ def apply(
         processor: the vision-language model's processor, patched to emit as many
             image placeholders as the model then gives tokens; without it, prompts
             must be built for the reduced counts by hand.
+        ratio, max_downsample, sx, sy, use_rand, merge_attn, merge_crossattn, merge_mlp:
+            for a diffusion model of diffusers (a pipeline, patched through its
+            denoiser, or the denoiser itself), ToMe for Stable Diffusion's options under
+            tomesd's names, meanings and defaults (see
+            :class:`tokenmerge.adapters.diffusion.base.Settings`), except that the
+            default ``max_downsample`` is the first level that has attention.
+        seed, generator: where the random destinations of ``use_rand`` come from
+            (default: torch's global generator).
 
     Returns:
         ``model`` itself, patched.
@@ -78,7 +100,24 @@ def apply(
             (the message names the class or feature).
         ValueError: a bad ``r`` or ``method``, before anything changes.
     """
-    inner = unwrap(model)
+    options = dict(ratio=ratio, max_downsample=max_downsample, sx=sx, sy=sy, use_rand=use_rand, merge_attn=merge_attn,
+                   merge_crossattn=merge_crossattn, merge_mlp=merge_mlp, seed=seed, generator=generator)
+    diffusion = {name: value for name, value in options.items() if value is not None}
+    denoiser = unwrap(denoiser_of(model))
+    diffusion_family = find_diffusion_family(denoiser)
+    if diffusion_family is not None:
+        given = [name for name, value in (("r", r), ("prop_attn", prop_attn), ("trace_source", trace_source),
+                                          ("method", method), ("dense", dense), ("visual_tokens", visual_tokens),
+                                          ("processor", processor)) if value is not None]
+        if given:
+            raise TypeError(f"{', '.join(given)} are not options of diffusion models ({diffusion_family.name}); "
+                            f"give ratio and tomesd's options: {', '.join(options)}")
+        apply_diffusion(diffusion_family, denoiser, diffusion)
+        return model
+    if diffusion:
+        raise TypeError(f"{', '.join(diffusion)} are options of diffusion models of diffusers; "
+                        f"{type(denoiser).__name__} is none")
+    inner = cast(torch.nn.Module, denoiser)
     family = find_family(inner)
     if family is not None:
         if trace_source or dense:
@@ -109,6 +148,16 @@ def apply(
     state.update(method=method, prop_attn=prop_attn, trace_source=trace_source, dense=dense)
     adapter.patch(inner, state)
     return model
+
+
+def apply_diffusion(family: Any, denoiser: torch.nn.Module, options: dict[str, Any]) -> None:
+    """:func:`apply` for a diffusion denoiser, every setting checked before anything changes."""
+    from .adapters.diffusion import base as diffusion
+
+    if is_applied(denoiser):
+        raise TypeError(f"tokenmerge is already applied to this {model_class(denoiser).__name__}; call "
+                        "tokenmerge.remove first")
+    diffusion.patch(family, denoiser, diffusion.Settings(**options))
 
 
 def apply_vision_language(
@@ -241,9 +290,14 @@ def remove(model: ModelT) -> ModelT:
             blocks would lose their state mid-pass; or other threads' calls did not
             finish within a minute.
     """
-    inner = unwrap(model)
+    inner = unwrap(denoiser_of(model))
     if not is_applied(inner):
         raise ValueError(f"{type(inner).__name__} has no token merging applied; nothing to remove")
+    if isinstance(inner._tokenmerge_state, DiffusionState):
+        from .adapters.diffusion.base import unpatch as unpatch_diffusion
+
+        unpatch_diffusion(inner)
+        return model
     family = find_family(inner)
     if family is not None:
         from .adapters.vlm.base import unpatch
@@ -261,12 +315,14 @@ def remove(model: ModelT) -> ModelT:
     return model
 
 
-def is_applied(model: torch.nn.Module) -> bool:
-    """Whether :func:`apply` has patched ``model`` (or the model a wrapper holds)."""
-    return isinstance(getattr(unwrap(model), "_tokenmerge_state", None), (MergeState, VisionLanguageState))
+def is_applied(model: Any) -> bool:
+    """Whether :func:`apply` has patched ``model`` (or the model a wrapper holds, or a
+    diffusion pipeline's denoiser)."""
+    state = getattr(unwrap(denoiser_of(model)), "_tokenmerge_state", None)
+    return isinstance(state, (MergeState, VisionLanguageState, DiffusionState))
 
 
-def get_state(model: torch.nn.Module) -> MergeState | VisionLanguageState:
+def get_state(model: Any) -> MergeState | VisionLanguageState | DiffusionState:
     """The settings of a patched model and what the calling thread's last pass computed.
 
     Args:
@@ -278,12 +334,13 @@ def get_state(model: torch.nn.Module) -> MergeState | VisionLanguageState:
         ``source``, ``sizes`` and ``sources`` for the calling thread's last pass. For
         a vision-language model, its
         :class:`~tokenmerge.adapters.vlm.base.VisionLanguageState`: ``counts`` and
-        ``sizes`` of every image of the last pass.
+        ``sizes`` of every image of the last pass. For a diffusion model (or pipeline),
+        its :class:`~tokenmerge.adapters.diffusion.base.DiffusionState`: ``settings``.
 
     Raises:
         ValueError: nothing is applied to ``model``.
     """
-    model = unwrap(model)
+    model = unwrap(denoiser_of(model))
     if not is_applied(model):
         raise ValueError(f"{type(model).__name__} has no token merging applied; call tokenmerge.apply first")
     return _state_of(model)

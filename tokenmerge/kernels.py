@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .cache import shape_cache
-from .merge import Matching, Rows
+from .merge import GridMatching, Matching, Rows
 
 
 def rows(matching: Matching) -> Rows:
@@ -166,3 +166,66 @@ class _CorrectedRows(torch.autograd.Function):
 def _wide(x: Tensor) -> Tensor:
     """Half precision as float32, for sums; other dtypes as they are."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+# --- Grid merges (ToMe for Stable Diffusion), as row numbers ----------------------------------
+
+
+@dataclass(frozen=True)
+class GridRows:
+    """Row numbers of one grid merge (:class:`tokenmerge.merge.GridMatching`) for the batch
+    flattened to (B * N, C): a merge is one row gather, one row addition and a scale of
+    the destinations; an unmerge is one row gather."""
+
+    output: Tensor  # (B * (N - r),) input row of every merged token: kept sources, then destinations
+    merged: Tensor  # (B * r,) input row of every merged source
+    destination: Tensor  # (B * r,) output row that every merged source is added into
+    inverse_count: Tensor  # (B, D, 1) one over the tokens every destination averages
+    spread: Tensor  # (B * N,) output row whose features every input token takes back
+    num_kept: int  # kept sources per row
+
+
+def grid_rows(matching: GridMatching) -> GridRows:
+    """The row numbers of ``matching``: made once per plan, used by every branch."""
+    batch, r = matching.merged.shape
+    num_tokens, num_sources = matching.num_tokens, matching.sources.shape[0]
+    num_destinations, num_kept = num_tokens - num_sources, num_sources - r
+    device = matching.merged.device
+    input_start = torch.arange(batch, device=device).unsqueeze(1) * num_tokens
+    output_start = torch.arange(batch, device=device).unsqueeze(1) * (num_tokens - r)
+    source_tokens = matching.sources.expand(batch, -1)
+    kept_tokens, merged_tokens = source_tokens.gather(1, matching.kept), source_tokens.gather(1, matching.merged)
+    output = torch.cat([kept_tokens, matching.destinations.expand(batch, -1)], dim=1) + input_start
+    destination = matching.partner + num_kept
+    counts = torch.ones(batch, num_destinations, device=device).scatter_add_(
+        1, matching.partner, torch.ones(batch, r, device=device))
+    # every input token's output row: its own for kept sources and destinations, its partner's for merged ones
+    spread = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
+    spread.scatter_(1, output - input_start, torch.arange(num_tokens - r, device=device).expand(batch, -1))
+    spread.scatter_(1, merged_tokens, destination)
+    return GridRows(
+        output=output.view(-1),
+        merged=(merged_tokens + input_start).view(-1),
+        destination=(destination + output_start).view(-1),
+        inverse_count=counts.reciprocal_().unsqueeze(-1),
+        spread=(spread + output_start).view(-1),
+        num_kept=num_kept,
+    )
+
+
+def merge_mean_rows(x: Tensor, at: GridRows) -> Tensor:
+    """:func:`tokenmerge.merge.merge_mean` of (B, N, C) ``x`` by row numbers; half precision
+    is summed in float32 and rounded once."""
+    batch, channels = x.shape[0], x.shape[-1]
+    flat = _flat(x)
+    out = _wide(flat.index_select(0, at.output))
+    add_rows(out, at.destination, _wide(flat.index_select(0, at.merged)))
+    out = out.view(batch, -1, channels)
+    out[:, at.num_kept:].mul_(at.inverse_count.to(out.dtype))
+    return out.to(x.dtype)
+
+
+def unmerge_rows(x: Tensor, at: GridRows) -> Tensor:
+    """:func:`tokenmerge.merge.unmerge_grid` by row numbers: one gather."""
+    batch, _, channels = x.shape
+    return _flat(x).index_select(0, at.spread).view(batch, -1, channels)

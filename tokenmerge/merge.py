@@ -233,3 +233,120 @@ def unmerge(x: Tensor, source: Tensor) -> Tensor:
     batch, num_tokens, channels = x.shape
     rows = source + torch.arange(batch, device=source.device).unsqueeze(1) * num_tokens
     return x.reshape(-1, channels).index_select(0, rows.view(-1)).view(batch, source.shape[1], channels)
+
+
+# --- Grid destinations: ToMe for Stable Diffusion -------------------------------------------
+#
+# Diffusion models merge image tokens of a latent grid: one destination per ``sx`` x ``sy``
+# cell of the grid, every other token a source; the most similar sources are averaged into
+# their destinations before a branch and every token takes its merged token's output after
+# it (:func:`unmerge_grid`). Merged layout: ``[kept sources | destinations]``, each group in
+# token order.
+
+
+@dataclass(frozen=True)
+class GridMatching:
+    """Which tokens one grid merge combines, for every row of a batch. ``destinations`` and
+    ``sources`` are shared by the batch; ``merged``, ``kept`` and ``partner`` are per row."""
+
+    destinations: Tensor  # (D,) token index of every destination, ascending
+    sources: Tensor  # (S,) token index of every source, ascending
+    merged: Tensor  # (B, r) positions in ``sources`` of the sources averaged away, ascending
+    kept: Tensor  # (B, S - r) positions in ``sources`` of the sources that stay, ascending
+    partner: Tensor  # (B, r) position in ``destinations`` that every merged source joins
+
+    @property
+    def r(self) -> int:
+        return self.merged.shape[1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.destinations.shape[0] + self.sources.shape[0]
+
+
+def grid_destinations(
+    height: int, width: int, sx: int, sy: int, choice: Tensor | None = None, frames: int = 1
+) -> tuple[Tensor, Tensor]:
+    """(destinations, sources): the token indices, ascending, of a grid of ``frames`` x
+    ``height`` x ``width`` tokens in raster order, one destination per ``sy`` x ``sx`` cell
+    of every frame. Cells that do not fit whole at the bottom and right edges have no
+    destination: their tokens are sources.
+
+    Args:
+        height, width: the grid of one frame, in tokens.
+        sx, sy: the cell's width and height.
+        choice: (height // sy, width // sx) the destination's place in every cell,
+            ``row * sx + column`` in ``[0, sx * sy)``, the same for every frame (default:
+            the top-left corner of every cell).
+        frames: frames of the grid, one after the other.
+    """
+    cells_y, cells_x = height // sy, width // sx
+    if choice is None:
+        choice = torch.zeros(cells_y, cells_x, dtype=torch.long)
+    cell_row = torch.arange(cells_y).unsqueeze(1) * sy + choice.div(sx, rounding_mode="floor")
+    cell_column = torch.arange(cells_x).unsqueeze(0) * sx + choice.remainder(sx)
+    per_frame = (cell_row * width + cell_column).flatten().sort().values
+    frame_start = torch.arange(frames).unsqueeze(1) * (height * width)
+    destinations = (frame_start + per_frame).flatten()
+    # sources: every other token, ascending; a stable sort keeps their number static for torch.compile
+    is_source = torch.ones(frames * height * width, dtype=torch.long)
+    is_source[destinations] = 0
+    return destinations, is_source.argsort(stable=True)[destinations.shape[0]:]
+
+
+def grid_bipartite_matching(metric: Tensor, destinations: Tensor, sources: Tensor, r: int) -> GridMatching:
+    """Link every source to its most similar destination (cosine similarity of ``metric``)
+    and keep the ``r`` best links, for every row of a batch on its own.
+
+    Args:
+        metric: (B, N, C) one feature vector per token.
+        destinations, sources: from :func:`grid_destinations`.
+        r: the sources to merge, at most ``len(sources)``.
+
+    Raises:
+        ValueError: ``r`` is negative or more than the sources.
+    """
+    if not 0 <= r <= sources.shape[0]:
+        raise ValueError(f"r={r} cannot be merged from {sources.shape[0]} sources")
+    metric = metric.detach()
+    metric = metric / torch.linalg.vector_norm(metric, dim=-1, keepdim=True).clamp_min(1e-12)
+    similarity = metric[:, sources] @ metric[:, destinations].mT
+    best_score, best = similarity.max(dim=-1)
+    order = in_index_order(descending_order(best_score), r)
+    merged = order[:, :r]
+    return GridMatching(destinations, sources, merged, order[:, r:], best.gather(1, merged))
+
+
+def merge_mean(x: Tensor, matching: GridMatching) -> Tensor:
+    """(B, N - r, C) ``[kept sources | destinations]``, every destination the plain mean
+    of itself and the sources merged into it (ToMe for Stable Diffusion's merge: every
+    token counts once, whatever it stands for)."""
+    channels = x.shape[-1]
+    sources, destinations = x[:, matching.sources], x[:, matching.destinations]
+
+    def rows_of(index: Tensor) -> Tensor:
+        return index.unsqueeze(-1).expand(-1, -1, channels)
+
+    kept = sources.gather(1, rows_of(matching.kept))
+    merged = sources.gather(1, rows_of(matching.merged))
+    sums = destinations.scatter_add(1, rows_of(matching.partner), merged)
+    counts = torch.ones_like(destinations[..., :1]).scatter_add(
+        1, matching.partner.unsqueeze(-1), torch.ones_like(merged[..., :1]))
+    return torch.cat([kept, sums / counts], dim=1)
+
+
+def unmerge_grid(x: Tensor, matching: GridMatching) -> Tensor:
+    """(B, N, C) from the (B, N - r, C) output of a branch run on merged tokens: every
+    token takes the output of the token it was merged into (kept sources and
+    destinations their own)."""
+    batch, _, channels = x.shape
+    num_kept = matching.kept.shape[1]
+    kept, destinations = x[:, :num_kept], x[:, num_kept:]
+    out = x.new_empty(batch, matching.num_tokens, channels)
+    out[:, matching.destinations] = destinations
+    sources = x.new_empty(batch, matching.sources.shape[0], channels)
+    sources.scatter_(1, matching.kept.unsqueeze(-1).expand(-1, -1, channels), kept)
+    partner_rows = matching.partner.unsqueeze(-1).expand(-1, -1, channels)
+    sources.scatter_(1, matching.merged.unsqueeze(-1).expand(-1, -1, channels), destinations.gather(1, partner_rows))
+    out[:, matching.sources] = sources
+    return out
