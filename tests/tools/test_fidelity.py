@@ -50,20 +50,6 @@ def tiny_pipeline() -> "diffusers.StableDiffusionPipeline":
         requires_safety_checker=False)
 
 
-@pytest.fixture(autouse=True)
-def merging(monkeypatch):
-    """Until tokenmerge merges diffusion pipelines: tomesd's patch behind the command's merge and unmerge."""
-    import inspect
-
-    import tokenmerge
-
-    if "ratio" not in inspect.signature(tokenmerge.apply).parameters:
-        tomesd = pytest.importorskip("tomesd")
-        monkeypatch.setattr(fidelity, "merge", lambda pipe, setting: setting.apply and tomesd.apply_patch(
-            pipe, **setting.apply))
-        monkeypatch.setattr(fidelity, "unmerge", lambda pipe, setting: tomesd.remove_patch(pipe))
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pipeline") / "sd"
@@ -111,6 +97,16 @@ def test_a_ratio_of_zero_gives_the_unmerged_images_exactly(saved, capsys, tmp_pa
         assert image.size == (SIZE, SIZE)
     unmerged, zero = ((images / setting / "prompt001-seed4.png").read_bytes() for setting in (UNMERGED, "ratio=0"))
     assert unmerged == zero
+
+
+def test_a_run_gives_the_same_merged_images_again(saved, capsys, tmp_path):
+    """The random destinations are drawn from the sample's seed, not from torch's global generator."""
+    for run in ("first", "second"):
+        torch.manual_seed(len(run))
+        status, _, err = run_fidelity(capsys, saved, "--seeds", "1", "--ratio", "0.5", "--output-dir", tmp_path / run)
+        assert status == 0, err
+    first, second = ((tmp_path / run / "ratio=0.5" / "prompt000-seed1.png").read_bytes() for run in ("first", "second"))
+    assert first == second
 
 
 def test_prompts_come_from_a_file_one_per_line(saved, capsys, tmp_path):

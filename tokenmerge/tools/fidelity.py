@@ -201,12 +201,15 @@ def load_pipeline(folder: Path, device: torch.device, dtype: torch.dtype) -> Any
 # --- merging -------------------------------------------------------------------------------
 
 
-def merge(pipeline: Any, setting: DiffusionSetting) -> None:
-    """Apply ``setting``'s token merging to ``pipeline`` (nothing for the unmerged one)."""
+def merge(pipeline: Any, setting: DiffusionSetting, seed: int = 0) -> None:
+    """Apply ``setting``'s token merging to ``pipeline`` (nothing for the unmerged one),
+    its random destinations drawn from ``seed`` unless the setting names a seed or
+    generator of its own, so that a run gives the same images again."""
     import tokenmerge
 
     if setting.apply:
-        tokenmerge.apply(pipeline, **setting.apply)
+        own = "seed" in setting.apply or "generator" in setting.apply
+        tokenmerge.apply(pipeline, **setting.apply if own else {**setting.apply, "seed": seed})
 
 
 def unmerge(pipeline: Any, setting: DiffusionSetting) -> None:
@@ -287,7 +290,7 @@ def measure(pipeline: Any, samples: Sequence[Sample], settings: Sequence[Diffusi
             sample = samples[max(index, 0)]
             reference: Optional[torch.Tensor] = None
             for setting in settings:
-                merge(pipeline, setting)
+                merge(pipeline, setting, sample.seed)
                 try:
                     frames, seconds = generate(pipeline, sample, call, device)
                 finally:
