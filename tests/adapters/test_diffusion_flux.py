@@ -1,0 +1,93 @@
+"""Flux.1: exact without merging, rows merged alone, only image tokens merged in the
+double- and single-stream blocks, and every merged token rotated at the position of
+the image token it sits at (its destination's, or a kept source's own)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokenmerge
+from tests.adapters.diffusion_models import (
+    ALL_BRANCHES,
+    DITS,
+    TEXT_TOKENS,
+    check_exact_without_merging,
+    check_merged_positions,
+    check_merges_rows_alone,
+    denoise,
+)
+
+DIT = DITS["flux"]
+NUM_TOKENS = DIT.grid[1] * DIT.grid[2]
+KEPT_SOURCES = NUM_TOKENS * 3 // 4 - NUM_TOKENS // 2  # ratio 0.5: r = N / 2 of the 3N / 4 sources
+
+
+def test_exact_without_merging() -> None:
+    check_exact_without_merging(DIT)
+
+
+def test_merges_rows_alone() -> None:
+    check_merges_rows_alone(DIT)
+
+
+def attention_calls(model: torch.nn.Module, inputs: dict[str, object]) -> dict[str, list[dict]]:
+    """The inputs of every call of the first double- and single-stream block's attention."""
+    calls: dict[str, list[dict]] = {"double": [], "single": []}
+
+    def recorder(kind: str):
+        def record(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            calls[kind].append(kwargs)
+        return record
+
+    handles = [model.transformer_blocks[0].attn.register_forward_pre_hook(recorder("double"), with_kwargs=True),
+               model.single_transformer_blocks[0].attn.register_forward_pre_hook(recorder("single"),
+                                                                                 with_kwargs=True)]
+    try:
+        denoise(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def rotary_positions(table: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """The image token whose row of the full rotary table every row of ``table`` is
+    (every image token's row is distinct on the grid)."""
+    same = (table[:, None, :] == full[None, TEXT_TOKENS:, :]).all(dim=-1)
+    assert bool((same.sum(dim=1) == 1).all())
+    return same.float().argmax(dim=1)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_merged_tokens_carry_their_rotary_positions(batch: int) -> None:
+    model, inputs = DIT.build(), DIT.inputs(batch)
+    full = attention_calls(model, inputs)["double"][0]["image_rotary_emb"]
+    tokenmerge.apply(model, **ALL_BRANCHES)
+    calls = attention_calls(model, inputs)
+    for kind in ("double", "single"):
+        assert len(calls[kind]) == batch  # diffusers' tables have no batch axis: one call per row
+        for call in calls[kind]:
+            for table, full_table in zip(call["image_rotary_emb"], full):
+                assert torch.equal(table[:TEXT_TOKENS], full_table[:TEXT_TOKENS])
+                check_merged_positions(rotary_positions(table[TEXT_TOKENS:], full_table), DIT.grid, KEPT_SOURCES)
+
+
+def test_only_image_tokens_merge() -> None:
+    model, inputs = DIT.build(), DIT.inputs(1)
+    plain = attention_calls(model, inputs)
+    tokenmerge.apply(model, **ALL_BRANCHES)
+    merged = attention_calls(model, inputs)
+    double, single = merged["double"][0], merged["single"][0]
+    assert double["hidden_states"].shape[1] == NUM_TOKENS // 2
+    assert torch.equal(double["encoder_hidden_states"], plain["double"][0]["encoder_hidden_states"])
+    # the single-stream block's joint sequence: every text token, half the image tokens
+    assert single["hidden_states"].shape[1] == TEXT_TOKENS + NUM_TOKENS // 2
+
+
+def test_a_call_of_no_single_grid_is_refused() -> None:
+    model, inputs = DIT.build(), DIT.inputs(1)
+    ids = inputs["img_ids"].clone()
+    ids[-1, 2] = 20  # a token off the 8 x 8 grid
+    tokenmerge.apply(model, ratio=0.5)
+    with pytest.raises(ValueError, match="img_ids"):
+        denoise(model, {**inputs, "img_ids": ids})
