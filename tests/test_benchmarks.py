@@ -107,3 +107,21 @@ def test_the_vlm_script_prints_every_setting_at_tiny_widths(monkeypatch, capsys)
     assert printed.count("r=8: refused: tokenmerge cannot merge inside Qwen2.5-VL's vision tower") == 1
     assert "- LLaVA-1.5-7B: decoder of 2 of 4 layers built and timed, scaled to 4" in lines
     assert any(line.startswith("- target TTFT at 144 of 576 visual tokens <= 0.40") for line in lines)
+
+
+def test_the_dit_reduction_script_prints_every_strategy_at_tiny_widths(monkeypatch, capsys):
+    """``dit_reduction.py`` at tiny widths: a row per family, strategy and ratio, with the
+    distance to the unreduced output (nonzero: every strategy reduces) and the time ratio."""
+    pytest.importorskip("diffusers")
+    script = BENCHMARKS / "dit_reduction.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--width", "32", "--grid", "8", "--layers", "1", "--repeats", "1",
+                                      "--ratios", "0.5", "--families", "sd3,flux", "--threads", "1"])
+    monkeypatch.setattr(sys, "path", [str(script.parent), *sys.path])
+    runpy.run_path(str(script), run_name="__main__")
+    lines = capsys.readouterr().out.splitlines()
+    header = lines.index("| family | strategy | ratio | rel. L2 | PSNR (dB) | time / unreduced |")
+    rows = [line.strip("| ").split(" | ") for line in lines[header + 2:] if line.startswith("| ")]
+    assert [(row[0], row[1], row[2]) for row in rows] == [
+        (family, strategy, "0.5") for family in ("sd3", "flux")
+        for strategy in ("merge-attn", "merge-all", "kv", "kv-proportional")]
+    assert all(float(row[3]) > 0 and float(row[5]) > 0 for row in rows)
