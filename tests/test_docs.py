@@ -47,6 +47,7 @@ RUN_APART = {
     "fast = tokenmerge.compile(model)": "test_the_compile_recipe_compiles_the_patched_model",
     'tokenmerge.load_schedule("vit-tiny-1.5x.json")': "test_the_tuned_schedule_recipe_applies_the_file",
     'folder = "llava-1.5-7b-hf"': "test_the_vision_language_recipe_reduces_a_saved_llava",
+    'folder = "stable-diffusion-v1-5"': "test_the_diffusion_recipe_merges_a_saved_pipeline",
 }
 
 
@@ -166,6 +167,19 @@ def test_the_vision_language_recipe_reduces_a_saved_llava(tmp_path):
     assert example.prints == "[(576, 144)]"
     printed = run(example.code.replace("visual_tokens=144", "visual_tokens=16"), tmp_path, {})
     assert printed.strip() == "[(64, 16)]"
+
+
+def test_the_diffusion_recipe_merges_a_saved_pipeline(tmp_path):
+    """The recipe on a tiny random Stable Diffusion pipeline saved as the folder it names,
+    in two steps instead of thirty."""
+    from tests.tools.test_fidelity import tiny_pipeline
+
+    tiny_pipeline().save_pretrained(tmp_path / "stable-diffusion-v1-5")
+    example = the_one('folder = "stable-diffusion-v1-5"')
+    names: dict = {}
+    printed = run(example.code.replace("num_inference_steps=30", "num_inference_steps=2"), tmp_path, names)
+    assert printed.strip() == example.prints == "1"
+    assert not tokenmerge.is_applied(names["pipe"]) and names["image"].size == (32, 32)
 
 
 #: A command's output as the pages record it: the command line, its table, its warnings.
