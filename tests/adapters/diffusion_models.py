@@ -99,6 +99,33 @@ def flux_inputs(batch: int, seed: int = 1) -> dict[str, object]:
     )
 
 
+def flux2_transformer(**kwargs: object) -> nn.Module:
+    """FLUX.2: double-stream and fused single-stream blocks, 4-axis RoPE (t, h, w, l)."""
+    config: dict[str, object] = dict(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=24, timestep_guidance_channels=16, axes_dims_rope=(4, 4, 4, 4),
+    )
+    return diffusers.Flux2Transformer2DModel(**{**config, **kwargs})
+
+
+def flux2_inputs(batch: int, seed: int = 1) -> dict[str, object]:
+    """FLUX.2's packed latents with (t, h, w, l) positions: image tokens (0, row, column, 0),
+    text tokens (0, 0, 0, index)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = columns = LATENT // 2
+    image_ids = torch.cat([flux_image_ids(rows, columns), torch.zeros(rows * columns, 1)], dim=1)
+    text_ids = torch.zeros(TEXT_TOKENS, 4)
+    text_ids[:, 3] = torch.arange(TEXT_TOKENS)
+    return dict(
+        hidden_states=torch.randn(batch, rows * columns, 16, generator=generator),
+        encoder_hidden_states=torch.randn(batch, TEXT_TOKENS, 24, generator=generator),
+        timestep=torch.full((batch,), 0.5),
+        guidance=torch.full((batch,), 4.0),
+        img_ids=image_ids,
+        txt_ids=text_ids,
+    )
+
+
 def pixart_transformer(**kwargs: object) -> nn.Module:
     """PixArt-Sigma: BasicTransformerBlocks with ada_norm_single, cross-attention to T5."""
     config: dict[str, object] = dict(
@@ -147,6 +174,7 @@ DITS = {
     "sd3.5": DiT("sd3.5", seeded(lambda: sd3_transformer(dual_attention_layers=(0,), qk_norm="rms_norm")),
                  sd3_inputs, IMAGE_GRID),
     "flux": DiT("flux", seeded(flux_transformer), flux_inputs, IMAGE_GRID),
+    "flux2": DiT("flux2", seeded(flux2_transformer), flux2_inputs, IMAGE_GRID),
     "pixart": DiT("pixart", seeded(pixart_transformer), pixart_inputs, IMAGE_GRID),
     "wan": DiT("wan", seeded(wan_transformer), wan_inputs, (WAN_FRAMES, LATENT // 2, LATENT // 2)),
 }

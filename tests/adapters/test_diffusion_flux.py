@@ -1,4 +1,4 @@
-"""Flux.1: exact without merging, rows merged alone, only image tokens merged in the
+"""Flux.1 and FLUX.2: exact without merging, rows merged alone, only image tokens merged in the
 double- and single-stream blocks, and every merged token rotated at the position of
 the image token it sits at (its destination's, or a kept source's own)."""
 from __future__ import annotations
@@ -17,17 +17,20 @@ from tests.adapters.diffusion_models import (
     denoise,
 )
 
-DIT = DITS["flux"]
-NUM_TOKENS = DIT.grid[1] * DIT.grid[2]
+FAMILY_DITS = ["flux", "flux2"]
+GRID = DITS["flux"].grid
+NUM_TOKENS = GRID[1] * GRID[2]
 KEPT_SOURCES = NUM_TOKENS * 3 // 4 - NUM_TOKENS // 2  # ratio 0.5: r = N / 2 of the 3N / 4 sources
 
 
-def test_exact_without_merging() -> None:
-    check_exact_without_merging(DIT)
+@pytest.mark.parametrize("name", FAMILY_DITS)
+def test_exact_without_merging(name: str) -> None:
+    check_exact_without_merging(DITS[name])
 
 
-def test_merges_rows_alone() -> None:
-    check_merges_rows_alone(DIT)
+@pytest.mark.parametrize("name", FAMILY_DITS)
+def test_merges_rows_alone(name: str) -> None:
+    check_merges_rows_alone(DITS[name])
 
 
 def attention_calls(model: torch.nn.Module, inputs: dict[str, object]) -> dict[str, list[dict]]:
@@ -58,9 +61,9 @@ def rotary_positions(table: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     return same.float().argmax(dim=1)
 
 
-@pytest.mark.parametrize("batch", [1, 2])
-def test_merged_tokens_carry_their_rotary_positions(batch: int) -> None:
-    model, inputs = DIT.build(), DIT.inputs(batch)
+@pytest.mark.parametrize("name,batch", [("flux", 1), ("flux", 2), ("flux2", 2)])
+def test_merged_tokens_carry_their_rotary_positions(name: str, batch: int) -> None:
+    model, inputs = DITS[name].build(), DITS[name].inputs(batch)
     full = attention_calls(model, inputs)["double"][0]["image_rotary_emb"]
     tokenmerge.apply(model, **ALL_BRANCHES)
     calls = attention_calls(model, inputs)
@@ -69,11 +72,12 @@ def test_merged_tokens_carry_their_rotary_positions(batch: int) -> None:
         for call in calls[kind]:
             for table, full_table in zip(call["image_rotary_emb"], full):
                 assert torch.equal(table[:TEXT_TOKENS], full_table[:TEXT_TOKENS])
-                check_merged_positions(rotary_positions(table[TEXT_TOKENS:], full_table), DIT.grid, KEPT_SOURCES)
+                check_merged_positions(rotary_positions(table[TEXT_TOKENS:], full_table), GRID, KEPT_SOURCES)
 
 
-def test_only_image_tokens_merge() -> None:
-    model, inputs = DIT.build(), DIT.inputs(1)
+@pytest.mark.parametrize("name", FAMILY_DITS)
+def test_only_image_tokens_merge(name: str) -> None:
+    model, inputs = DITS[name].build(), DITS[name].inputs(1)
     plain = attention_calls(model, inputs)
     tokenmerge.apply(model, **ALL_BRANCHES)
     merged = attention_calls(model, inputs)
@@ -85,9 +89,16 @@ def test_only_image_tokens_merge() -> None:
 
 
 def test_a_call_of_no_single_grid_is_refused() -> None:
-    model, inputs = DIT.build(), DIT.inputs(1)
+    model, inputs = DITS["flux"].build(), DITS["flux"].inputs(1)
     ids = inputs["img_ids"].clone()
     ids[-1, 2] = 20  # a token off the 8 x 8 grid
     tokenmerge.apply(model, ratio=0.5)
     with pytest.raises(ValueError, match="img_ids"):
         denoise(model, {**inputs, "img_ids": ids})
+
+
+def test_flux2_reference_image_cache_is_refused() -> None:
+    model, inputs = DITS["flux2"].build(), DITS["flux2"].inputs(1)
+    tokenmerge.apply(model, ratio=0.5)
+    with pytest.raises(TypeError, match="kv_cache_mode"):
+        denoise(model, {**inputs, "kv_cache_mode": "extract"})
