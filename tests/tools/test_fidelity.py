@@ -148,6 +148,18 @@ def test_an_option_tokenmerge_refuses_is_one_line_before_any_work(saved, capsys)
     assert status == 2 and len(errors) == 1 and "no_such_option" in errors[0] and "generating" not in err
 
 
+def test_a_pipeline_of_a_denoiser_tokenmerge_does_not_merge_is_refused_by_name(capsys, tmp_path):
+    transformer = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                                  num_layers=1, sample_size=8, norm_num_groups=8)
+    vae = diffusers.AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4)
+    diffusers.DiTPipeline(transformer=transformer, vae=vae, scheduler=diffusers.DDIMScheduler()).save_pretrained(
+        tmp_path / "dit")
+    capsys.readouterr()
+    status, _, err = run_fidelity(capsys, tmp_path / "dit")
+    errors = [line for line in err.splitlines() if line.startswith("tokenmerge fidelity: error: ")]
+    assert status == 2 and len(errors) == 1 and "DiTTransformer2DModel" in errors[0] and "generating" not in err
+
+
 # --- the distances -------------------------------------------------------------------------
 
 

@@ -435,8 +435,9 @@ def add_parser(subparsers) -> None:
                         help="the seeds every prompt is generated from (default: 0,1,2,3,4)")
     parser.add_argument("--steps", type=options.positive_int, metavar="N",
                         help="denoising steps (default: the pipeline's)")
-    parser.add_argument("--size", type=options.positive_int, nargs="+", action=options.ImageSize, metavar="SIZE",
-                        help="image size, SIZE or HEIGHT WIDTH in pixels (default: the pipeline's)")
+    parser.add_argument("--size", type=options.whole_number(SSIM_WINDOW), nargs="+", action=options.ImageSize,
+                        metavar="SIZE", help="image size, SIZE or HEIGHT WIDTH in pixels, at least SSIM's window "
+                        f"of {SSIM_WINDOW} (default: the pipeline's)")
     parser.add_argument("--guidance", type=float, metavar="SCALE",
                         help="classifier-free guidance scale (default: the pipeline's)")
     parser.add_argument("--pipeline-kwargs", nargs="*", default={}, action=options.ModelKwargs, metavar="KEY=VALUE",
