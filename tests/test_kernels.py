@@ -119,3 +119,44 @@ def test_merge_gradient_in_bfloat16_is_weighed_in_float32():
     kernels.merge_weighted(exact, size.double(), m)[0].backward(upstream)
     assert half.grad.dtype == torch.bfloat16
     torch.testing.assert_close(half.grad.double(), exact.grad, rtol=2e-2, atol=2e-2)
+
+
+# --- grid merges (ToMe for Stable Diffusion) ---------------------------------------------------
+
+
+def test_grid_destinations_take_one_token_per_whole_cell():
+    from tokenmerge.merge import grid_destinations
+
+    choice = torch.tensor([[0, 3], [1, 2]])  # places in 2 x 2 cells, row * sx + column
+    destinations, sources = grid_destinations(5, 4, 2, 2, choice)
+    # the fifth row has no whole cell: its tokens are all sources
+    assert destinations.tolist() == [0, 7, 9, 14]
+    assert sorted(destinations.tolist() + sources.tolist()) == list(range(20))
+    assert torch.equal(sources, sources.sort().values)
+    both, _ = grid_destinations(5, 4, 2, 2, choice, frames=2)
+    assert both.tolist() == [0, 7, 9, 14, 20, 27, 29, 34]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("height, width, sx, sy, r", [(8, 8, 2, 2, 40), (6, 9, 3, 2, 10), (4, 4, 2, 2, 12)])
+def test_the_tuned_grid_merge_and_unmerge_give_the_reference(dtype, height, width, sx, sy, r):
+    """Matching equal to float rounding (the same links on random features); merge and
+    unmerge by row numbers equal to the reference's gathers and scatters."""
+    from tokenmerge.merge import grid_bipartite_matching, grid_destinations, merge_mean, unmerge_grid
+
+    x = torch.randn(3, height * width, 16)
+    choice = torch.randint(sx * sy, (height // sy, width // sx))
+    destinations, sources = grid_destinations(height, width, sx, sy, choice)
+    reference = grid_bipartite_matching(x, destinations, sources, r)
+    tuned = kernels.grid_matching(x, destinations, sources, r)
+    assert torch.equal(tuned.merged, reference.merged) and torch.equal(tuned.partner, reference.partner)
+    rows = kernels.grid_rows(reference)
+    features = x.to(dtype)
+    expected = merge_mean(features.float(), reference)
+    merged = kernels.merge_mean_rows(features, rows)
+    assert merged.dtype == dtype and merged.shape == (3, height * width - r, 16)
+    assert torch.allclose(merged.float(), expected, atol=1e-6 if dtype == torch.float32 else 1e-2)
+    assert torch.equal(kernels.unmerge_rows(merged, rows), unmerge_grid(merged, reference))
+    # unmerging a merge gives every kept source and destination back as it was
+    kept = torch.cat([sources[reference.kept[0]], destinations])
+    assert torch.equal(kernels.unmerge_rows(merged, rows)[0, kept], merged[0])

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .cache import shape_cache
-from .merge import GridMatching, Matching, Rows
+from .merge import GridMatching, Matching, Rows, descending_order, in_index_order
 
 
 def rows(matching: Matching) -> Rows:
@@ -229,3 +229,21 @@ def unmerge_rows(x: Tensor, at: GridRows) -> Tensor:
     """:func:`tokenmerge.merge.unmerge_grid` by row numbers: one gather."""
     batch, _, channels = x.shape
     return _flat(x).index_select(0, at.spread).view(batch, -1, channels)
+
+
+def grid_matching(metric: Tensor, destinations: Tensor, sources: Tensor, r: int) -> GridMatching:
+    """:func:`tokenmerge.merge.grid_bipartite_matching`, equal to float rounding, with less
+    work: only the destinations are normalized, since a source's norm changes none of its
+    similarities' order, only its best score, which is divided by it afterwards (a (B, S)
+    division instead of normalizing (B, N, C) features)."""
+    if not 0 <= r <= sources.shape[0]:
+        raise ValueError(f"r={r} cannot be merged from {sources.shape[0]} sources")
+    metric = metric.detach()
+    targets = metric.index_select(1, destinations)
+    targets = targets / torch.linalg.vector_norm(targets, dim=-1, keepdim=True).clamp_min(1e-12)
+    candidates = metric.index_select(1, sources)
+    best_score, best = torch.bmm(candidates, targets.mT).max(dim=-1)
+    best_score = best_score / torch.linalg.vector_norm(candidates, dim=-1).clamp_min(1e-12)
+    order = in_index_order(descending_order(best_score), r)
+    merged = order[:, :r]
+    return GridMatching(destinations, sources, merged, order[:, r:], best.gather(1, merged))

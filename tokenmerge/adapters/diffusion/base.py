@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ... import kernels
 from ...cache import shape_cache
-from ...merge import GridMatching, grid_bipartite_matching, grid_destinations
+from ...merge import GridMatching, grid_destinations
 from ..base import is_swapped, restore_class, swap_class
 
 #: The branches a block may merge, under the names of their settings (``merge_<name>``).
@@ -219,7 +219,7 @@ class DiffusionBlock:
         if r <= 0:
             return None
         tokens = x[:, protected:] if protected else x
-        return Plan(grid_bipartite_matching(tokens, destinations, sources, r), protected)
+        return Plan(kernels.grid_matching(tokens, destinations, sources, r), protected)
 
     def tokenmerge_run(self, x: Tensor, branches: Sequence[Branch]) -> Tensor:
         """The block over (B, N, C) ``x``: for every branch, its normed input merged where
@@ -336,10 +336,10 @@ def feed_forward(block: Any, ff: nn.Module, x: Tensor) -> Tensor:
     """``ff`` over ``x``, in the chunks ``enable_forward_chunking`` set on ``block`` (its
     ``_chunk_size`` and ``_chunk_dim``, as diffusers' blocks keep them)."""
     if getattr(block, "_chunk_size", None) is None:
-        return ff(x)  # type: ignore[no-any-return]
+        return ff(x)
     from diffusers.models.attention import _chunked_feed_forward
 
-    return _chunked_feed_forward(ff, x, block._chunk_dim, block._chunk_size)  # type: ignore[no-any-return]
+    return _chunked_feed_forward(ff, x, block._chunk_dim, block._chunk_size)
 
 
 def record_patched_latent(state: DiffusionState, args: tuple, kwargs: dict[str, Any]) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
-from .base import Branch, DiffusionBlock, DiffusionState, Family, Place, Settings, with_defaults
+from .base import Branch, DiffusionBlock, DiffusionState, Family, Place, Settings, feed_forward, with_defaults
 
 
 class UNetBlock(DiffusionBlock):
@@ -28,7 +28,6 @@ class UNetBlock(DiffusionBlock):
     attn2: Optional[nn.Module]
     ff: nn.Module
     only_cross_attention: bool
-    _chunk_size: Optional[int]
 
     def forward(
         self,
@@ -58,15 +57,8 @@ class UNetBlock(DiffusionBlock):
         branches = [Branch("attn", self.norm1, self_attention)]
         if self.attn2 is not None:
             branches.append(Branch("crossattn", self.norm2, cross_attention))
-        branches.append(Branch("mlp", self.norm3, self._feed_forward))
+        branches.append(Branch("mlp", self.norm3, lambda x: feed_forward(self, self.ff, x)))
         return self.tokenmerge_run(hidden_states, branches)
-
-    def _feed_forward(self, x: Tensor) -> Tensor:
-        if self._chunk_size is None:
-            return self.ff(x)
-        from diffusers.models.attention import _chunked_feed_forward
-
-        return _chunked_feed_forward(self.ff, x, self._chunk_dim, self._chunk_size)  # type: ignore[attr-defined]
 
 
 class UNetFamily(Family):
