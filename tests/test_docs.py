@@ -48,6 +48,7 @@ RUN_APART = {
     'tokenmerge.load_schedule("vit-tiny-1.5x.json")': "test_the_tuned_schedule_recipe_applies_the_file",
     'folder = "llava-1.5-7b-hf"': "test_the_vision_language_recipe_reduces_a_saved_llava",
     'folder = "stable-diffusion-v1-5"': "test_the_diffusion_recipe_merges_a_saved_pipeline",
+    "found = measure_fidelity(pipe": "test_the_fidelity_recipe_measures_a_saved_pipeline",
 }
 
 
@@ -180,6 +181,19 @@ def test_the_diffusion_recipe_merges_a_saved_pipeline(tmp_path):
     printed = run(example.code.replace("num_inference_steps=30", "num_inference_steps=2"), tmp_path, names)
     assert printed.strip() == example.prints == "1"
     assert not tokenmerge.is_applied(names["pipe"]) and names["image"].size == (32, 32)
+
+
+def test_the_fidelity_recipe_measures_a_saved_pipeline(tmp_path):
+    """The recipe on the tiny pipeline above, in two steps and of one seed."""
+    from tests.tools.test_fidelity import tiny_pipeline
+
+    tiny_pipeline().save_pretrained(tmp_path / "stable-diffusion-v1-5")
+    code = the_one("found = measure_fidelity(pipe").code
+    code = code.replace("seeds=[0, 1, 2, 3, 4]", "seeds=[0], warmup=0").replace('"num_inference_steps": 30',
+                                                                             '"num_inference_steps": 2')
+    printed = run(code, tmp_path, {})
+    unmerged, merged = printed.strip().splitlines()
+    assert unmerged.startswith("unmerged: PSNR inf dB, SSIM 1.000, 1.00x") and merged.startswith("ratio=0.5: PSNR ")
 
 
 #: A command's output as the pages record it: the command line, its table, its warnings.

@@ -109,6 +109,15 @@ def test_a_run_gives_the_same_merged_images_again(saved, capsys, tmp_path):
     assert first == second
 
 
+def test_a_pipeline_in_memory_is_measured_by_measure_fidelity():
+    found = fidelity.measure_fidelity(tiny_pipeline(), ["a cat"], seeds=[2], ratios=[0.0, 0.5], warmup=0,
+                                      progress=False, call={"num_inference_steps": 2}, lpips=False, use_rand=False)
+    assert [row["setting"] for row in found.rows] == [UNMERGED, "ratio=0", "ratio=0.5"]
+    assert (found.rows[1]["psnr"], found.rows[1]["ssim"]) == (math.inf, 1.0) and found.rows[2]["ssim"] < 1
+    assert [len(results) for results in found.results.values()] == [1, 1, 1] and found.samples[0].seed == 2
+    assert found.lpips_skipped == "LPIPS not asked for"
+
+
 def test_prompts_come_from_a_file_one_per_line(saved, capsys, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red house\n\na blue boat\n")

@@ -36,6 +36,8 @@ from .reports import describe_environment, environment, format_table
 from .timing import MIN_TIMED_ROUNDS, speed_warnings, spread_percent, synchronize, too_few_rounds
 
 UNMERGED = "unmerged"
+DEFAULT_SEEDS = (0, 1, 2, 3, 4)
+DEFAULT_RATIOS = (0.3, 0.5)
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"
 MORE_SAMPLES = "measure with more --seeds or prompts, with fewer --threads or on a quieter machine"
 #: Options of ``tokenmerge.apply`` for diffusion models that take the names and meanings of tomesd's.
@@ -80,6 +82,18 @@ class Result:
     ssim: float
     lpips: Optional[float] = None
     files: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class Fidelity:
+    """What :func:`measure_fidelity` found: the samples, every setting's result for every
+    sample (by setting name, the unmerged first), one summary row per setting (see
+    :func:`summarize`), and why LPIPS was not measured ("" where it was)."""
+
+    samples: list[Sample]
+    results: dict[str, list[Result]]
+    rows: list[dict[str, Any]]
+    lpips_skipped: str
 
 
 # --- image distances ---------------------------------------------------------------------
@@ -279,9 +293,9 @@ def measure(pipeline: Any, samples: Sequence[Sample], settings: Sequence[Diffusi
     """Every setting's result for every sample, the first setting (unmerged) the
     reference of the others, the settings interleaved per sample, after ``warmup``
     untimed rounds of the first sample, with the pipeline ``call`` arguments, on
-    ``device`` (the pipeline's by default); the images written to one folder per
+    ``device`` (the pipeline's execution device by default); the images written to one folder per
     setting in ``output_dir`` where given."""
-    device = device if device is not None else pipeline.device
+    device = device if device is not None else execution_device(pipeline)
     call = call or {}
     results: dict[str, list[Result]] = {setting.name: [] for setting in settings}
     total = (len(samples) + warmup) * len(settings)
@@ -327,6 +341,34 @@ def summarize(results: dict[str, list[Result]]) -> list[dict[str, Any]]:
             "spread": spread_percent(speedups) if len(speedups) > 1 else float("nan"),
         })
     return rows
+
+
+def measure_fidelity(pipeline: Any, prompts: Sequence[str], seeds: Sequence[int] = DEFAULT_SEEDS,
+                     ratios: Sequence[float] = DEFAULT_RATIOS, call: Optional[dict[str, Any]] = None,
+                     warmup: int = 1, output_dir: Optional[Path] = None, lpips: bool = True, progress: bool = True,
+                     **merge_options: Any) -> Fidelity:
+    """Generate every prompt from every seed with the diffusers ``pipeline`` unmerged and
+    with token merging at every ratio (``merge_options``: more options of
+    ``tokenmerge.apply``, such as tomesd's), in turn, with the pipeline ``call``
+    arguments (``num_inference_steps``, ...), and measure how close every image stays to
+    the unmerged one of the same seed and how much sooner it comes: what ``tokenmerge
+    fidelity`` does, on a pipeline already loaded. Every setting is applied and removed
+    once first, so that one tokenmerge refuses is an error before any image; LPIPS is
+    measured where ``lpips`` and its weights are on this machine; the images are written
+    to one folder per setting in ``output_dir`` where given."""
+    settings = settings_of(ratios, merge_options)
+    check_settings(pipeline, settings)
+    device = execution_device(pipeline)
+    distance, skipped = load_lpips(device) if lpips else (None, "LPIPS not asked for")
+    samples = samples_of(prompts, seeds)
+    results = measure(pipeline, samples, settings, call, device, warmup, distance, output_dir, progress)
+    return Fidelity(samples, results, summarize(results), skipped)
+
+
+def execution_device(pipeline: Any) -> torch.device:
+    """Where ``pipeline`` runs its models: the device a diffusers pipeline computes on
+    (under CPU offload, the GPU the models visit, not the CPU they rest on)."""
+    return getattr(pipeline, "_execution_device", pipeline.device)
 
 
 def columns_of(with_lpips: bool) -> list[tuple[str, str, str]]:
@@ -431,7 +473,7 @@ def add_parser(subparsers) -> None:
                         help=f"a prompt; give it again for more (default: {DEFAULT_PROMPT!r})")
     parser.add_argument("--prompts", type=Path, metavar="FILE", help="a text file of one prompt per line, "
                         "instead of --prompt")
-    parser.add_argument("--seeds", type=parse_seeds, default=[0, 1, 2, 3, 4], metavar="S,S,...",
+    parser.add_argument("--seeds", type=parse_seeds, default=list(DEFAULT_SEEDS), metavar="S,S,...",
                         help="the seeds every prompt is generated from (default: 0,1,2,3,4)")
     parser.add_argument("--steps", type=options.positive_int, metavar="N",
                         help="denoising steps (default: the pipeline's)")
@@ -443,7 +485,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--pipeline-kwargs", nargs="*", default={}, action=options.ModelKwargs, metavar="KEY=VALUE",
                         help="more arguments of the pipeline call, e.g. num_frames=17 negative_prompt='blurry'")
     merging = parser.add_argument_group("merging (tokenmerge.apply's options; default: tokenmerge's)")
-    merging.add_argument("--ratio", type=parse_ratios, default=[0.3, 0.5], metavar="R,R,...",
+    merging.add_argument("--ratio", type=parse_ratios, default=list(DEFAULT_RATIOS), metavar="R,R,...",
                          help="the share of tokens every setting merges (default: 0.3,0.5)")
     merging.add_argument("--max-downsample", type=int, choices=[1, 2, 4, 8],
                          help="UNets: merge in the levels downsampled at most this much, as in tomesd")
@@ -478,20 +520,17 @@ def run(args: argparse.Namespace) -> None:
     check_output_dir(args.output_dir)
     prompts = read_prompts(args.prompts, args.prompt)
     pipeline = load_pipeline(args.pipeline, device, options.DTYPES[args.dtype])
-    check_settings(pipeline, settings)
-    lpips, skipped = load_lpips(device)
-    if skipped:
-        options.note("fidelity", skipped)
-    samples = samples_of(prompts, args.seeds)
     call = call_of(args)
-    results = measure(pipeline, samples, settings, call, device, args.warmup, lpips, args.output_dir)
-    rows = summarize(results)
+    found = measure_fidelity(pipeline, prompts, args.seeds, args.ratio, call, args.warmup, args.output_dir,
+                             **merge_options_of(args))
     given = ", ".join(f"{name} {value}" for name, value in call.items()) or "the pipeline's defaults"
     print(f"# {type(pipeline).__name__} from {args.pipeline}: {plural(len(prompts), 'prompt')} x "
           f"{plural(len(args.seeds), 'seed')}, {given}; {describe_environment(environment(device))}")
-    print(format_table(rows, columns_of(lpips is not None)))
-    for warning in warnings_of(rows):
+    print(format_table(found.rows, columns_of(not found.lpips_skipped)))
+    for line in [found.lpips_skipped] if found.lpips_skipped else []:
+        options.note("fidelity", line)
+    for warning in warnings_of(found.rows):
         options.note("fidelity", warning, "warning")
     if args.output is not None:
         columns = ["prompt", "seed", "setting", "psnr", "ssim", "lpips", "seconds", "files"]
-        write_csv(args.output, columns, result_rows(samples, results))
+        write_csv(args.output, columns, result_rows(found.samples, found.results))
