@@ -265,7 +265,7 @@ def generate(pipeline: Any, sample: Sample, call: dict[str, Any], device: torch.
     synchronize(device)
     start = time.perf_counter()
     with torch.inference_mode():
-        output = pipeline(sample.prompt, generator=generator, output_type="pt", **call)
+        output = pipeline(prompt=sample.prompt, generator=generator, output_type="pt", **call)
     synchronize(device)
     return frames_of(output), time.perf_counter() - start
 
