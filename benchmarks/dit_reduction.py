@@ -8,7 +8,7 @@ inputs, with the same grid destinations (one per 2 x 2 cell, tomesd's with
 use_rand=False) and the same ratio.
 
     python benchmarks/dit_reduction.py --threads 2                      # tiny widths, about a minute
-    python benchmarks/dit_reduction.py --threads 2 --width 768 --grid 64 --layers 1   # 4096 tokens, moderate width
+    python benchmarks/dit_reduction.py --threads 1 --cpu-time --width 768 --grid 64 --layers 1   # 4096 tokens
 
 No trained diffusion transformer can be loaded here, so the models have random weights
 (diffusers' own init) and the latents are smooth random fields (bilinear upsampling of
@@ -20,7 +20,8 @@ is diffuse, which flatters averaged keys).
 
 Prints one Markdown table: for each family, strategy and ratio, the relative L2
 distance and PSNR of the output to the unreduced model's and the time of the call
-over the unreduced one's (median of interleaved repeats).
+over the unreduced one's (median of interleaved repeats, by the wall clock or, with
+``--cpu-time``, the process's CPU time).
 """
 from __future__ import annotations
 
@@ -207,7 +208,7 @@ def family_models(width: int, grid: int, layers: int, frames: int) -> dict[str, 
                    {**dm.pixart_inputs(1), "hidden_states": smooth((1, 4, latent, latent), generator)},
                    (1, grid, grid)),
         "wan": (dm.wan_transformer(num_layers=layers, attention_head_dim=head_dim, num_attention_heads=heads,
-                                   ffn_dim=4 * width),
+                                   ffn_dim=4 * width, rope_max_seq_len=1024),
                 {**dm.wan_inputs(1), "hidden_states": smooth((1, 4, frames, latent, latent), generator)},
                 (frames, grid, grid)),
     }
@@ -225,10 +226,10 @@ def denoiser_call(name: str, model: nn.Module, inputs: dict, grid: tuple[int, in
     return call
 
 
-def timed(call: Callable[[], Tensor]) -> float:
-    start = time.perf_counter()
+def timed(call: Callable[[], Tensor], clock: Callable[[], float]) -> float:
+    start = clock()
     call()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def compare(reference: Tensor, output: Tensor) -> tuple[float, float]:
@@ -252,13 +253,18 @@ def main() -> None:
     parser.add_argument("--families", default=",".join(LAYOUTS), help="comma-separated families")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timings per setting")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time by the process's CPU time, not the wall clock: steadier on a shared machine "
+                             "(with --threads 1, where CPU time is the work done)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     ratios = [float(r) for r in args.ratios.split(",")]
+    clock = time.process_time if args.cpu_time else time.perf_counter
     models = family_models(args.width, args.grid, args.layers, args.frames)
     print(f"width {args.width}, {args.grid}x{args.grid} image tokens ({args.frames} frames for Wan), "
-          f"{args.layers} blocks of each kind, {torch.get_num_threads()} threads, batch 1\n")
+          f"{args.layers} blocks of each kind, {torch.get_num_threads()} threads, batch 1, "
+          f"{'CPU time' if args.cpu_time else 'wall clock'}\n")
     print("| family | strategy | ratio | rel. L2 | PSNR (dB) | time / unreduced |")
     print("|---|---|---|---|---|---|")
     for name in args.families.split(","):
@@ -272,7 +278,7 @@ def main() -> None:
                 calls[setting]()
             for _ in range(args.repeats):
                 for setting in settings:
-                    times[setting].append(timed(calls[setting]))
+                    times[setting].append(timed(calls[setting], clock))
             base = statistics.median(times[None])
             for strategy in STRATEGIES:
                 relative, psnr = compare(reference, calls[strategy]())
