@@ -53,7 +53,9 @@ def apply(
 
     Args:
         model: a supported model, or a ``torch.compile`` wrapper, ``DataParallel`` or
-            ``DistributedDataParallel`` around one (the model inside is patched).
+            ``DistributedDataParallel`` around one (the model inside is patched), or a
+            diffusers pipeline (its ``unet`` or ``transformer`` is patched, the pipeline
+            returned).
         r: the number of tokens each block merges: an int, one int per block, a
             :class:`tokenmerge.Linear` schedule, or a schedule ``tokenmerge tune`` wrote,
             read by :func:`load_schedule` (with the method and attention it was tuned
@@ -279,7 +281,8 @@ def remove(model: ModelT) -> ModelT:
     calls that start meanwhile wait and then run unpatched.
 
     Args:
-        model: a patched model, or a wrapper around one.
+        model: a patched model, or a wrapper around one, or a diffusion pipeline
+            whose denoiser is patched.
 
     Returns:
         ``model`` itself, unpatched.

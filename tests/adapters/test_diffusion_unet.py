@@ -186,13 +186,21 @@ def test_a_pipeline_is_patched_through_its_unet():
     assert not tokenmerge.is_applied(unet)
 
 
-def test_compiles_in_one_graph():
+def test_compiles_in_one_graph_whole_and_by_repeated_blocks():
+    """torch.compile of the patched UNet has no graph break, and diffusers'
+    compile_repeated_blocks finds the patched blocks (they keep their class name) and
+    compiles each in one graph (the eager backend: what is checked is the tracing)."""
     unet = seeded(sd_unet)()
     inputs = UNETS["sd"][1](2)
     tokenmerge.apply(unet, use_rand=False)
+    expected = denoise(unet, inputs)
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(unet)(**inputs, return_dict=False)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+    unet.compile_repeated_blocks(fullgraph=True, backend="eager")
+    blocks = [module for module in unet.modules() if tokenmerge.is_applied(module)][1:]
+    assert blocks and all(block._compiled_call_impl is not None for block in blocks)
+    assert (denoise(unet, inputs) - expected).abs().max() < PEER_TOLERANCE
 
 
 def test_a_stable_diffusion_pipeline_generates_as_with_tomesd_and_exactly_after_remove():

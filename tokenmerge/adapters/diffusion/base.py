@@ -56,6 +56,9 @@ class Settings:
     a guidance batch draw alike); else the cell's top-left token. ``merge_attn``,
     ``merge_crossattn``, ``merge_mlp``: the branches that run on merged tokens. ``seed``
     or ``generator``: where the random cells come from (default: torch's global generator).
+    torch.compile traces a draw from the global generator into the graph, but not one
+    from a generator object: with ``seed`` or ``generator`` and ``use_rand=True``, every
+    merging block breaks the graph (``fullgraph=True`` refuses it).
     """
 
     ratio: float = 0.5
@@ -99,7 +102,8 @@ class DiffusionState:
     """What a patched denoiser carries: its settings, the generator of its random cells
     and the latent size of the call running (recorded by the denoiser's pre-hook).
     ``tokenmerge.get_state`` returns it; settings are changed by removing and applying
-    again."""
+    again. The latent size is the denoiser's, as in tomesd: threads that call one
+    patched denoiser at once must give it latents of one size."""
 
     def __init__(self, family: Family, settings: Settings):
         self.family, self.settings = family, settings
