@@ -279,10 +279,11 @@ def sdxl_unet(**kwargs: object) -> nn.Module:
     return diffusers.UNet2DConditionModel(**{**config, **kwargs})
 
 
-def unet_inputs(batch: int, seed: int = 1, sdxl: bool = False, size: int = UNET_LATENT) -> dict[str, object]:
+def unet_inputs(batch: int, seed: int = 1, sdxl: bool = False, width: int = UNET_LATENT) -> dict[str, object]:
+    """One UNet call's arguments: a UNET_LATENT x ``width`` latent, 5 text tokens."""
     generator = torch.Generator().manual_seed(seed)
     inputs: dict[str, object] = dict(
-        sample=torch.randn(batch, 4, size, size, generator=generator),
+        sample=torch.randn(batch, 4, UNET_LATENT, width, generator=generator),
         timestep=torch.full((batch,), 500.0),
         encoder_hidden_states=torch.randn(batch, 5, UNET_CONTEXT, generator=generator),
     )

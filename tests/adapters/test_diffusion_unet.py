@@ -224,3 +224,22 @@ def test_a_stable_diffusion_pipeline_generates_as_with_tomesd_and_exactly_after_
     assert not torch.equal(merged, unmerged)
     tokenmerge.remove(pipe)
     assert torch.equal(generate(), unmerged)
+
+
+def test_a_non_square_latent_merges_as_with_tomesd():
+    build, inputs_of = UNETS["sd"]
+    unet, inputs = build(), inputs_of(2, width=24)
+    for options in ({}, {"max_downsample": 4, "merge_mlp": True}):
+        expected = tomesd_output(unet, inputs, options)
+        tokenmerge.apply(unet, use_rand=False, **options)
+        assert (denoise(unet, inputs) - expected).abs().max() < PEER_TOLERANCE
+        tokenmerge.remove(unet)
+
+
+def test_a_block_whose_forward_another_library_wrapped_is_refused_before_any_change():
+    unet = UNETS["sd"][0]()
+    block = next(module for module in unet.modules() if type(module).__name__ == "BasicTransformerBlock")
+    block.forward = block.forward  # what accelerate's hooks do: a forward of the module's own
+    with pytest.raises(TypeError, match="apply tokenmerge first, then enable offloading"):
+        tokenmerge.apply(unet)
+    assert not tokenmerge.is_applied(unet)

@@ -311,6 +311,7 @@ def patch(family: Family, denoiser: nn.Module, settings: Settings) -> DiffusionS
     family.check(denoiser)
     settings = family.settings(denoiser, settings)
     selected = family.selected(denoiser, settings)
+    check_class_forward([block for block, _ in selected])
     state = DiffusionState(family, settings)
 
     def record(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -323,6 +324,17 @@ def patch(family: Family, denoiser: nn.Module, settings: Settings) -> DiffusionS
         swap_class(block, family.mixin_for(block))
     denoiser.__dict__["_tokenmerge_state"] = state
     return state
+
+
+def check_class_forward(blocks: Sequence[nn.Module]) -> None:
+    """A TypeError if a block's ``forward`` is one of its own, set on the module (as
+    accelerate's offload hooks set it): it would hide the patched class's forward and
+    nothing would merge."""
+    wrapped = next((block for block in blocks if "forward" in vars(block)), None)
+    if wrapped is not None:
+        raise TypeError(f"a {type(wrapped).__name__}'s forward is wrapped on the module (by CPU offload or another "
+                        "library's hooks), which would hide token merging; apply tokenmerge first, then enable "
+                        "offloading")
 
 
 def unpatch(denoiser: nn.Module) -> None:
