@@ -126,6 +126,31 @@ def flux2_inputs(batch: int, seed: int = 1) -> dict[str, object]:
     )
 
 
+def qwenimage_transformer(**kwargs: object) -> nn.Module:
+    """Qwen-Image: dual-stream blocks, image and text rotary tables of their own."""
+    config: dict[str, object] = dict(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=24, axes_dims_rope=(4, 6, 6),
+    )
+    return diffusers.QwenImageTransformer2DModel(**{**config, **kwargs})
+
+
+def qwenimage_inputs(batch: int, seed: int = 1) -> dict[str, object]:
+    """Qwen-Image's packed latents (2 x 2 patches of a 4-channel latent), a text mask
+    with the last text token padding, and the image grid of every sample."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = columns = LATENT // 2
+    mask = torch.ones(batch, TEXT_TOKENS)
+    mask[:, -1] = 0
+    return dict(
+        hidden_states=torch.randn(batch, rows * columns, 16, generator=generator),
+        encoder_hidden_states=torch.randn(batch, TEXT_TOKENS, 24, generator=generator),
+        encoder_hidden_states_mask=mask,
+        timestep=torch.full((batch,), 0.5),
+        img_shapes=[[(1, rows, columns)]] * batch,
+    )
+
+
 def pixart_transformer(**kwargs: object) -> nn.Module:
     """PixArt-Sigma: BasicTransformerBlocks with ada_norm_single, cross-attention to T5."""
     config: dict[str, object] = dict(
@@ -175,6 +200,7 @@ DITS = {
                  sd3_inputs, IMAGE_GRID),
     "flux": DiT("flux", seeded(flux_transformer), flux_inputs, IMAGE_GRID),
     "flux2": DiT("flux2", seeded(flux2_transformer), flux2_inputs, IMAGE_GRID),
+    "qwenimage": DiT("qwenimage", seeded(qwenimage_transformer), qwenimage_inputs, IMAGE_GRID),
     "pixart": DiT("pixart", seeded(pixart_transformer), pixart_inputs, IMAGE_GRID),
     "wan": DiT("wan", seeded(wan_transformer), wan_inputs, (WAN_FRAMES, LATENT // 2, LATENT // 2)),
 }
@@ -199,8 +225,12 @@ def merged_output(model: nn.Module, inputs: dict[str, object], **options: object
 
 def batch_row(inputs: dict[str, object], row: int) -> dict[str, object]:
     """The inputs of one row of a batch (Flux's ids have no batch axis and stay whole)."""
-    return {name: value[row:row + 1] if isinstance(value, torch.Tensor) and name not in ("img_ids", "txt_ids")
-            else value for name, value in inputs.items()}
+    def one_row(name: str, value: object) -> object:
+        if name == "img_shapes":  # Qwen-Image's grids, one list per sample
+            return value[row:row + 1]  # type: ignore[index]
+        return value[row:row + 1] if isinstance(value, torch.Tensor) and name not in ("img_ids", "txt_ids") else value
+
+    return {name: one_row(name, value) for name, value in inputs.items()}
 
 
 #: Every branch merged, fixed destinations: the setting the DiT checks run.

@@ -35,14 +35,20 @@ def rotary_rows(rotary: Rotary, text: int, positions: Tensor) -> Rotary:
     return rotary[0][rows], rotary[1][rows]
 
 
-def per_row(call: Callable[[slice, Optional[Rotary]], Any], batch: int, rotary: Optional[Rotary],
-            plan: Optional[Plan], text: int, merged: bool) -> list[Any]:
+def per_row(call: Callable[[slice, Any], Any], batch: int, rotary: Any, plan: Optional[Plan], merged: bool,
+            at_positions: Callable[[Any, Tensor], Any]) -> list[Any]:
     """``call(rows, table)`` for the whole batch where its tokens are not merged (or no
-    table rotates them), else for every row with that row's rotary table."""
+    table rotates them), else for every row with that row's rotary table,
+    ``at_positions(rotary, positions)`` of the image tokens its merged tokens sit at."""
     if not merged or rotary is None or plan is None:
         return [call(slice(None), rotary)]
     positions = plan.positions()
-    return [call(slice(row, row + 1), rotary_rows(rotary, text, positions[row])) for row in range(batch)]
+    return [call(slice(row, row + 1), at_positions(rotary, positions[row])) for row in range(batch)]
+
+
+def text_first_rows(text: int) -> Callable[[Rotary, Tensor], Rotary]:
+    """:func:`rotary_rows` of a table over [``text`` text tokens | image tokens]."""
+    return lambda rotary, positions: rotary_rows(rotary, text, positions)
 
 
 def joined(outputs: list[Any], index: int) -> Tensor:
@@ -86,7 +92,8 @@ class FluxDoubleBlock(DiffusionBlock):
                                     "remove tokenmerge to use an IP-Adapter")
                 return outputs
 
-            outputs = per_row(call, x.shape[0], image_rotary_emb, plan, encoder_hidden_states.shape[1], merged)
+            outputs = per_row(call, x.shape[0], image_rotary_emb, plan, merged,
+                              text_first_rows(encoder_hidden_states.shape[1]))
             context_attention.append(joined(outputs, 1))
             return gate_msa.unsqueeze(1) * joined(outputs, 0)
 
@@ -141,7 +148,8 @@ class FluxSingleBlock(DiffusionBlock):
             def call(rows: slice, rotary: Optional[Rotary]) -> Tensor:
                 return self.attn(hidden_states=x[rows], image_rotary_emb=rotary, **extra)
 
-            attention = joined([(out,) for out in per_row(call, x.shape[0], image_rotary_emb, plan, text, merged)], 0)
+            rows = per_row(call, x.shape[0], image_rotary_emb, plan, merged, text_first_rows(text))
+            attention = joined([(out,) for out in rows], 0)
             mlp = self.act_mlp(self.proj_mlp(x))
             return gate.unsqueeze(1) * self.proj_out(torch.cat([attention, mlp], dim=2))
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Branch, DiffusionBlock, DiffusionState, Family, Place
-from .flux import Rotary, image_grid, joined, per_row
+from .flux import Rotary, image_grid, joined, per_row, text_first_rows
 
 
 def check_no_reference_cache(extra: dict[str, Any]) -> None:
@@ -70,7 +70,8 @@ class Flux2DoubleBlock(DiffusionBlock):
                 return self.attn(hidden_states=x[rows], encoder_hidden_states=context_normed[rows],
                                  image_rotary_emb=rotary, **extra)
 
-            outputs = per_row(call, x.shape[0], image_rotary_emb, plan, encoder_hidden_states.shape[1], merged)
+            outputs = per_row(call, x.shape[0], image_rotary_emb, plan, merged,
+                              text_first_rows(encoder_hidden_states.shape[1]))
             context_attention.append(joined(outputs, 1))
             return gate_msa * joined(outputs, 0)
 
@@ -125,7 +126,7 @@ class Flux2SingleBlock(DiffusionBlock):
             def call(rows: slice, rotary: Optional[Rotary]) -> tuple[Tensor]:
                 return (self.attn(hidden_states=x[rows], image_rotary_emb=rotary, **extra),)
 
-            return gate * joined(per_row(call, x.shape[0], image_rotary_emb, plan, text, merged), 0)
+            return gate * joined(per_row(call, x.shape[0], image_rotary_emb, plan, merged, text_first_rows(text)), 0)
 
         branches = [Branch("attn", lambda x: normed, fused_attention_and_mlp)]
         hidden_states = self.tokenmerge_run_planned(hidden_states, branches, plan)
