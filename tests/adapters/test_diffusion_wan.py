@@ -71,3 +71,17 @@ def test_per_token_timesteps_are_refused() -> None:
     hidden = torch.randn(1, NUM_TOKENS, 32)
     with pytest.raises(TypeError, match="per-token timesteps"):
         block(hidden, torch.randn(1, TEXT_TOKENS, 32), torch.randn(1, NUM_TOKENS, 6, 32), None)
+
+
+def test_a_pipeline_of_two_denoisers_is_refused_and_each_can_be_patched() -> None:
+    """Wan 2.2 A14B runs a high-noise and a low-noise transformer: patching the pipeline
+    through one of them would leave the other's steps unmerged, so it is refused."""
+    from types import SimpleNamespace
+
+    pipe = SimpleNamespace(transformer=DIT.build(), transformer_2=DIT.build())
+    with pytest.raises(TypeError, match=r"two denoisers \(pipe.transformer and pipe.transformer_2\)"):
+        tokenmerge.apply(pipe, ratio=0.5)
+    assert not tokenmerge.is_applied(pipe.transformer) and not tokenmerge.is_applied(pipe.transformer_2)
+    for denoiser in (pipe.transformer, pipe.transformer_2):
+        tokenmerge.apply(denoiser, ratio=0.5)
+        assert tokenmerge.is_applied(denoiser)

@@ -36,11 +36,27 @@ def denoiser_of(model: Any) -> Any:
     ``transformer``); anything else as it is."""
     if isinstance(model, nn.Module):
         return model
+    check_one_denoiser(model)
     for name in DENOISER_ATTRIBUTES:
         denoiser = getattr(model, name, None)
         if isinstance(denoiser, nn.Module):
             return denoiser
     return model
+
+
+#: Where a pipeline keeps a second denoiser (Wan 2.2 A14B's low-noise expert), which
+#: patching the pipeline would leave unmerged for the steps it runs.
+SECOND_DENOISERS = ("transformer_2", "unet_2")
+
+
+def check_one_denoiser(pipeline: Any) -> None:
+    """Refuse a pipeline with a second denoiser: patched through ``pipe.transformer``
+    alone, it would merge in only some of the steps, silently."""
+    for name in SECOND_DENOISERS:
+        if isinstance(getattr(pipeline, name, None), nn.Module):
+            first = name.rsplit("_", 1)[0]  # transformer_2 beside transformer, unet_2 beside unet
+            raise TypeError(f"tokenmerge: this {type(pipeline).__name__} has two denoisers (pipe.{first} and "
+                            f"pipe.{name}), which run different steps; apply tokenmerge to each of them")
 
 
 def find_family(denoiser: Any) -> Optional[Family]:
