@@ -85,14 +85,22 @@ def apply(
         processor: the vision-language model's processor, patched to emit as many
             image placeholders as the model then gives tokens; without it, prompts
             must be built for the reduced counts by hand.
-        ratio, max_downsample, sx, sy, use_rand, merge_attn, merge_crossattn, merge_mlp:
-            for a diffusion model of diffusers (a pipeline, patched through its
-            denoiser, or the denoiser itself), ToMe for Stable Diffusion's options under
+        ratio: for a diffusion model of diffusers (a pipeline, patched through its
+            denoiser, or the denoiser itself), the share of a block's tokens merged away.
+            This and the seven options after it are ToMe for Stable Diffusion's, under
             tomesd's names, meanings and defaults (see
-            :class:`tokenmerge.adapters.diffusion.base.Settings`), except that the
-            default ``max_downsample`` is the first level that has attention.
-        seed, generator: where the random destinations of ``use_rand`` come from
-            (default: torch's global generator).
+            :class:`tokenmerge.adapters.diffusion.base.Settings`).
+        max_downsample: the most downsampled UNet level that merges (default: the
+            first level that has attention: 1 for SD 1.x and 2.x, 2 for SDXL).
+        sx: the width of the cell that holds one destination, in tokens.
+        sy: the height of that cell.
+        use_rand: draw the destination of every cell at random.
+        merge_attn: merge before self-attention.
+        merge_crossattn: merge before cross-attention.
+        merge_mlp: merge before the MLP.
+        seed: seeds the random destinations of ``use_rand`` (default: torch's global
+            generator).
+        generator: a ``torch.Generator`` for them instead of ``seed``.
 
     Returns:
         ``model`` itself, patched.

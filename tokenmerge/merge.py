@@ -273,8 +273,10 @@ def grid_destinations(
     destination: their tokens are sources.
 
     Args:
-        height, width: the grid of one frame, in tokens.
-        sx, sy: the cell's width and height.
+        height: the grid of one frame, in rows of tokens.
+        width: the grid of one frame, in columns of tokens.
+        sx: the cell's width, in tokens.
+        sy: the cell's height, in tokens.
         choice: (height // sy, width // sx) the destination's place in every cell,
             ``row * sx + column`` in ``[0, sx * sy)``, the same for every frame (default:
             the top-left corner of every cell).
@@ -300,7 +302,8 @@ def grid_bipartite_matching(metric: Tensor, destinations: Tensor, sources: Tenso
 
     Args:
         metric: (B, N, C) one feature vector per token.
-        destinations, sources: from :func:`grid_destinations`.
+        destinations: the destination tokens' indices, from :func:`grid_destinations`.
+        sources: the source tokens' indices, from :func:`grid_destinations`.
         r: the sources to merge, at most ``len(sources)``.
 
     Raises:

@@ -78,3 +78,14 @@ def test_other_diffusers_models_are_refused_by_name() -> None:
         tokenmerge.apply(vae, ratio=0.5)
     assert "\n" not in str(error.value)
     assert not tokenmerge.is_applied(vae)
+
+
+def test_a_max_downsample_below_every_block_is_refused_not_silent() -> None:
+    """SD3's blocks see the latent downsampled by its patch size (2): max_downsample=1
+    would merge in none of them."""
+    model = DITS["sd3"].build()
+    with pytest.raises(ValueError, match=r"max_downsample=1 merges in no block .* downsample 2"):
+        tokenmerge.apply(model, ratio=0.5, max_downsample=1)
+    assert not tokenmerge.is_applied(model)
+    tokenmerge.apply(model, ratio=0.5, max_downsample=2)
+    assert tokenmerge.is_applied(model)

@@ -311,6 +311,11 @@ def patch(family: Family, denoiser: nn.Module, settings: Settings) -> DiffusionS
     family.check(denoiser)
     settings = family.settings(denoiser, settings)
     selected = family.selected(denoiser, settings)
+    if not selected:
+        levels = sorted({place.downsample for _, place in family.blocks(denoiser)})
+        raise ValueError(f"max_downsample={settings.max_downsample} merges in no block of this "
+                         f"{type(denoiser).__name__}: its blocks are at downsample {', '.join(map(str, levels))}; "
+                         f"give max_downsample >= {levels[0]}, or leave it out")
     check_class_forward([block for block, _ in selected])
     state = DiffusionState(family, settings)
 
