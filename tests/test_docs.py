@@ -173,7 +173,7 @@ def test_the_vision_language_recipe_reduces_a_saved_llava(tmp_path):
 def test_the_diffusion_recipe_merges_a_saved_pipeline(tmp_path):
     """The recipe on a tiny random Stable Diffusion pipeline saved as the folder it names,
     in two steps instead of thirty."""
-    from tests.tools.test_fidelity import tiny_pipeline
+    from tests.adapters.diffusion_models import tiny_pipeline
 
     tiny_pipeline().save_pretrained(tmp_path / "stable-diffusion-v1-5")
     example = the_one('folder = "stable-diffusion-v1-5"')
@@ -185,7 +185,7 @@ def test_the_diffusion_recipe_merges_a_saved_pipeline(tmp_path):
 
 def test_the_fidelity_recipe_measures_a_saved_pipeline(tmp_path):
     """The recipe on the tiny pipeline above, in two steps and of one seed."""
-    from tests.tools.test_fidelity import tiny_pipeline
+    from tests.adapters.diffusion_models import tiny_pipeline
 
     tiny_pipeline().save_pretrained(tmp_path / "stable-diffusion-v1-5")
     code = the_one("found = measure_fidelity(pipe").code

@@ -325,3 +325,38 @@ def unet_inputs(batch: int, seed: int = 1, sdxl: bool = False, width: int = UNET
 
 UNETS = {"sd": (seeded(sd_unet), unet_inputs),
          "sdxl": (seeded(sdxl_unet), lambda batch, **kw: unet_inputs(batch, sdxl=True, **kw))}
+
+
+# --- a whole pipeline ------------------------------------------------------------------
+
+transformers = pytest.importorskip("transformers")
+
+SIZE = 32  # pixels: a 16 x 16 latent under the VAE's one downsampling
+
+
+def tiny_tokenizer() -> transformers.CLIPTokenizer:
+    """A CLIP tokenizer of single letters (no merges), built without any file."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = ["<|startoftext|>", "<|endoftext|>", *letters, *(f"{letter}</w>" for letter in letters)]
+    return transformers.CLIPTokenizer(vocab={word: index for index, word in enumerate(words)}, merges=[],
+                                      model_max_length=16)
+
+
+def tiny_pipeline() -> diffusers.StableDiffusionPipeline:
+    """A Stable Diffusion pipeline of tiny random parts: a UNet with one transformer
+    level, a VAE that halves the image, a one-layer CLIP text encoder."""
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+        sample_size=SIZE)
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64,
+        max_position_embeddings=16, projection_dim=16, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    return diffusers.StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tiny_tokenizer(), unet=unet,
+        scheduler=diffusers.EulerDiscreteScheduler(steps_offset=1), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)

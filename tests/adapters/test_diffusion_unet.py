@@ -205,7 +205,7 @@ def test_compiles_in_one_graph_whole_and_by_repeated_blocks():
 
 def test_a_stable_diffusion_pipeline_generates_as_with_tomesd_and_exactly_after_remove():
     pytest.importorskip("transformers")
-    from tests.tools.test_fidelity import SIZE, tiny_pipeline
+    from tests.adapters.diffusion_models import SIZE, tiny_pipeline
 
     pipe = tiny_pipeline()
     pipe.set_progress_bar_config(disable=True)
