@@ -243,6 +243,15 @@ class DiffusionBlock:
         return x
 
 
+class TextLeadingBlock(DiffusionBlock):
+    """A block over a joint sequence [text | image] (single-stream blocks): every token
+    before the image grid's is text, protected."""
+
+    def tokenmerge_protected(self, tokens: Tensor) -> int:
+        grid = self.tokenmerge_grid(tokens)
+        return tokens.shape[1] - (0 if grid is None else grid[0] * grid[1] * grid[2])
+
+
 def _grid_partition(
     frames: int, height: int, width: int, sx: int, sy: int, device: torch.device, choice: Optional[Tensor]
 ) -> tuple[Tensor, Tensor]:
@@ -351,6 +360,16 @@ def unpatch(denoiser: nn.Module) -> None:
             handle.remove()
         for name in ("_tokenmerge_state", "_tokenmerge_place"):
             module.__dict__.pop(name, None)
+
+
+def attention_kwargs(cross_attention_kwargs: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """What a ``BasicTransformerBlock`` passes its attention of ``cross_attention_kwargs``
+    (its deprecated ``scale`` dropped, as diffusers drops it); GLIGEN refused by name."""
+    extra = dict(cross_attention_kwargs or {})
+    if "gligen" in extra:
+        raise TypeError("tokenmerge does not merge GLIGEN's grounded blocks; remove tokenmerge for GLIGEN")
+    extra.pop("scale", None)
+    return extra
 
 
 def feed_forward(block: Any, ff: nn.Module, x: Tensor) -> Tensor:

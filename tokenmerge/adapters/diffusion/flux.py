@@ -18,12 +18,12 @@ tokens appended, as in Kontext) is an error.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import Tensor, nn
 
-from .base import Branch, DiffusionBlock, DiffusionState, Family, Place, Plan
+from .base import Branch, DiffusionBlock, DiffusionState, Family, Place, Plan, TextLeadingBlock
 
 Rotary = tuple[Tensor, Tensor]
 
@@ -115,7 +115,7 @@ class FluxDoubleBlock(DiffusionBlock):
         return text.clip(-65504, 65504) if text.dtype == torch.float16 else text
 
 
-class FluxSingleBlock(DiffusionBlock):
+class FluxSingleBlock(TextLeadingBlock):
     """``FluxSingleTransformerBlock``: one branch over [text | image], text protected."""
 
     norm: Any
@@ -123,11 +123,6 @@ class FluxSingleBlock(DiffusionBlock):
     act_mlp: nn.Module
     proj_out: nn.Module
     attn: nn.Module
-
-    def tokenmerge_protected(self, tokens: Tensor) -> int:
-        """The text tokens, which lead the joint sequence: all but the grid's."""
-        grid = self.tokenmerge_grid(tokens)
-        return tokens.shape[1] - (0 if grid is None else grid[0] * grid[1] * grid[2])
 
     def forward(
         self,
@@ -160,21 +155,31 @@ class FluxSingleBlock(DiffusionBlock):
 
 
 class FluxFamily(Family):
+    """Flux.1, and the shape FLUX.2 shares: double-stream blocks (``transformer_blocks``),
+    then single-stream blocks (``single_transformer_blocks``), the grid read off ``img_ids``."""
+
     name = "Flux"
     classes = ("FluxTransformer2DModel",)
+    #: The mixins of the double- and the single-stream blocks.
+    double_block: ClassVar[type[DiffusionBlock]] = FluxDoubleBlock
+    single_block: ClassVar[type[DiffusionBlock]] = FluxSingleBlock
+    #: Where the transformer's forward takes ``img_ids`` among its positional arguments.
+    img_ids_argument: ClassVar[int] = 4
 
     def blocks(self, denoiser: nn.Module) -> list[tuple[nn.Module, Place]]:
         model: Any = denoiser
         return [(block, Place()) for block in (*model.transformer_blocks, *model.single_transformer_blocks)]
 
     def block_mixin(self) -> type[DiffusionBlock]:
-        return FluxDoubleBlock
+        return self.double_block
 
     def mixin_for(self, block: nn.Module) -> type[DiffusionBlock]:
-        return FluxSingleBlock if type(block).__name__ == "FluxSingleTransformerBlock" else FluxDoubleBlock
+        return self.single_block if type(block).__name__.endswith("SingleTransformerBlock") else self.double_block
 
     def record_latent(self, state: DiffusionState, args: tuple, kwargs: dict[str, Any]) -> None:
-        state.latent = image_grid(kwargs["img_ids"] if "img_ids" in kwargs else args[4] if len(args) > 4 else None)
+        position = self.img_ids_argument
+        state.latent = image_grid(kwargs["img_ids"] if "img_ids" in kwargs
+                                  else args[position] if len(args) > position else None)
 
 
 def image_grid(ids: Optional[Tensor]) -> tuple[int, int, int]:

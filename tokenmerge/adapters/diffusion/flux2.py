@@ -17,8 +17,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from .base import Branch, DiffusionBlock, DiffusionState, Family, Place
-from .flux import Rotary, image_grid, joined, per_row, text_first_rows
+from .base import Branch, DiffusionBlock, TextLeadingBlock
+from .flux import FluxFamily, Rotary, joined, per_row, text_first_rows
 
 
 def check_no_reference_cache(extra: dict[str, Any]) -> None:
@@ -90,16 +90,11 @@ class Flux2DoubleBlock(DiffusionBlock):
         return text.clip(-65504, 65504) if text.dtype == torch.float16 else text
 
 
-class Flux2SingleBlock(DiffusionBlock):
+class Flux2SingleBlock(TextLeadingBlock):
     """``Flux2SingleTransformerBlock``: one branch over [text | image], text protected."""
 
     norm: nn.Module
     attn: nn.Module
-
-    def tokenmerge_protected(self, tokens: Tensor) -> int:
-        """The text tokens, which lead the joint sequence: all but the grid's."""
-        grid = self.tokenmerge_grid(tokens)
-        return tokens.shape[1] - (0 if grid is None else grid[0] * grid[1] * grid[2])
 
     def forward(
         self,
@@ -137,22 +132,12 @@ class Flux2SingleBlock(DiffusionBlock):
         return hidden_states
 
 
-class Flux2Family(Family):
+class Flux2Family(FluxFamily):
     name = "FLUX.2"
     classes = ("Flux2Transformer2DModel",)
-
-    def blocks(self, denoiser: nn.Module) -> list[tuple[nn.Module, Place]]:
-        model: Any = denoiser
-        return [(block, Place()) for block in (*model.transformer_blocks, *model.single_transformer_blocks)]
-
-    def block_mixin(self) -> type[DiffusionBlock]:
-        return Flux2DoubleBlock
-
-    def mixin_for(self, block: nn.Module) -> type[DiffusionBlock]:
-        return Flux2SingleBlock if type(block).__name__ == "Flux2SingleTransformerBlock" else Flux2DoubleBlock
-
-    def record_latent(self, state: DiffusionState, args: tuple, kwargs: dict[str, Any]) -> None:
-        state.latent = image_grid(kwargs["img_ids"] if "img_ids" in kwargs else args[3] if len(args) > 3 else None)
+    double_block = Flux2DoubleBlock
+    single_block = Flux2SingleBlock
+    img_ids_argument = 3
 
 
 FAMILY = Flux2Family()

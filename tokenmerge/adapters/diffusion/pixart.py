@@ -14,7 +14,16 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
-from .base import Branch, DiffusionBlock, DiffusionState, Family, Place, feed_forward, record_patched_latent
+from .base import (
+    Branch,
+    DiffusionBlock,
+    DiffusionState,
+    Family,
+    Place,
+    attention_kwargs,
+    feed_forward,
+    record_patched_latent,
+)
 
 
 class PixArtBlock(DiffusionBlock):
@@ -39,10 +48,7 @@ class PixArtBlock(DiffusionBlock):
         class_labels: Optional[Tensor] = None,
         added_cond_kwargs: Optional[dict[str, Tensor]] = None,
     ) -> Tensor:
-        extra = dict(cross_attention_kwargs or {})
-        extra.pop("scale", None)  # deprecated and ignored by diffusers too
-        if "gligen" in extra:
-            raise TypeError("tokenmerge does not merge GLIGEN's grounded blocks; remove tokenmerge for GLIGEN")
+        extra = attention_kwargs(cross_attention_kwargs)
         assert timestep is not None
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.scale_shift_table[None] + timestep.reshape(hidden_states.shape[0], 6, -1)).chunk(6, dim=1)

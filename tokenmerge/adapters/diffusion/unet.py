@@ -14,7 +14,17 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
-from .base import Branch, DiffusionBlock, DiffusionState, Family, Place, Settings, feed_forward, with_defaults
+from .base import (
+    Branch,
+    DiffusionBlock,
+    DiffusionState,
+    Family,
+    Place,
+    Settings,
+    attention_kwargs,
+    feed_forward,
+    with_defaults,
+)
 
 
 class UNetBlock(DiffusionBlock):
@@ -40,10 +50,7 @@ class UNetBlock(DiffusionBlock):
         class_labels: Optional[Tensor] = None,
         added_cond_kwargs: Optional[dict[str, Tensor]] = None,
     ) -> Tensor:
-        extra = dict(cross_attention_kwargs or {})
-        if "gligen" in extra:
-            raise TypeError("tokenmerge does not merge GLIGEN's grounded blocks; remove tokenmerge for GLIGEN")
-        extra.pop("scale", None)  # deprecated and ignored by diffusers too
+        extra = attention_kwargs(cross_attention_kwargs)
 
         def self_attention(x: Tensor) -> Tensor:
             context = encoder_hidden_states if self.only_cross_attention else None
