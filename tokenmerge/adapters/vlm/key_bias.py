@@ -18,7 +18,7 @@ import functools
 import inspect
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -38,6 +38,9 @@ class _Call:
 
     own: Optional[Tensor] = None
     keys: Optional[Tensor] = None
+    #: The biased masks built in this call, by the mask given (its id: the decoder hands
+    #: every layer the same mask tensor) and the number of keys: built once, not per layer.
+    masks: dict[tuple[Optional[int], int], Tensor] = field(default_factory=dict)
 
 
 class KeyBias:
@@ -84,6 +87,16 @@ class KeyBias:
                     self._by_cache[cache] = call.keys
         return call.keys
 
+    def biased_mask(self, mask: Optional[Tensor], bias: Tensor, queries: int, dtype: torch.dtype) -> Tensor:
+        """``mask`` with the bias of the keys it covers (:func:`mask_with_key_bias`), built
+        once per call and mask: every layer given the same mask gets the same result."""
+        keys = mask.shape[-1] if mask is not None else bias.shape[1]
+        call: _Call = self._local.call
+        key = (None if mask is None else id(mask), keys)
+        if key not in call.masks:
+            call.masks[key] = mask_with_key_bias(mask, aligned(bias, keys), queries, dtype)
+        return call.masks[key]
+
 
 def fitted(bias: Optional[Tensor], batch: int, length: int, device: torch.device) -> Tensor:
     """``bias`` (B, T) of the keys a cache held, as long as the cache holds now: cut where
@@ -122,9 +135,8 @@ class KeyBiasedAttention:
                                                  hidden.device)
         if bias is not None:
             check_implementation(self.config)
-            mask = arguments.get("attention_mask")
-            keys = mask.shape[-1] if mask is not None else bias.shape[1]
-            arguments["attention_mask"] = mask_with_key_bias(mask, aligned(bias, keys), hidden.shape[1], hidden.dtype)
+            arguments["attention_mask"] = self._tokenmerge_key_bias.biased_mask(
+                arguments.get("attention_mask"), bias, hidden.shape[1], hidden.dtype)
         arguments.pop("self")
         extra = arguments.pop("kwargs", {})
         # the host class, a transformers attention layer, defines forward
