@@ -19,7 +19,7 @@ import json
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,6 +31,7 @@ from .files import check_output_path, write_csv
 from .messages import error_summary
 from .progress import ProgressBar
 from .reports import describe_environment, environment, format_table
+from .settings import AppliedSetting
 from .timing import MIN_TIMED_ROUNDS, spread_percent, synchronize, too_few_rounds, untrusted
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -47,14 +48,6 @@ class Sample:
 
     image: Path
     question: str
-
-
-@dataclass(frozen=True)
-class VLMSetting:
-    """A way to run the model: ``tokenmerge.apply``'s arguments (none: the full model)."""
-
-    name: str
-    apply: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -107,13 +100,14 @@ def read_prompts(path: Path) -> list[Sample]:
 
 
 def settings_of(visual_tokens: Sequence[int | float], tower_r: Sequence[int], method: Optional[str],
-                prop_attn: Optional[bool]) -> list[VLMSetting]:
+                prop_attn: Optional[bool]) -> list[AppliedSetting]:
     """The full model, then one setting per ``visual_tokens`` and per tower ``r``."""
     common: dict[str, Any] = {"method": method, "prop_attn": prop_attn}
     common = {key: value for key, value in common.items() if value is not None}
-    settings = [VLMSetting(FULL)]
-    settings += [VLMSetting(f"visual_tokens={count}", {"visual_tokens": count, **common}) for count in visual_tokens]
-    settings += [VLMSetting(f"r={r}", {"r": r, **common}) for r in tower_r]
+    settings = [AppliedSetting(FULL)]
+    settings += [AppliedSetting(f"visual_tokens={count}", {"visual_tokens": count, **common})
+                 for count in visual_tokens]
+    settings += [AppliedSetting(f"r={r}", {"r": r, **common}) for r in tower_r]
     return settings
 
 
@@ -170,7 +164,7 @@ def timed_generate(model: torch.nn.Module, inputs: dict[str, Any], new_tokens: i
     return output[0, inputs["input_ids"].shape[1]:], time.perf_counter() - start
 
 
-def answer(model: torch.nn.Module, processor: Any, setting: VLMSetting, sample: Sample, image: Any,
+def answer(model: torch.nn.Module, processor: Any, setting: AppliedSetting, sample: Sample, image: Any,
            new_tokens: int, device: torch.device) -> Answer:
     """``setting``'s answer to ``sample``: applied to the model and processor, timed
     twice (one token, for the time to first token; the whole answer), removed."""
@@ -189,7 +183,7 @@ def answer(model: torch.nn.Module, processor: Any, setting: VLMSetting, sample: 
     return Answer(tokens.tolist(), first_token_s, answer_s, kept)
 
 
-def measure(model: torch.nn.Module, processor: Any, samples: Sequence[Sample], settings: Sequence[VLMSetting],
+def measure(model: torch.nn.Module, processor: Any, samples: Sequence[Sample], settings: Sequence[AppliedSetting],
             new_tokens: int = 32, device: Optional[torch.device] = None, warmup: int = 1,
             progress: bool = True, skipped: Optional[list[str]] = None) -> dict[str, list[Optional[Answer]]]:
     """Every setting's answer to every sample (None where the sample could not be read),

@@ -33,6 +33,7 @@ from .files import Place, check_apart, check_output_path, check_writable_folder,
 from .messages import error_summary
 from .progress import ProgressBar
 from .reports import describe_environment, environment, format_table
+from .settings import AppliedSetting
 from .timing import MIN_TIMED_ROUNDS, speed_warnings, spread_percent, synchronize, too_few_rounds
 
 UNMERGED = "unmerged"
@@ -61,14 +62,6 @@ class Sample:
     def stem(self) -> str:
         """The file name its images take, without the suffix."""
         return f"prompt{self.prompt_index:03d}-seed{self.seed}"
-
-
-@dataclass(frozen=True)
-class DiffusionSetting:
-    """A way to run the pipeline: ``tokenmerge.apply``'s arguments (none: unmerged)."""
-
-    name: str
-    apply: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -187,9 +180,9 @@ def samples_of(prompts: Sequence[str], seeds: Sequence[int]) -> list[Sample]:
     return [Sample(prompt, index, seed) for index, prompt in enumerate(prompts) for seed in seeds]
 
 
-def settings_of(ratios: Sequence[float], merge_options: dict[str, Any]) -> list[DiffusionSetting]:
+def settings_of(ratios: Sequence[float], merge_options: dict[str, Any]) -> list[AppliedSetting]:
     """The unmerged pipeline, then one setting per ratio, each with ``merge_options``."""
-    return [DiffusionSetting(UNMERGED)] + [DiffusionSetting(f"ratio={ratio:g}", {"ratio": ratio, **merge_options})
+    return [AppliedSetting(UNMERGED)] + [AppliedSetting(f"ratio={ratio:g}", {"ratio": ratio, **merge_options})
                                            for ratio in ratios]
 
 
@@ -215,7 +208,7 @@ def load_pipeline(folder: Path, device: torch.device, dtype: torch.dtype) -> Any
 # --- merging -------------------------------------------------------------------------------
 
 
-def merge(pipeline: Any, setting: DiffusionSetting, seed: int = 0) -> None:
+def merge(pipeline: Any, setting: AppliedSetting, seed: int = 0) -> None:
     """Apply ``setting``'s token merging to ``pipeline`` (nothing for the unmerged one),
     its random destinations drawn from ``seed`` unless the setting names a seed or
     generator of its own, so that a run gives the same images again."""
@@ -226,7 +219,7 @@ def merge(pipeline: Any, setting: DiffusionSetting, seed: int = 0) -> None:
         tokenmerge.apply(pipeline, **setting.apply if own else {**setting.apply, "seed": seed})
 
 
-def unmerge(pipeline: Any, setting: DiffusionSetting) -> None:
+def unmerge(pipeline: Any, setting: AppliedSetting) -> None:
     """Remove what :func:`merge` applied for ``setting``."""
     import tokenmerge
 
@@ -234,7 +227,7 @@ def unmerge(pipeline: Any, setting: DiffusionSetting) -> None:
         tokenmerge.remove(pipeline)
 
 
-def check_settings(pipeline: Any, settings: Sequence[DiffusionSetting]) -> None:
+def check_settings(pipeline: Any, settings: Sequence[AppliedSetting]) -> None:
     """Apply and remove every setting once before any work, so that a pipeline
     tokenmerge does not merge, or an option it refuses, is one line now and not an
     error after the first images."""
@@ -286,7 +279,7 @@ def save_images(folder: Path, sample: Sample, frames: torch.Tensor) -> list[Path
     return written
 
 
-def measure(pipeline: Any, samples: Sequence[Sample], settings: Sequence[DiffusionSetting],
+def measure(pipeline: Any, samples: Sequence[Sample], settings: Sequence[AppliedSetting],
             call: Optional[dict[str, Any]] = None, device: Optional[torch.device] = None, warmup: int = 1,
             lpips: Optional[Distance] = None, output_dir: Optional[Path] = None,
             progress: bool = True) -> dict[str, list[Result]]:

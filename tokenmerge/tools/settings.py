@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 
@@ -52,6 +52,15 @@ def merging(name: str) -> bool:
     """Whether variant ``name`` merges tokens (False for a name that is no variant)."""
     found = variants().get(name)
     return found is not None and methods.resolve(found[0]).merges
+
+
+@dataclass(frozen=True)
+class AppliedSetting:
+    """One way to run a vision-language model or a diffusion pipeline: ``apply``, the
+    keyword arguments of ``tokenmerge.apply`` (none: the model as it is)."""
+
+    name: str
+    apply: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
